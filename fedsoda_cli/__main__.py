@@ -1,0 +1,3 @@
+from fedsoda_cli.cli.app import main
+
+main()

@@ -1,0 +1,185 @@
+"""Stage folders on disk: atomic writes, manifests, integrity checks and staleness.
+
+Each stage owns `<workdir>/<stage>/`. A stage writes into a private temporary folder inside the
+workdir; only when every file and the manifest are complete is the folder swapped into place, so an
+interrupted stage leaves the previous good output untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from fedsoda_cli import __version__
+from fedsoda_cli.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+_SCRATCH = ".incomplete"
+_RETIRED = ".retired"
+
+
+@dataclass
+class Manifest:
+    """What a stage produced, from what, and how it went."""
+
+    stage: str
+    spec_hash: str
+    inputs: dict[str, str] = field(default_factory=dict)  # input stage -> its manifest digest
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # relpath -> {bytes, sha256}
+    metrics: dict[str, Any] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    peak_memory_mb: float = 0.0
+    fedsoda_version: str = __version__
+    created: str = ""
+
+    def digest(self) -> str:
+        """Identity of this output: changes whenever any output file or input changes."""
+        blob = json.dumps({"stage": self.stage, "spec": self.spec_hash, "inputs": self.inputs,
+                           "outputs": self.outputs}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def stage_dir(workdir: Path, stage: str) -> Path:
+    """The folder of a stage's current output (it may not exist yet)."""
+    return inside(workdir, workdir / stage)
+
+
+def inside(root: Path, path: Path) -> Path:
+    """`path` resolved, refusing anything that escapes `root` (`..`, absolute paths, links out)."""
+    root = root.resolve()
+    resolved = (root / path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise ArtifactError(f"{path}: refers outside the workdir {root}; artifact paths must stay inside it")
+    return resolved
+
+
+@contextlib.contextmanager
+def write_stage(workdir: Path, stage: str, spec_hash: str, inputs: dict[str, str]) -> Iterator["StageWriter"]:
+    """Yield a writer whose `.path` is a scratch folder; on clean exit it becomes `<workdir>/<stage>`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_writable(workdir)
+    scratch = workdir / _SCRATCH / f"{stage}-{uuid.uuid4().hex[:8]}"
+    scratch.mkdir(parents=True)
+    writer = StageWriter(scratch, Manifest(stage=stage, spec_hash=spec_hash, inputs=inputs))
+    started = time.perf_counter()
+    try:
+        yield writer
+        writer.manifest.wall_time_s = round(time.perf_counter() - started, 3)
+        writer.manifest.peak_memory_mb = round(peak_memory_mb(), 1)
+        _finish(writer, workdir / stage)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@dataclass
+class StageWriter:
+    path: Path
+    manifest: Manifest
+
+
+def _finish(writer: StageWriter, target: Path) -> None:
+    manifest = writer.manifest
+    manifest.outputs = {rel: info for rel, info in _describe_files(writer.path)}
+    manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json_atomic(writer.path / MANIFEST, asdict(manifest))
+    _fsync_tree(writer.path)
+    _swap_into_place(writer.path, target)
+
+
+def _swap_into_place(new: Path, target: Path) -> None:
+    """Replace `target` by `new`; a crash between the two renames is healed by `recover`."""
+    retired = None
+    if target.exists():
+        retired = target.parent / _RETIRED / f"{target.name}-{uuid.uuid4().hex[:8]}"
+        retired.parent.mkdir(exist_ok=True)
+        os.rename(target, retired)
+    os.rename(new, target)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def recover(workdir: Path, stage: str) -> None:
+    """If a swap was interrupted after retiring the old output, put the old output back."""
+    target = workdir / stage
+    retired_root = workdir / _RETIRED
+    if target.exists() or not retired_root.is_dir():
+        return
+    candidates = sorted(retired_root.glob(f"{stage}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in candidates:
+        if (candidate / MANIFEST).is_file():
+            os.rename(candidate, target)
+            return
+
+
+def read_manifest(workdir: Path, stage: str) -> Manifest | None:
+    """The manifest of a stage's current output, or None when the stage has not run."""
+    recover(workdir, stage)
+    path = stage_dir(workdir, stage) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return Manifest(**data)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ArtifactError(f"{path}: corrupt manifest ({exc}); rerun the '{stage}' stage with --force") from None
+
+
+def verify(workdir: Path, manifest: Manifest) -> None:
+    """Check every output file against the manifest's size and sha256."""
+    folder = stage_dir(workdir, manifest.stage)
+    for rel, info in manifest.outputs.items():
+        path = inside(folder, Path(rel))
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in the '{manifest.stage}' manifest but missing; rerun `fedsoda {manifest.stage}` with --force")
+        if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+            raise ArtifactError(f"{path}: content no longer matches the '{manifest.stage}' manifest (modified or corrupt); rerun `fedsoda {manifest.stage}` with --force")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON next to `path` and rename it over, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _describe_files(folder: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            yield path.relative_to(folder).as_posix(), {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _check_writable(workdir: Path) -> None:
+    if not os.access(workdir, os.W_OK):
+        raise ArtifactError(f"{workdir}: workdir is not writable; choose another with --workdir or run.workdir")

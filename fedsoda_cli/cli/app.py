@@ -1,0 +1,27 @@
+"""The `fedsoda` command: one Typer app, one module per command."""
+
+from __future__ import annotations
+
+import typer
+
+from fedsoda_cli.cli import run as run_module
+from fedsoda_cli.cli import stages, status, validate
+
+app = typer.Typer(
+    name="fedsoda",
+    help="Federated fine-tuning of LLMs with FedSODA: similarity group pruning, orchestrated distillation alignment and QLoRA.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+for _name in ("profile", "prune", "align", "quantize"):
+    app.command(_name)(stages.stage_command(_name))
+app.command("eval")(stages.stage_command("eval"))
+app.command("run")(run_module.run)
+app.command("status")(status.status)
+app.command("validate")(validate.validate)
+
+
+def main() -> None:
+    app()

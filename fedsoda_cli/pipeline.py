@@ -1,0 +1,156 @@
+"""The pipeline: which stages a method runs, what each reads, and make-like staleness.
+
+A stage is a plain function `run(ctx: StageContext) -> StageResult` in `fedsoda_cli/stages/`;
+this module only knows its name, its input stages and the spec sections it depends on, and
+imports it lazily so that `validate` and `status` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from fedsoda_cli import artifacts
+from fedsoda_cli.errors import ArtifactError, SpecError
+from fedsoda_cli.spec import Spec, sections_hash
+
+_SOURCES = ("model", "data")  # every stage that loads the model or data depends on these
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]
+    sections: tuple[str, ...]
+    entry: str  # "module:function", imported only when the stage runs
+
+    def function(self) -> Callable[["StageContext"], "StageResult"]:
+        module, _, attr = self.entry.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: the spec, its scratch output folder and its inputs' folders."""
+
+    spec: Spec
+    workdir: Path
+    out: Path
+    inputs: dict[str, Path]
+    console: Console
+
+
+@dataclass
+class StageResult:
+    """What a stage function returns: metrics for the manifest, rows for the summary table."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    summary: list[tuple[str, str]] = field(default_factory=list)
+
+
+PROFILE = Stage("profile", (), (*_SOURCES, "public_data", "profile"), "fedsoda_cli.stages.profile:run")
+PRUNE = Stage("prune", ("profile",), (*_SOURCES, "public_data", "profile", "prune", "plugins"), "fedsoda_cli.stages.prune:run")
+ALIGN = Stage("align", ("prune",), (*_SOURCES, "public_data", "align", "run.seed"), "fedsoda_cli.stages.align:run")
+QUANTIZE = Stage("quantize", ("align",), ("quantize",), "fedsoda_cli.stages.quantize:run")
+FEDERATE = Stage("federate", ("quantize",), (*_SOURCES, "public_data", "task", "lora", "federate", "align", "realign", "run.seed", "plugins"), "fedsoda_cli.federated.stage:run")
+EVAL = Stage("eval", ("federate",), (*_SOURCES, "public_data", "task", "eval"), "fedsoda_cli.stages.eval:run")
+
+_PIPELINES: dict[str, tuple[Stage, ...]] = {
+    "fedsoda": (PROFILE, PRUNE, ALIGN, QUANTIZE, FEDERATE, EVAL),
+}
+
+ALL_STAGE_NAMES = ("profile", "prune", "align", "quantize", "federate", "eval")
+
+
+def register_pipeline(method: str, stages: tuple[Stage, ...]) -> None:
+    """Baselines declare their own stage lists (see fedsoda_cli/baselines)."""
+    _PIPELINES[method] = stages
+
+
+def stages_for(spec: Spec) -> tuple[Stage, ...]:
+    _load_baselines()
+    try:
+        return _PIPELINES[spec.run.method]
+    except KeyError:
+        raise SpecError(f"run.method = {spec.run.method!r} has no pipeline yet; use 'fedsoda'") from None
+
+
+def stage_named(spec: Spec, name: str) -> Stage:
+    for stage in stages_for(spec):
+        if stage.name == name:
+            return stage
+    names = ", ".join(s.name for s in stages_for(spec))
+    raise SpecError(f"stage '{name}' is not part of run.method = {spec.run.method!r}; its stages are: {names}")
+
+
+def _load_baselines() -> None:
+    try:
+        importlib.import_module("fedsoda_cli.baselines")
+    except ModuleNotFoundError as exc:
+        if exc.name != "fedsoda_cli.baselines":
+            raise
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    state: str  # done | stale | missing
+    reason: str = ""
+
+
+def status(spec: Spec, workdir: Path) -> list[StageStatus]:
+    """done / stale / missing for every stage of the spec's method, in pipeline order."""
+    result: dict[str, StageStatus] = {}
+    for stage in stages_for(spec):
+        result[stage.name] = _status_of(spec, workdir, stage, result)
+    return list(result.values())
+
+
+def _status_of(spec: Spec, workdir: Path, stage: Stage, earlier: dict[str, StageStatus]) -> StageStatus:
+    manifest = artifacts.read_manifest(workdir, stage.name)
+    if manifest is None:
+        return StageStatus(stage.name, "missing", "not run yet")
+    if manifest.spec_hash != sections_hash(spec, stage.sections):
+        return StageStatus(stage.name, "stale", f"spec sections changed: {', '.join(stage.sections)}")
+    for name in stage.inputs:
+        upstream = artifacts.read_manifest(workdir, name)
+        if earlier.get(name) and earlier[name].state != "done":
+            return StageStatus(stage.name, "stale", f"input '{name}' is {earlier[name].state}")
+        if upstream is None or manifest.inputs.get(name) != upstream.digest():
+            return StageStatus(stage.name, "stale", f"input '{name}' changed since this stage ran")
+    return StageStatus(stage.name, "done")
+
+
+def input_folders(spec: Spec, workdir: Path, stage: Stage) -> tuple[dict[str, Path], dict[str, str]]:
+    """The folders and manifest digests of a stage's inputs, checked complete, intact and current."""
+    folders, digests = {}, {}
+    states = {s.stage: s for s in status(spec, workdir)}
+    for name in stage.inputs:
+        manifest = artifacts.read_manifest(workdir, name)
+        if manifest is None:
+            raise ArtifactError(f"stage '{stage.name}' needs the output of '{name}' in {workdir / name}; run `fedsoda {name} SPEC` first")
+        if states[name].state == "stale":
+            raise ArtifactError(f"input '{name}' in {workdir / name} is stale ({states[name].reason}); rerun `fedsoda {name} SPEC` (or `fedsoda run SPEC`)")
+        artifacts.verify(workdir, manifest)
+        folders[name] = artifacts.stage_dir(workdir, name)
+        digests[name] = manifest.digest()
+    return folders, digests
+
+
+def execute(spec: Spec, workdir: Path, stage: Stage, console: Console) -> artifacts.Manifest:
+    """Run one stage: check its inputs, run it into a scratch folder, swap it in, print its summary."""
+    from fedsoda_cli import reporting, seeding
+
+    inputs, digests = input_folders(spec, workdir, stage)
+    seeding.prepare(spec)
+    with artifacts.write_stage(workdir, stage.name, sections_hash(spec, stage.sections), digests) as writer:
+        ctx = StageContext(spec=spec, workdir=workdir, out=writer.path, inputs=inputs, console=console)
+        result = stage.function()(ctx)
+        writer.manifest.metrics = result.metrics
+    manifest = artifacts.read_manifest(workdir, stage.name)
+    reporting.stage_summary(console, stage.name, result.summary, manifest)
+    return manifest

@@ -1,0 +1,38 @@
+"""Terminal output: the short summary table each stage ends with, and shared progress bars."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fedsoda_cli.artifacts import Manifest
+
+
+def progress(console: Console) -> Progress:
+    """The progress bar every long stage uses (it goes quiet when output is not a terminal)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False, disable=not console.is_terminal,
+    )
+
+
+def stage_summary(console: Console, stage: str, rows: list[tuple[str, str]], manifest: Manifest | None) -> None:
+    table = Table(title=f"{stage}: done", title_justify="left", show_header=False, box=None, pad_edge=False)
+    table.add_column(style="cyan")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, str(value))
+    if manifest is not None:
+        table.add_row("wall time", f"{manifest.wall_time_s:.1f} s")
+        table.add_row("peak memory", f"{manifest.peak_memory_mb:.0f} MB")
+    console.print(table)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"

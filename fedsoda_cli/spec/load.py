@@ -1,0 +1,175 @@
+"""Reading a spec file: TOML parsing, `--set` overrides, validation, and one-line error messages."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ValidationError
+
+from fedsoda_cli.errors import SpecError
+from fedsoda_cli.spec.schema import SECTIONS, Spec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
+    """Parse and validate the spec at `path`, after applying `section.key=value` overrides."""
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}; fix the syntax at that line") from None
+    for override in overrides:
+        _apply_override(raw, override, path)
+    spec = validate(raw, path, text)
+    spec._source = path.resolve()
+    return spec
+
+
+def validate(raw: dict[str, Any], path: Path, text: str = "") -> Spec:
+    """Turn a parsed TOML dict into a Spec, or raise a SpecError naming the first bad key."""
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = _describe(errors[0], raw, path, text)
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise SpecError(first + more) from None
+
+
+def spec_dir(spec: Spec) -> Path:
+    """Folder of the spec file; relative paths in the spec are relative to it."""
+    source = getattr(spec, "_source", None)
+    return source.parent if source else Path.cwd()
+
+
+def resolve_workdir(spec: Spec, override: str | Path | None = None) -> Path:
+    """The run's artifact folder: `--workdir` if given, else run.workdir relative to the spec."""
+    if override is not None:
+        return Path(override).resolve()
+    workdir = Path(spec.run.workdir.replace("{name}", spec.run.name))
+    return workdir if workdir.is_absolute() else (spec_dir(spec) / workdir).resolve()
+
+
+def sections_hash(spec: Spec, sections: Iterable[str]) -> str:
+    """A stable hash of the named sections: a stage is stale when the sections it reads change."""
+    payload = {name: _section_payload(spec, name) for name in sorted(sections)}
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _section_payload(spec: Spec, name: str) -> Any:
+    """A section ('federate') or one key of it ('run.seed')."""
+    value: Any = spec
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found; pass the path of a .toml spec (see specs/)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a UTF-8 text file; a spec is a TOML file") from None
+
+
+def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
+    """Apply one `section.key=value`; the value is read as a TOML value, else taken as a string."""
+    key_path, sep, value_text = override.partition("=")
+    keys = key_path.strip().split(".")
+    if not sep or not all(keys) or len(keys) < 2 and keys[0] != "plugins":
+        raise SpecError(f"--set {override!r}: expected section.key=value, e.g. --set federate.rounds=3")
+    if keys[0] not in SECTIONS and keys[0] != "plugins":
+        raise SpecError(f"--set {override!r}: unknown section '{keys[0]}'{_suggest(keys[0], [*SECTIONS, 'plugins'])}")
+    value = _parse_value(value_text.strip())
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {override!r}: '{key}' in {path} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _describe(error: dict[str, Any], raw: dict[str, Any], path: Path, text: str) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    where = _line_of(text, loc)
+    prefix = f"{path}{f':{where}' if where else ''}: "
+    if error["type"] == "extra_forbidden":
+        choices = _known_keys(loc[:-1])
+        return f"{prefix}unknown key '{key}'{_suggest(loc[-1], choices)}"
+    message = error["msg"]
+    if error["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+        return f"{prefix}{message}"
+    got = _lookup(raw, loc)
+    got_text = f"; got {got!r}" if got is not _MISSING else ""
+    return f"{prefix}{key}: {message}{got_text}"
+
+
+_MISSING = object()
+
+
+def _lookup(raw: dict[str, Any], loc: list[str]) -> Any:
+    node: Any = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _MISSING
+    return node
+
+
+def _known_keys(section_loc: list[str]) -> list[str]:
+    if not section_loc:
+        return list(Spec.model_fields)
+    model = SECTIONS.get(section_loc[0])
+    return list(model.model_fields) if model else []
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    choices = list(choices)
+    close = difflib.get_close_matches(word, choices, n=2, cutoff=0.5)
+    if close:
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    return f"; allowed: {', '.join(choices)}" if choices else ""
+
+
+def _line_of(text: str, loc: list[str]) -> int | None:
+    """Best-effort line number of a key, since tomllib does not report positions."""
+    if not text or not loc:
+        return None
+    section, key = (loc[0], loc[1]) if len(loc) > 1 else (None, loc[0])
+    in_section = section is None
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        header = re.fullmatch(r"\[\s*([\w.-]+)\s*\]\s*(#.*)?", stripped)
+        if header:
+            if section is None and header.group(1) == key:
+                return number  # the error is about a whole section
+            in_section = header.group(1) == section
+        elif in_section and re.match(rf"{re.escape(key)}\s*=", stripped):
+            return number
+    return None

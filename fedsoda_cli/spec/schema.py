@@ -1,0 +1,202 @@
+"""The experiment spec: every key with its type, default, allowed range and a one-line description.
+
+Each section is a pydantic model with `extra="forbid"`, so an unknown key is an error, and every
+field carries a `description`, from which `docs/spec-reference.md` is generated.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSpec(Section):
+    name: str = Field("fedsoda-run", description="Name of the experiment, shown in summaries and reports.")
+    workdir: str = Field("runs/{name}", description="Where stage artifacts go; '{name}' expands to run.name. Relative paths are relative to the spec file's folder.")
+    seed: int = Field(0, ge=0, description="Seed for every random choice (data order, sampling, init); same seed, same numbers.")
+    method: Literal["fedsoda", "fedpetuning", "fedot"] = Field("fedsoda", description="fedsoda (prune+align+QLoRA), or a baseline: fedpetuning (full model, LoRA on all layers), fedot (offsite-tuning emulator).")
+    threads: int = Field(0, ge=0, description="Torch threads for the main process; 0 = all cores.")
+
+
+class ModelSpec(Section):
+    name: str | None = Field("smollm2-135m", description="Built-in model: smollm2-135m (embedded default), qwen2.5-coder-0.5b, tiny-random-llama, tiny-random-qwen2. Ignored when path or hub_id is set.")
+    path: str | None = Field(None, description="A local Hugging Face checkpoint folder of a decoder-only causal LM.")
+    hub_id: str | None = Field(None, description="A Hugging Face hub id (needs network).")
+    cache_dir: str | None = Field(None, description="Where converted built-in models are cached; default $FEDSODA_CACHE or ~/.cache/fedsoda.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.name is None and self.path is None and self.hub_id is None:
+            raise ValueError("set one of model.name, model.path or model.hub_id")
+        return self
+
+
+class DataSpec(Section):
+    dir: str | None = Field(None, description="Folder with the datasets (sst2/, boolq/, gsm8k/, wikitext2/). Default: $FEDSODA_DATA, then ../shared/data beside the repository, then the Hugging Face hub.")
+
+
+class PublicDataSpec(Section):
+    source: Literal["wikitext2"] = Field("wikitext2", description="Public proxy corpus for profile and align.")
+    split: Literal["valid", "test"] = Field("valid", description="Split used for profiling and alignment (never the one perplexity is reported on).")
+    heldout_split: Literal["valid", "test"] = Field("test", description="Split for held-out perplexity and alignment checks.")
+    sequences: int = Field(32, ge=1, description="Number of sequences (N) of public text for profile and align.")
+    seq_len: int = Field(128, ge=8, le=8192, description="Tokens per public sequence (T).")
+    heldout_sequences: int = Field(16, ge=1, description="Number of held-out sequences for perplexity / KL checks.")
+
+    @model_validator(mode="after")
+    def _disjoint(self):
+        if self.split == self.heldout_split:
+            raise ValueError("public_data.split and public_data.heldout_split must differ (never evaluate on the distillation text)")
+        return self
+
+
+class ProfileSpec(Section):
+    max_span: int = Field(8, ge=1, description="Largest span n for which angular distances d_n(l) are computed.")
+    tokens: Literal["last", "all"] = Field("last", description="Tokens whose angular distance is averaged: the last non-pad token, or all non-pad tokens.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
+
+
+class PruneSpec(Section):
+    strategy: str = Field("sgp", description="Pruning strategy plugin: sgp, block-influence, uniform, last, or a registered third-party name.")
+    group_size: int = Field(3, ge=1, description="n: consecutive layers per removed group.")
+    groups: int = Field(3, ge=0, description="p: number of removed groups.")
+    protect_first: bool = Field(True, description="Never remove layer 0.")
+    protect_last: bool = Field(True, description="Never remove the last layer (L-1).")
+    iterative: bool = Field(False, description="Re-profile the pruned model after each accepted group (sgp only).")
+
+
+PartialLayers = Literal["after_gap", "both_neighbours", "all_kept"] | list[int]
+
+
+class AlignSpec(Section):
+    partial: PartialLayers = Field("after_gap", description="Student layers that train: after_gap (kept layer right after each removed group), both_neighbours, all_kept, or a list of original layer indices.")
+    alpha: float = Field(1.0, ge=0, description="Weight of the temperature-scaled KL(teacher || student) over all non-pad tokens.")
+    beta: float = Field(1.0, ge=0, description="Weight of the normalised hidden-state error at every gap.")
+    gamma: float = Field(0.0, ge=0, description="Weight of the student's LM cross-entropy.")
+    tau: float = Field(1.0, gt=0, description="Distillation temperature.")
+    steps: int = Field(20, ge=0, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Sequences per step.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    logit_chunk: int = Field(1024, ge=1, description="Tokens per chunk when computing KL over the vocabulary (bounds peak memory).")
+
+
+class QuantizeSpec(Section):
+    quant_type: Literal["nf4", "fp4", "int8", "none"] = Field("nf4", description="Format of the kept decoder layers' linear weights.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (QLoRA double quantization).")
+    embeddings: Literal["bf16", "int8"] = Field("bf16", description="Storage of embeddings and lm_head on the client.")
+
+
+class LoraSpec(Section):
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Names of the linear modules that get adapters.")
+
+
+class TaskSpec(Section):
+    name: Literal["sst2", "boolq", "gsm8k", "jsonl"] = Field("sst2", description="Client task: sst2, boolq, gsm8k, or jsonl (your own files, see the field keys below).")
+    train_examples: int = Field(0, ge=0, description="Use at most this many training examples in all (0 = the whole split).")
+    eval_examples: int = Field(0, ge=0, description="Evaluate on at most this many examples (0 = the whole split).")
+    max_len: int = Field(256, ge=16, description="Token limit of a prompt plus answer in training.")
+    prompt: str | None = Field(None, description="Prompt template with {fields}; default: the task's built-in prompt.")
+    train_file: str | None = Field(None, description="jsonl task: training file (JSONL, CSV or Parquet).")
+    eval_file: str | None = Field(None, description="jsonl task: evaluation file.")
+    input_field: str = Field("input", description="jsonl task: field with the input text.")
+    output_field: str = Field("output", description="jsonl task: field with the target text.")
+    boolq_eval_size: int = Field(1000, ge=1, description="BoolQ has no public train split here: this many dev examples form the derived eval split, the rest train.")
+
+
+class FederateSpec(Section):
+    backend: Literal["local"] = Field("local", description="How client tasks reach workers: local worker processes.")
+    clients: int = Field(4, ge=1, description="K: number of clients.")
+    clients_per_round: int = Field(2, ge=1, description="Clients sampled each round (seeded).")
+    rounds: int = Field(2, ge=1, description="R: federated rounds.")
+    workers: int = Field(2, ge=1, description="Worker processes; torch threads are split across them.")
+    local_steps: int = Field(4, ge=1, description="Optimizer steps per client per round.")
+    batch_size: int = Field(4, ge=1, description="Examples per local step.")
+    lr: float = Field(2e-4, gt=0, description="Client learning rate.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Client optimizer.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping on the client.")
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal term weight mu: (mu/2)||theta - theta_global||^2.")
+    aggregator: str = Field("fedavg", description="Aggregator plugin: fedavg or a registered third-party name (fedadam, fedyogi, trimmed_mean, median from plugins/).")
+    realign_every: int = Field(5, ge=0, description="r: the server realigns every r rounds (0 = never).")
+    min_clients: int = Field(1, ge=1, description="A round needs at least this many valid updates, else the run stops at the last good round.")
+    max_update_norm: float = Field(1e3, gt=0, description="A client update whose L2 distance from the global adapter exceeds this is excluded.")
+    partition: Literal["iid", "dirichlet", "shards"] = Field("iid", description="How task data is split over clients.")
+    dirichlet_alpha: float = Field(0.5, gt=0, description="Label-skew concentration for partition = dirichlet.")
+    shards_per_client: int = Field(2, ge=1, description="Label-sorted shards per client for partition = shards.")
+    eval_every: int = Field(0, ge=0, description="Evaluate the plugin target every k rounds (0 = only at the end, in eval).")
+    task_timeout_s: float = Field(1800.0, gt=0, description="Seconds a client task may take before its worker is considered dead.")
+
+    @model_validator(mode="after")
+    def _counts(self):
+        if self.clients_per_round > self.clients:
+            raise ValueError(f"federate.clients_per_round ({self.clients_per_round}) must be <= federate.clients ({self.clients})")
+        if self.min_clients > self.clients_per_round:
+            raise ValueError(f"federate.min_clients ({self.min_clients}) must be <= federate.clients_per_round ({self.clients_per_round})")
+        return self
+
+
+class RealignSpec(Section):
+    steps: int = Field(10, ge=0, description="Distillation steps of each server realignment (the loss and optimizer come from [align]).")
+
+
+class FedotSpec(Section):
+    adapter_layers: int = Field(2, ge=1, description="k: bottom and top k layers of the full model form the trainable adapter.")
+    drop_ratio: float = Field(0.3, gt=0, lt=1, description="Share of the middle layers the emulator drops (uniform stride).")
+
+
+class EvalSpec(Section):
+    targets: list[Literal["plugin", "sub", "zero-shot"]] = Field(default_factory=lambda: ["plugin", "sub", "zero-shot"], description="What is evaluated: plugin (full LLM + mapped adapter), sub (quantized sub-LLM + adapter), zero-shot (full LLM alone).")
+    batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
+    perplexity: bool = Field(True, description="Also report perplexity on held-out public text.")
+    max_new_tokens: int = Field(256, ge=1, description="Generation limit for GSM8K.")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "run": RunSpec,
+    "model": ModelSpec,
+    "data": DataSpec,
+    "public_data": PublicDataSpec,
+    "profile": ProfileSpec,
+    "prune": PruneSpec,
+    "align": AlignSpec,
+    "quantize": QuantizeSpec,
+    "lora": LoraSpec,
+    "task": TaskSpec,
+    "federate": FederateSpec,
+    "realign": RealignSpec,
+    "fedot": FedotSpec,
+    "eval": EvalSpec,
+}
+
+
+class Spec(Section):
+    """A whole experiment spec. `plugins` lists Python files whose registrations are loaded first."""
+
+    _source: Path | None = PrivateAttr(None)
+
+    plugins: list[str] = Field(default_factory=list, description="Python files (relative to the spec) that register third-party aggregators or pruners.")
+    run: RunSpec = Field(default_factory=RunSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    public_data: PublicDataSpec = Field(default_factory=PublicDataSpec)
+    profile: ProfileSpec = Field(default_factory=ProfileSpec)
+    prune: PruneSpec = Field(default_factory=PruneSpec)
+    align: AlignSpec = Field(default_factory=AlignSpec)
+    quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    federate: FederateSpec = Field(default_factory=FederateSpec)
+    realign: RealignSpec = Field(default_factory=RealignSpec)
+    fedot: FedotSpec = Field(default_factory=FedotSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
