@@ -42,6 +42,7 @@ class StageContext:
     out: Path
     inputs: dict[str, Path]
     console: Console
+    options: dict[str, Any] = field(default_factory=dict)  # command-line options of one stage, e.g. resume
 
 
 @dataclass
@@ -141,14 +142,14 @@ def input_folders(spec: Spec, workdir: Path, stage: Stage) -> tuple[dict[str, Pa
     return folders, digests
 
 
-def execute(spec: Spec, workdir: Path, stage: Stage, console: Console) -> artifacts.Manifest:
+def execute(spec: Spec, workdir: Path, stage: Stage, console: Console, **options: Any) -> artifacts.Manifest:
     """Run one stage: check its inputs, run it into a scratch folder, swap it in, print its summary."""
     from fedsoda_cli import reporting, seeding
 
     inputs, digests = input_folders(spec, workdir, stage)
     seeding.prepare(spec)
     with artifacts.write_stage(workdir, stage.name, sections_hash(spec, stage.sections), digests) as writer:
-        ctx = StageContext(spec=spec, workdir=workdir, out=writer.path, inputs=inputs, console=console)
+        ctx = StageContext(spec=spec, workdir=workdir, out=writer.path, inputs=inputs, console=console, options=options)
         result = stage.function()(ctx)
         writer.manifest.metrics = result.metrics
     manifest = artifacts.read_manifest(workdir, stage.name)
