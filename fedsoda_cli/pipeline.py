@@ -26,9 +26,11 @@ class Stage:
     name: str
     inputs: tuple[str, ...]
     sections: tuple[str, ...]
-    entry: str  # "module:function", imported only when the stage runs
+    entry: str | Callable[["StageContext"], "StageResult"]  # "module:function" is imported only when run
 
     def function(self) -> Callable[["StageContext"], "StageResult"]:
+        if callable(self.entry):
+            return self.entry
         module, _, attr = self.entry.partition(":")
         return getattr(importlib.import_module(module), attr)
 
@@ -148,6 +150,7 @@ def execute(spec: Spec, workdir: Path, stage: Stage, console: Console, **options
 
     inputs, digests = input_folders(spec, workdir, stage)
     seeding.prepare(spec)
+    record_spec(spec, workdir)
     with artifacts.write_stage(workdir, stage.name, sections_hash(spec, stage.sections), digests) as writer:
         ctx = StageContext(spec=spec, workdir=workdir, out=writer.path, inputs=inputs, console=console, options=options)
         result = stage.function()(ctx)
@@ -155,3 +158,9 @@ def execute(spec: Spec, workdir: Path, stage: Stage, console: Console, **options
     manifest = artifacts.read_manifest(workdir, stage.name)
     reporting.stage_summary(console, stage.name, result.summary, manifest)
     return manifest
+
+
+def record_spec(spec: Spec, workdir: Path) -> None:
+    """Keep the resolved spec beside the artifacts, so reports know what a run was."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json_atomic(workdir / "spec.json", spec.model_dump(mode="json"))

