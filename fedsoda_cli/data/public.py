@@ -1,0 +1,101 @@
+"""Public proxy text (WikiText-2 raw) cut into fixed-length token windows for profile and align.
+
+Text layout: the line-oriented WikiText file is grouped into articles (an article starts at a
+` = Title = ` line). Inside an article, non-blank lines (headings and paragraphs) are stripped and
+joined with "\\n"; blank separator lines are dropped; articles are joined with "\\n\\n". The WikiText
+tokenization (`@-@`, spaces around punctuation) is kept as is.
+
+Token stream: each article (with its trailing "\\n\\n") is tokenized on its own, without special
+tokens, and the ids are concatenated. Tokenizing per article makes the stream prefix-stable, so the
+first n windows are the same whatever n is, and only as many articles as needed are tokenized.
+Windows are consecutive and non-overlapping; a partial window at the end is dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+
+from fedsoda_cli.data.paths import data_file
+from fedsoda_cli.errors import DataError
+
+Split = Literal["valid", "test"]
+
+WIKITEXT_FILES: dict[str, str] = {"valid": "wikitext2/wiki.valid.raw", "test": "wikitext2/wiki.test.raw"}
+HUB_ID, HUB_CONFIG = "Salesforce/wikitext", "wikitext-2-raw-v1"
+HUB_SPLITS: dict[str, str] = {"valid": "validation", "test": "test"}
+
+# An article title is a level-1 heading: "= Title =" (a section is "= = Section = =").
+_TITLE = re.compile(r"^= (?!=).*(?<!=) =$")
+
+
+def public_sequences(data_dir: Path | None, split: Split, tokenizer, n: int, seq_len: int) -> torch.Tensor:
+    """The first `n` windows of `seq_len` tokens of WikiText-2 `split`: a LongTensor [n, seq_len].
+
+    `data_dir` None loads the split from the Hugging Face hub. Deterministic: no sampling.
+    Raises DataError when the split has fewer than n windows (the message says how many it has).
+    """
+    if split not in WIKITEXT_FILES:
+        raise DataError(f"unknown public text split {split!r}: use 'valid' or 'test' in [public_data]")
+    if n < 1 or seq_len < 1:
+        raise ValueError(f"n and seq_len must be positive, got n={n}, seq_len={seq_len}")
+    lines, source = _load_lines(data_dir, split)
+    ids = _token_stream(wikitext_articles(lines), tokenizer, needed=n * seq_len)
+    available = len(ids) // seq_len
+    if available < n:
+        raise DataError(
+            f"{source} has only {available} windows of {seq_len} tokens, {n} were asked for: "
+            f"lower sequences / heldout_sequences or seq_len in [public_data]"
+        )
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def wikitext_articles(lines: Iterable[str]) -> list[str]:
+    """Group WikiText lines (without their newline) into article texts, as described above."""
+    articles: list[list[str]] = []
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            continue  # blank separator lines carry no text
+        if _TITLE.match(line) or not articles:
+            articles.append([])
+        articles[-1].append(line)
+    return ["\n".join(body) + "\n\n" for body in articles]
+
+
+def hub_rows_to_lines(rows: Iterable[dict]) -> list[str]:
+    """Map rows of the hub's `wikitext-2-raw-v1` (one `{"text": line + "\\n"}` per file line) to lines."""
+    return [row["text"].rstrip("\n") for row in rows]
+
+
+def _load_lines(data_dir: Path | None, split: Split) -> tuple[list[str], str]:
+    """The split's lines and a name for it in messages: local file, else the hub."""
+    if data_dir is not None:
+        path = data_file(data_dir, WIKITEXT_FILES[split])
+        return path.read_text(encoding="utf-8").split("\n"), str(path)
+    return hub_rows_to_lines(_hub_rows(split)), f"hub {HUB_ID}/{HUB_CONFIG}[{HUB_SPLITS[split]}]"
+
+
+def _hub_rows(split: Split):
+    import datasets  # imported lazily: slow, and only needed without a local data folder
+
+    try:
+        return datasets.load_dataset(HUB_ID, HUB_CONFIG, split=HUB_SPLITS[split])
+    except Exception as exc:  # network, auth or hub layout problems all get the same fix
+        raise DataError(
+            f"could not load {HUB_ID}/{HUB_CONFIG} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
+            f"set data.dir or $FEDSODA_DATA to a folder with wikitext2/"
+        ) from None
+
+
+def _token_stream(articles: list[str], tokenizer, needed: int) -> list[int]:
+    """Concatenated token ids of the articles, stopping once `needed` tokens are reached."""
+    ids: list[int] = []
+    for article in articles:
+        if len(ids) >= needed:
+            break
+        ids.extend(tokenizer(article, add_special_tokens=False)["input_ids"])
+    return ids
