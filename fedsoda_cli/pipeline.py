@@ -150,6 +150,7 @@ def execute(spec: Spec, workdir: Path, stage: Stage, console: Console, **options
 
     inputs, digests = input_folders(spec, workdir, stage)
     seeding.prepare(spec)
+    reporting.quiet_third_party()
     record_spec(spec, workdir)
     with artifacts.write_stage(workdir, stage.name, sections_hash(spec, stage.sections), digests) as writer:
         ctx = StageContext(spec=spec, workdir=workdir, out=writer.path, inputs=inputs, console=console, options=options)

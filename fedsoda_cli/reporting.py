@@ -9,6 +9,17 @@ from rich.table import Table
 from fedsoda_cli.artifacts import Manifest
 
 
+def quiet_third_party() -> None:
+    """Silence library progress bars and info logs: the stages show their own progress."""
+    import transformers
+    import datasets
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
 def progress(console: Console) -> Progress:
     """The progress bar every long stage uses (it goes quiet when output is not a terminal)."""
     return Progress(
