@@ -60,7 +60,7 @@ PRUNE = Stage("prune", ("profile",), (*_SOURCES, "public_data", "profile", "prun
 ALIGN = Stage("align", ("prune",), (*_SOURCES, "public_data", "align", "run.seed"), "fedsoda_cli.stages.align:run")
 QUANTIZE = Stage("quantize", ("align",), ("quantize",), "fedsoda_cli.stages.quantize:run")
 FEDERATE = Stage("federate", ("quantize",), (*_SOURCES, "public_data", "task", "lora", "federate", "align", "realign", "run.seed", "plugins"), "fedsoda_cli.federated.stage:run")
-EVAL = Stage("eval", ("federate",), (*_SOURCES, "public_data", "task", "eval"), "fedsoda_cli.stages.eval:run")
+EVAL = Stage("eval", ("federate", "quantize"), (*_SOURCES, "public_data", "task", "eval", "run.seed"), "fedsoda_cli.stages.eval:run")
 
 _PIPELINES: dict[str, tuple[Stage, ...]] = {
     "fedsoda": (PROFILE, PRUNE, ALIGN, QUANTIZE, FEDERATE, EVAL),

@@ -1,0 +1,161 @@
+"""The models eval measures: plugin (full LLM + global adapter), sub (client sub-LLM + adapter),
+zero-shot (full LLM alone).
+
+The plugin adapter is a standard PEFT adapter folder for the FULL model: the sub-LLM's LoRA
+tensors renamed from sub-LLM layer k to original layer kept[k]; the pruned layers get all-zero
+LoRA tensors (A and B), so their update B@A is exactly zero and stock
+`PeftModel.from_pretrained(full_model, folder)` loads it with no missing key and no random init.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedsoda_cli.errors import ArtifactError, ModelError
+
+TARGETS = ("plugin", "sub", "zero-shot")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """quantize/layer_map.json: kept[k] = original index of sub-LLM layer k, of `num_layers`."""
+
+    kept: list[int]
+    num_layers: int
+
+
+def read_layer_map(path: Path) -> LayerMap:
+    """The layer map at `path`; ArtifactError naming the file when it is absent or malformed."""
+    try:
+        data = json.loads(path.read_text())
+        kept, num_layers = [int(k) for k in data["kept"]], int(data["num_layers"])
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no layer map; rerun `fedsoda quantize SPEC` (it copies the prune stage's layer_map.json)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: malformed layer map ({type(exc).__name__}: {exc}); rerun `fedsoda prune SPEC`") from None
+    if kept != sorted(set(kept)) or not kept or kept[0] < 0 or kept[-1] >= num_layers:
+        raise ArtifactError(f"{path}: 'kept' must be increasing original indices in 0..{num_layers - 1}; rerun `fedsoda prune SPEC`")
+    return LayerMap(kept, num_layers)
+
+
+def map_adapter_to_full(state: dict[str, torch.Tensor], layer_map: LayerMap, layers_path: str) -> dict[str, torch.Tensor]:
+    """Sub-LLM LoRA tensors (PEFT names) -> full-model LoRA tensors: layer k becomes kept[k]; every
+    LoRA tensor of a layer the adapter does not cover is added as zeros of the same shape.
+
+    `layers_path` is the dotted path of the decoder ModuleList ("model.layers"), the part of a
+    PEFT name followed by the layer index.
+    """
+    # TODO(lead): use models.adapters.sub_to_full_adapter once available, if it zero-fills the same way.
+    pattern = re.compile(rf"(^|\.){re.escape(layers_path)}\.(\d+)\.")
+    mapped: dict[str, torch.Tensor] = {}
+    templates: dict[str, torch.Tensor] = {}  # "prefix|suffix" -> one tensor with that role
+    for name, tensor in state.items():
+        found = pattern.search(name)
+        if found is None:
+            mapped[name] = tensor  # not inside a decoder layer (e.g. lm_head): same name in the full model
+            continue
+        k = int(found.group(2))
+        if k >= len(layer_map.kept):
+            raise ArtifactError(f"adapter tensor {name!r} is for sub-LLM layer {k}, but the layer map keeps only {len(layer_map.kept)} layers; the adapter and quantize/layer_map.json come from different runs")
+        head, tail = name[:found.start(2)], name[found.end(2):]
+        mapped[f"{head}{layer_map.kept[k]}{tail}"] = tensor
+        templates.setdefault(f"{head}|{tail}", tensor)
+    for key, tensor in templates.items():
+        head, tail = key.split("|")
+        for layer in range(layer_map.num_layers):
+            mapped.setdefault(f"{head}{layer}{tail}", torch.zeros_like(tensor))
+    return mapped
+
+
+def write_plugin_adapter(sub_adapter: Path, layer_map: LayerMap, layers_path: str, out_dir: Path) -> Path:
+    """Write the plugin adapter folder (config + safetensors) for the full model into `out_dir`."""
+    from safetensors.torch import load_file, save_file
+
+    weights, config = sub_adapter / ADAPTER_WEIGHTS, sub_adapter / ADAPTER_CONFIG
+    if not weights.is_file() or not config.is_file():
+        raise ArtifactError(f"{sub_adapter}: not a PEFT adapter folder ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG}); rerun `fedsoda federate SPEC`")
+    settings = json.loads(config.read_text())
+    if settings.get("layers_to_transform") is not None:
+        # indices there are sub-LLM layers; the full model needs original ones
+        settings["layers_to_transform"] = [layer_map.kept[k] for k in settings["layers_to_transform"]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    full = map_adapter_to_full(load_file(weights), layer_map, layers_path)
+    save_file({k: v.contiguous() for k, v in full.items()}, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True))
+    return out_dir
+
+
+def with_adapter(model, adapter_dir: Path):
+    """`model` wrapped by stock PEFT with the adapter folder loaded (inference mode), float32 LoRA."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise ArtifactError(f"{adapter_dir}: adapter does not fit the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); rerun the stage that wrote it") from None
+
+
+@contextmanager
+def plugin_model(full_model, adapter_state: dict[str, torch.Tensor], adapter_config, layer_map: LayerMap) -> Iterator[object]:
+    """The full model with a sub-LLM adapter (in memory) mapped onto it, loaded through stock PEFT;
+    on exit the LoRA layers are removed again and `full_model` is as before.
+
+    `adapter_config` is the sub-LLM's peft LoraConfig. For per-round evaluation inside federate.
+    """
+    from safetensors.torch import save_file
+
+    from fedsoda_cli.models.layers import decoder_layers_path
+
+    scratch = Path(tempfile.mkdtemp(prefix="fedsoda-plugin-"))
+    try:
+        sub_dir = scratch / "sub"
+        sub_dir.mkdir()
+        save_file({k: v.detach().contiguous() for k, v in adapter_state.items()}, sub_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        adapter_config.save_pretrained(sub_dir)
+        plugin = write_plugin_adapter(sub_dir, layer_map, decoder_layers_path(full_model), scratch / "plugin")
+        model = with_adapter(full_model, plugin)
+        try:
+            yield model
+        finally:
+            model.unload()  # takes the LoRA layers out of full_model in place
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def load_full(spec):
+    """The run's full LLM (model.*) in float32, and its tokenizer."""
+    from fedsoda_cli.models.load import load_causal_lm
+
+    return load_causal_lm(spec.model, dtype=torch.float32)
+
+
+def load_sub(client_model: Path, adapter_dir: Path):
+    """The client's (quantized) sub-LLM computing in float32, with the global adapter attached."""
+    model, tokenizer = _load_client_model(client_model)
+    return with_adapter(model, adapter_dir), tokenizer
+
+
+def check_layer_map(full_model, layer_map: LayerMap, where: Path) -> None:
+    """The layer map must describe this full model (same number of decoder layers)."""
+    from fedsoda_cli.models.layers import decoder_layers
+
+    n = len(decoder_layers(full_model))
+    if n != layer_map.num_layers:
+        raise ModelError(f"{where}: the layer map is for a model with {layer_map.num_layers} layers, but model.* has {n}; the spec's model changed since prune ran: rerun `fedsoda run SPEC`")
+
+
+def _load_client_model(path: Path):
+    from fedsoda_cli.models.quantized import load_client_model
+
+    return load_client_model(path, compute_dtype=torch.float32, prepare_for_training=False)

@@ -1,0 +1,156 @@
+"""Stage 7, eval: the task metric and held-out perplexity of the plugin, sub and zero-shot targets.
+
+In: `federate/adapter/` (the final global adapter of the sub-LLM), `quantize/model/` (the client
+sub-LLM) and `quantize/layer_map.json` (kept layers), the spec's full model, the task's eval
+split (`task.eval_examples` limits it) and `public_data.heldout_sequences` held-out windows.
+Out (in the stage folder):
+  plugin_adapter/    the global adapter mapped onto the full model: a stock PEFT adapter folder
+  results.json       {target: {task, metric, accuracy, correct, count, ci95: [lo, hi],
+                               perplexity, perplexity_nll, perplexity_tokens, seconds}}
+  predictions.jsonl  one line per target x example: target, id, prediction, gold, correct, and the
+                     label-word log-likelihoods (`scores`) or the generated text (`output`)
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+
+from fedsoda_cli.pipeline import StageContext, StageResult
+
+RESULTS = "results.json"
+PREDICTIONS = "predictions.jsonl"
+PLUGIN_ADAPTER = "plugin_adapter"
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Evaluate every target of `eval.targets` and write results.json and predictions.jsonl."""
+    from fedsoda_cli import artifacts, reporting
+    from fedsoda_cli.data.paths import resolve_data_dir
+    from fedsoda_cli.data.tasks import load_task
+    from fedsoda_cli.spec import spec_dir
+
+    spec = ctx.spec
+    folders = _run_folders(ctx)
+    examples = load_task(spec.task, resolve_data_dir(spec.data, spec_dir(spec)), "eval", spec.run.seed, spec_dir=spec_dir(spec))
+    results: dict[str, dict] = {}
+    with open(ctx.out / PREDICTIONS, "w") as lines, reporting.progress(ctx.console) as bar:
+        for target in spec.eval.targets:
+            started = time.perf_counter()
+            model, tokenizer = _build_target(target, spec, folders, ctx.out / PLUGIN_ADAPTER)
+            results[target] = _evaluate(target, model, tokenizer, examples, spec, bar, lines)
+            results[target]["seconds"] = round(time.perf_counter() - started, 2)
+            del model
+            gc.collect()  # one target's model at a time in memory
+    artifacts.write_json_atomic(ctx.out / RESULTS, results)
+    return StageResult(metrics=_metrics(results), summary=_summary(results))
+
+
+def evaluate_adapter_on_full(full_model, tokenizer, adapter, adapter_config, layer_map, examples, spec):
+    """Accuracy of the plugin target for an in-memory global adapter, for federate's per-round
+    evaluation (`federate.eval_every`): a TaskScore (.accuracy, .correct, .count, .ci95, .summary()).
+
+    In: the plain full LLM (no adapter attached; it is left unchanged), its tokenizer, the sub-LLM
+    adapter tensors by PEFT name, the peft LoraConfig they were made with, the LayerMap
+    (`evaluation.targets.read_layer_map(quantize/layer_map.json)`), the eval examples
+    (`load_task(spec.task, ..., "eval", seed)`) and the spec (task.name, task.max_len, eval.*).
+    """
+    from fedsoda_cli.evaluation.targets import plugin_model
+    from fedsoda_cli.evaluation.task import evaluate_task
+
+    with plugin_model(full_model, adapter, adapter_config, layer_map) as model:
+        return evaluate_task(model, tokenizer, spec.task.name, examples, batch_size=spec.eval.batch_size,
+                             max_len=spec.task.max_len, max_new_tokens=spec.eval.max_new_tokens)
+
+
+def _run_folders(ctx: StageContext) -> dict[str, Path]:
+    """federate's adapter, and quantize's client model and layer map (quantize is checked intact)."""
+    quantize = ctx.inputs["quantize"]
+    return {"adapter": ctx.inputs["federate"] / "adapter", "client_model": quantize / "model",
+            "layer_map": quantize / "layer_map.json"}
+
+
+def _build_target(target: str, spec, folders: dict[str, Path], plugin_dir: Path):
+    """(model, tokenizer) of one target; the plugin adapter folder is written on first use."""
+    from fedsoda_cli.evaluation import targets
+    from fedsoda_cli.models.layers import decoder_layers_path
+
+    if target == "sub":
+        return targets.load_sub(folders["client_model"], folders["adapter"])
+    model, tokenizer = targets.load_full(spec)
+    if target == "zero-shot":
+        return model, tokenizer
+    layer_map = _layer_map(spec, folders["layer_map"], model)
+    targets.check_layer_map(model, layer_map, folders["layer_map"])
+    if not plugin_dir.exists():
+        targets.write_plugin_adapter(folders["adapter"], layer_map, decoder_layers_path(model), plugin_dir)
+    return targets.with_adapter(model, plugin_dir), tokenizer
+
+
+def _layer_map(spec, path: Path, full_model):
+    """The run's layer map; a method that prunes nothing (fedpetuning) may have none: all layers kept."""
+    from fedsoda_cli.evaluation.targets import LayerMap, read_layer_map
+    from fedsoda_cli.models.layers import decoder_layers
+
+    if not path.exists() and spec.run.method == "fedpetuning":
+        n = len(decoder_layers(full_model))
+        return LayerMap(list(range(n)), n)
+    return read_layer_map(path)
+
+
+def _evaluate(target: str, model, tokenizer, examples, spec, bar, lines) -> dict:
+    """The results.json entry of one target; its predictions are appended to `lines`."""
+    from fedsoda_cli.evaluation.task import evaluate_task
+
+    task = bar.add_task(f"eval {target}", total=len(examples), status=spec.task.name)
+    score = evaluate_task(model, tokenizer, spec.task.name, examples, batch_size=spec.eval.batch_size,
+                          max_len=spec.task.max_len, max_new_tokens=spec.eval.max_new_tokens,
+                          advance=lambda k: bar.advance(task, k))
+    for prediction in score.predictions:
+        lines.write(json.dumps(prediction.record(target)) + "\n")
+    entry = score.summary()
+    if spec.eval.perplexity:
+        entry.update(_perplexity(target, model, tokenizer, spec, bar))
+    return entry
+
+
+def _perplexity(target: str, model, tokenizer, spec, bar) -> dict:
+    from fedsoda_cli.data.paths import resolve_data_dir
+    from fedsoda_cli.data.public import public_sequences
+    from fedsoda_cli.evaluation.perplexity import perplexity
+    from fedsoda_cli.spec import spec_dir
+
+    public = spec.public_data
+    windows = public_sequences(resolve_data_dir(spec.data, spec_dir(spec)), public.heldout_split, tokenizer,
+                               public.heldout_sequences, public.seq_len)
+    task = bar.add_task(f"perplexity {target}", total=len(windows), status=f"wikitext2 {public.heldout_split}")
+    result = perplexity(model, windows, batch_size=spec.eval.batch_size, advance=lambda k: bar.advance(task, k))
+    return {"perplexity": result.perplexity, "perplexity_nll": result.nll, "perplexity_tokens": result.tokens}
+
+
+def _metrics(results: dict[str, dict]) -> dict:
+    """Manifest metrics: task, count, and accuracy / perplexity by target."""
+    first = next(iter(results.values()), {})
+    return {
+        "task": first.get("task"),
+        "metric": first.get("metric"),
+        "count": first.get("count"),
+        "accuracy": {t: r["accuracy"] for t, r in results.items()},
+        "perplexity": {t: r["perplexity"] for t, r in results.items() if "perplexity" in r},
+    }
+
+
+def _summary(results: dict[str, dict]) -> list[tuple[str, str]]:
+    """Terminal rows: accuracy with its 95 % interval, and perplexity, per target."""
+    rows: list[tuple[str, str]] = []
+    first = next(iter(results.values()), None)
+    if first:
+        rows.append(("task", f"{first['task']}, {first['count']} examples, {first['metric']}"))
+    for target, r in results.items():
+        lo, hi = r["ci95"]
+        rows.append((f"{target} accuracy", f"{100 * r['accuracy']:.1f} %  (95 % CI {100 * lo:.1f}-{100 * hi:.1f}, {r['correct']}/{r['count']})"))
+        if "perplexity" in r:
+            rows.append((f"{target} perplexity", f"{r['perplexity']:.2f}"))
+    return rows

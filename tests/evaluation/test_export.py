@@ -1,0 +1,85 @@
+"""Export round trip: the merged checkpoint, loaded by stock transformers, gives the logits of the
+full model + plugin adapter through stock PEFT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from fedsoda_cli import artifacts, pipeline
+from fedsoda_cli.errors import ArtifactError
+from fedsoda_cli.export import PROVENANCE, export_merged
+from fedsoda_cli.federated.client import lora_config
+from fedsoda_cli.models.layers import drop_layers
+from fedsoda_cli.models.load import load_causal_lm
+from fedsoda_cli.spec import Spec, sections_hash
+
+
+def _spec() -> Spec:
+    return Spec.model_validate({"model": {"name": "tiny-random-llama"}, "lora": {"r": 4, "alpha": 8}})
+
+
+def _write(workdir, spec, name, fill=lambda out: None):
+    stage = pipeline.stage_named(spec, name)
+    inputs = {i: artifacts.read_manifest(workdir, i).digest() for i in stage.inputs}
+    with artifacts.write_stage(workdir, name, sections_hash(spec, stage.sections), inputs) as writer:
+        fill(writer.path)
+
+
+def _federated_run(workdir, spec):
+    """profile/prune/align/quantize placeholders (quantize holds the layer map) and a federate adapter."""
+    sub, _ = load_causal_lm(spec.model)
+    kept = drop_layers(sub, [1, 2])
+
+    def quantize(out):
+        (out / "layer_map.json").write_text(json.dumps({"kept": kept, "removed_groups": [[1, 2]], "num_layers": 6}))
+
+    def federate(out):
+        torch.manual_seed(5)
+        peft = get_peft_model(sub, lora_config(spec.lora))
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        peft.save_pretrained(out / "adapter")
+
+    for name in ("profile", "prune", "align"):
+        _write(workdir, spec, name)
+    _write(workdir, spec, "quantize", quantize)
+    _write(workdir, spec, "federate", federate)
+
+
+def test_merged_export_loads_with_stock_transformers_and_matches_peft(tmp_path):
+    torch.set_num_threads(1)
+    spec = _spec()
+    workdir = tmp_path / "run"
+    _federated_run(workdir, spec)
+    out = export_merged(spec, workdir, tmp_path / "export")
+
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / PROVENANCE).read_text())["federate_digest"] == artifacts.read_manifest(workdir, "federate").digest()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+    # the reference: stock PEFT on the plugin adapter, written here through the eval stage's code
+    from fedsoda_cli.evaluation.targets import LayerMap, write_plugin_adapter
+
+    layer_map = json.loads((workdir / "quantize" / "layer_map.json").read_text())
+    plugin = write_plugin_adapter(workdir / "federate" / "adapter", LayerMap(layer_map["kept"], 6), "model.layers", tmp_path / "plugin")
+    full, _ = load_causal_lm(spec.model)
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(full, str(plugin))(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+        base = load_causal_lm(spec.model)[0](input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-3)
+
+
+def test_export_refuses_a_run_without_federate(tmp_path):
+    with pytest.raises(ArtifactError, match="'federate' has not run"):
+        export_merged(_spec(), tmp_path / "nothing", tmp_path / "export")

@@ -1,0 +1,147 @@
+"""The eval stage end to end on a tiny run: a pruned tiny llama quantized to NF4 as the client model,
+a trained-looking LoRA adapter as federate's output, run through `pipeline.execute`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from rich.console import Console
+
+from fedsoda_cli import artifacts, pipeline
+from fedsoda_cli.data.paths import resolve_data_dir
+from fedsoda_cli.data.tasks import load_task
+from fedsoda_cli.errors import ArtifactError
+from fedsoda_cli.evaluation.scoring import label_word_logprobs
+from fedsoda_cli.evaluation.targets import LayerMap
+from fedsoda_cli.federated.client import lora_config
+from fedsoda_cli.models.layers import drop_layers
+from fedsoda_cli.models.load import load_causal_lm, save_checkpoint
+from fedsoda_cli.models.quantized import quantize_checkpoint, save_client_model
+from fedsoda_cli.spec import Spec, sections_hash
+from fedsoda_cli.stages.eval import PREDICTIONS, RESULTS, evaluate_adapter_on_full
+
+REMOVED = [2, 3]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    found = resolve_data_dir(Spec().data, None)
+    if found is None or not (found / "sst2" / "dev.jsonl").is_file():
+        pytest.skip("../shared/data is not available")
+    return found
+
+
+def _spec(**task) -> Spec:
+    return Spec.model_validate({
+        "model": {"name": "tiny-random-llama"},
+        "task": {"name": "sst2", "eval_examples": 6, **task},
+        "lora": {"r": 4, "alpha": 8},
+        "public_data": {"heldout_sequences": 2, "seq_len": 16},
+        "eval": {"batch_size": 4, "max_new_tokens": 8},
+    })
+
+
+def _write(workdir, spec, name, fill=lambda out: None):
+    """A stage folder with a manifest that pipeline.status accepts as done."""
+    stage = pipeline.stage_named(spec, name)
+    inputs = {i: artifacts.read_manifest(workdir, i).digest() for i in stage.inputs}
+    with artifacts.write_stage(workdir, name, sections_hash(spec, stage.sections), inputs) as writer:
+        fill(writer.path)
+
+
+def _fake_run(workdir, spec):
+    """profile/prune/align placeholders, a real quantize folder and a real federate adapter."""
+    sub, tokenizer = load_causal_lm(spec.model)
+    kept = drop_layers(sub, REMOVED)
+    layer_map = {"kept": kept, "removed_groups": [REMOVED], "num_layers": 6, "strategy": "sgp"}
+    float_dir = save_checkpoint(sub, tokenizer, workdir.parent / "float-sub")
+
+    def quantize(out):
+        client = quantize_checkpoint(float_dir, spec.quantize)
+        save_client_model(client, tokenizer, out / "model")
+        (out / "layer_map.json").write_text(json.dumps(layer_map))
+
+    def federate(out):
+        torch.manual_seed(3)
+        peft = get_peft_model(sub, lora_config(spec.lora))
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        peft.save_pretrained(out / "adapter")
+        (out / "summary.json").write_text("{}")
+
+    for name in ("profile", "prune", "align"):
+        _write(workdir, spec, name)
+    _write(workdir, spec, "quantize", quantize)
+    _write(workdir, spec, "federate", federate)
+    return kept
+
+
+def test_eval_stage_writes_results_and_predictions_for_every_target(tmp_path, data_dir):
+    spec = _spec()
+    workdir = tmp_path / "run"
+    _fake_run(workdir, spec)
+    manifest = pipeline.execute(spec, workdir, pipeline.stage_named(spec, "eval"), Console(record=True, width=120))
+    out = workdir / "eval"
+
+    results = json.loads((out / RESULTS).read_text())
+    assert list(results) == ["plugin", "sub", "zero-shot"]
+    for r in results.values():
+        assert r["task"] == "sst2" and r["count"] == 6 and 0 <= r["correct"] <= 6
+        assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+        assert r["perplexity"] > 1 and r["perplexity_tokens"] == 2 * 15
+    lines = [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
+    assert len(lines) == 3 * 6
+    assert {tuple(sorted(line)) for line in lines} == {("correct", "gold", "id", "prediction", "scores", "target")}
+    assert sum(line["correct"] for line in lines if line["target"] == "sub") == results["sub"]["correct"]
+    assert manifest.metrics["accuracy"] == {t: r["accuracy"] for t, r in results.items()}
+
+    # Independent of the stage: stock peft on the written plugin folder, and the bare full model.
+    examples = load_task(spec.task, data_dir, "eval", spec.run.seed)
+    full, tokenizer = load_causal_lm(spec.model)
+    zero_shot = label_word_logprobs(full, tokenizer, examples, max_len=spec.task.max_len, batch_size=1)
+    plugin = label_word_logprobs(PeftModel.from_pretrained(full, str(out / "plugin_adapter")), tokenizer, examples,
+                                 max_len=spec.task.max_len, batch_size=1)
+    by_target = {t: [line["scores"] for line in lines if line["target"] == t] for t in results}
+    assert torch.allclose(torch.tensor(by_target["zero-shot"]), torch.tensor(zero_shot), atol=1e-4)
+    assert torch.allclose(torch.tensor(by_target["plugin"]), torch.tensor(plugin), atol=1e-4)
+    assert not torch.allclose(torch.tensor(by_target["plugin"]), torch.tensor(zero_shot), atol=1e-3)
+
+
+def test_evaluate_adapter_on_full_matches_the_stage_plugin_target(tmp_path, data_dir):
+    spec = _spec(eval_examples=4)
+    spec.eval.targets = ["plugin"]
+    spec.eval.perplexity = False
+    workdir = tmp_path / "run"
+    kept = _fake_run(workdir, spec)
+    pipeline.execute(spec, workdir, pipeline.stage_named(spec, "eval"), Console(record=True))
+    stage_result = json.loads((workdir / "eval" / RESULTS).read_text())["plugin"]
+
+    from safetensors.torch import load_file
+
+    adapter = load_file(workdir / "federate" / "adapter" / "adapter_model.safetensors")
+    # PEFT saves names without the adapter name; per-round callers hold get_peft_model_state_dict's, the same.
+    full, tokenizer = load_causal_lm(spec.model)
+    examples = load_task(spec.task, data_dir, "eval", spec.run.seed)
+    score = evaluate_adapter_on_full(full, tokenizer, adapter, lora_config(spec.lora), LayerMap(kept, 6), examples, spec)
+    assert score.summary() == {k: stage_result[k] for k in score.summary()}
+    assert not any("lora" in name for name, _ in full.named_modules())
+
+
+def test_eval_without_quantize_output_names_the_missing_stage(tmp_path, data_dir):
+    spec = _spec()
+    workdir = tmp_path / "run"
+    _fake_run(workdir, spec)
+    # quantize's files are gone but federate is still current: the stage must say what to rerun
+    (workdir / "quantize" / "layer_map.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="quantize"):
+        pipeline.execute(spec, workdir, pipeline.stage_named(spec, "eval"), Console(record=True))
