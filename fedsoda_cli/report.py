@@ -25,7 +25,6 @@ from typing import Any
 from fedsoda_cli import artifacts
 from fedsoda_cli.errors import ArtifactError
 from fedsoda_cli.reporting import format_bytes
-from fedsoda_cli.spec.schema import Spec
 
 
 BASELINE = "fedpetuning"

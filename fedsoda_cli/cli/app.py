@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from fedsoda_cli.cli import run as run_module
-from fedsoda_cli.cli import stages, status, validate
+from fedsoda_cli.cli import export, report, stages, status, validate
 
 app = typer.Typer(
     name="fedsoda",
@@ -21,6 +21,8 @@ app.command("eval")(stages.stage_command("eval"))
 app.command("run")(run_module.run)
 app.command("status")(status.status)
 app.command("validate")(validate.validate)
+app.command("report")(report.report)
+app.command("export")(export.export)
 
 
 def main() -> None:
