@@ -3,6 +3,12 @@
 from fedsoda_cli.plugins.contracts import Aggregator, ClientUpdate, LayerProfile, Pruner
 from fedsoda_cli.plugins.registry import Registry, load_plugin_files
 
+# The built-ins live in the submodules `aggregators` and `pruners`, which share their names with the
+# registries below. Importing a submodule binds it as an attribute of this package, which would
+# overwrite a registry the first time a built-in is loaded; importing them first lets the registries win.
+import fedsoda_cli.plugins.aggregators  # noqa: E402,F401  (isort: skip)
+import fedsoda_cli.plugins.pruners  # noqa: E402,F401  (isort: skip)
+
 aggregators: Registry = Registry(
     "aggregator", "fedsoda.aggregators", Aggregator,
     {"fedavg": "fedsoda_cli.plugins.aggregators.fedavg:FedAvg"},

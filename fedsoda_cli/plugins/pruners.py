@@ -1,0 +1,128 @@
+"""The built-in pruning strategies, and the layer budget every strategy must respect.
+
+How n (`prune.group_size`) and p (`prune.groups`) map onto each strategy; every one removes n*p
+layers in total and never touches a protected layer (layer 0 with `protect_first`, layer L-1 with
+`protect_last`):
+
+  sgp              p groups of n consecutive layers: candidate blocks {l..l+n-1} sorted by d_n(l)
+                   ascending, a block accepted when it overlaps no accepted block and touches no
+                   protected layer, until p are accepted (similarity group pruning).
+  block-influence  the n*p single layers of lowest ShortGPT block influence BI_l, as n*p groups
+                   of one layer each.
+  uniform          FedOT's stride drop: n*p layers spread evenly over the unprotected (middle)
+                   layers, as n*p groups of one layer each.
+  last             the deepest n*p unprotected layers (with protect_last: all but the final one),
+                   as p groups of n consecutive layers.
+
+A request that cannot be met raises SpecError naming prune.groups / prune.group_size.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fedsoda_cli.errors import SpecError
+from fedsoda_cli.plugins.contracts import LayerProfile, Pruner
+from fedsoda_cli.spec.schema import PruneSpec
+
+
+def protected_layers(num_layers: int, config: PruneSpec) -> set[int]:
+    """The layers no strategy may remove: 0 (protect_first) and num_layers-1 (protect_last)."""
+    protected = set()
+    if config.protect_first:
+        protected.add(0)
+    if config.protect_last:
+        protected.add(num_layers - 1)
+    return protected
+
+
+def removable_budget(num_layers: int, config: PruneSpec) -> int:
+    """Most layers a request may remove: every unprotected layer but one stays removable, so at
+    least one unprotected layer is always kept."""
+    return max(0, num_layers - len(protected_layers(num_layers, config)) - 1)
+
+
+def check_request(num_layers: int, config: PruneSpec) -> None:
+    """SpecError unless removing prune.groups x prune.group_size layers fits the model."""
+    asked = config.groups * config.group_size
+    allowed = removable_budget(num_layers, config)
+    if asked > allowed:
+        protected = sorted(protected_layers(num_layers, config))
+        kept = f"layers {protected} are protected and one more must stay" if protected else "at least one layer must stay"
+        raise SpecError(
+            f"prune.groups = {config.groups} x prune.group_size = {config.group_size} removes {asked} "
+            f"of the model's {num_layers} layers, but at most {allowed} can go ({kept}); "
+            f"lower prune.groups or prune.group_size"
+        )
+
+
+class SimilarityGroupPruner(Pruner):
+    """sgp: the p non-overlapping blocks of n consecutive layers with the lowest angular distance
+    d_n(l) between their input and output. A block whose distance is not finite is never chosen
+    (iterative pruning marks blocks that would straddle an earlier gap that way)."""
+
+    supports_iterative = True
+
+    def select(self, profile: LayerProfile, config: PruneSpec) -> list[list[int]]:
+        n, p, L = config.group_size, config.groups, profile.num_layers
+        check_request(L, config)
+        if p == 0:
+            return []
+        if n not in profile.distances:
+            measured = max(profile.distances) if profile.distances else 0
+            raise SpecError(f"prune.group_size = {n} needs d_{n}(l), but the profile measured spans up to {measured}; raise profile.max_span to at least {n} (or lower prune.group_size) and rerun profile")
+        distances = profile.distances[n]
+        protected = protected_layers(L, config)
+        taken: set[int] = set()
+        accepted: list[list[int]] = []
+        for start in sorted(range(len(distances)), key=lambda l: (distances[l], l)):
+            block = set(range(start, start + n))
+            if not math.isfinite(distances[start]) or block & (taken | protected):
+                continue
+            accepted.append(sorted(block))
+            taken |= block
+            if len(accepted) == p:
+                return sorted(accepted)
+        raise SpecError(
+            f"prune.groups = {p} x prune.group_size = {n}: only {len(accepted)} non-overlapping blocks of {n} "
+            f"layers were found among the {L} layers (greedy by distance, protected layers {sorted(protected)} excluded); "
+            f"lower prune.groups or prune.group_size"
+        )
+
+
+class BlockInfluencePruner(Pruner):
+    """block-influence (ShortGPT): the n*p layers of lowest BI_l, each its own group."""
+
+    def select(self, profile: LayerProfile, config: PruneSpec) -> list[list[int]]:
+        L = profile.num_layers
+        check_request(L, config)
+        protected = protected_layers(L, config)
+        influence = profile.block_influence
+        candidates = sorted((l for l in range(L) if l not in protected), key=lambda l: (influence[l], l))
+        return [[l] for l in sorted(candidates[: config.groups * config.group_size])]
+
+
+class UniformPruner(Pruner):
+    """uniform (FedOT's emulator): n*p layers at an even stride over the unprotected layers, each
+    its own group. The i-th of k picks is the middle of the i-th of k equal slices."""
+
+    def select(self, profile: LayerProfile, config: PruneSpec) -> list[list[int]]:
+        L = profile.num_layers
+        check_request(L, config)
+        protected = protected_layers(L, config)
+        middle = [l for l in range(L) if l not in protected]
+        k = config.groups * config.group_size
+        # k <= len(middle) - 1 (check_request), so the slices are at least one layer wide and the
+        # picks are distinct.
+        return [[middle[math.floor((i + 0.5) * len(middle) / k)]] for i in range(k)]
+
+
+class LastLayersPruner(Pruner):
+    """last: the deepest n*p unprotected layers, as p groups of n consecutive layers."""
+
+    def select(self, profile: LayerProfile, config: PruneSpec) -> list[list[int]]:
+        L, n, p = profile.num_layers, config.group_size, config.groups
+        check_request(L, config)
+        end = L - 1 if config.protect_last else L  # one past the deepest removable layer
+        first = end - n * p
+        return [list(range(first + g * n, first + (g + 1) * n)) for g in range(p)]

@@ -1,0 +1,169 @@
+"""Stage 2, prune: remove layer groups chosen by a pruning strategy, giving the sub-LLM.
+
+In: `profile/distances.json` (the full model's LayerProfile) and the spec's [prune] section.
+Out (in the stage folder):
+  model/           the sub-LLM as a float32 HF checkpoint, layers re-indexed (KV cache works)
+  layer_map.json   {"kept": [original index of each sub-LLM layer], "removed_groups": [[...], ...],
+                    "num_layers": L, "strategy": name, "iterative": bool}
+
+Any strategy's output, built-in or third-party, is checked by `validate_selection` before a layer
+is touched. With `prune.iterative`, groups are accepted one at a time and the pruned model is
+re-profiled on the same public text before the next choice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import replace
+
+from fedsoda_cli.errors import ArtifactError, FedsodaError, PluginError, SpecError
+from fedsoda_cli.pipeline import StageContext, StageResult
+from fedsoda_cli.plugins.contracts import LayerProfile, Pruner
+from fedsoda_cli.plugins.pruners import check_request, protected_layers
+from fedsoda_cli.spec.schema import PruneSpec
+
+LAYER_MAP = "layer_map.json"
+MODEL_DIR = "model"
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Select the removed groups, drop them from the full model, save the sub-LLM and layer map."""
+    from fedsoda_cli.models.layers import decoder_layers, drop_layers
+    from fedsoda_cli.models.load import load_causal_lm, save_checkpoint
+    from fedsoda_cli.plugins import load_plugin_files, pruners
+    from fedsoda_cli.spec import spec_dir
+    from fedsoda_cli.stages.profile import read_profile
+
+    spec, config = ctx.spec, ctx.spec.prune
+    load_plugin_files(spec.plugins, spec_dir(spec))  # a no-op for files the CLI already imported
+    profile = read_profile(ctx.inputs["profile"])
+    pruner = pruners.create(config.strategy)
+    check_request(profile.num_layers, config)
+    if config.iterative and not pruner.supports_iterative:
+        raise SpecError(f"prune.iterative = true, but strategy '{config.strategy}' does not support iterative pruning; use prune.strategy = \"sgp\" or set prune.iterative = false")
+
+    model, tokenizer = load_causal_lm(spec.model)
+    num_layers = len(decoder_layers(model))
+    if num_layers != profile.num_layers:
+        raise ArtifactError(f"{ctx.inputs['profile']}: the profile has {profile.num_layers} layers but the model has {num_layers}; rerun `fedsoda profile SPEC --force`")
+    params_full = _parameter_count(model)
+
+    if config.iterative:
+        groups = _select_iteratively(ctx, pruner, profile, model, tokenizer)
+    else:
+        groups = validate_selection(_call(pruner, profile, config), num_layers, config, config.strategy)
+        drop_layers(model, [l for group in groups for l in group])
+    removed = {l for group in groups for l in group}
+    kept = [l for l in range(num_layers) if l not in removed]
+    params_sub = _parameter_count(model)
+
+    save_checkpoint(model, tokenizer, ctx.out / MODEL_DIR)
+    layer_map = {"kept": kept, "removed_groups": groups, "num_layers": num_layers,
+                 "strategy": config.strategy, "iterative": config.iterative}
+    (ctx.out / LAYER_MAP).write_text(json.dumps(layer_map, indent=2))
+
+    metrics = {"removed_groups": groups, "kept": len(kept), "params_full": params_full, "params_sub": params_sub}
+    summary = [
+        ("strategy", config.strategy + (" (iterative)" if config.iterative else "")),
+        ("removed groups", ", ".join(f"{g[0]}..{g[-1]}" for g in groups) or "none"),
+        ("kept layers", f"{len(kept)} of {num_layers}"),
+        ("parameters", f"{params_full / 1e6:.1f} M -> {params_sub / 1e6:.1f} M ({100 * (params_sub / params_full - 1):+.1f} %)"),
+    ]
+    return StageResult(metrics=metrics, summary=summary)
+
+
+def validate_selection(groups: object, num_layers: int, config: PruneSpec, strategy: str) -> list[list[int]]:
+    """Check a strategy's `select` output against the Pruner contract and return it normalised
+    (plain ints, each group ascending, groups ordered by first layer). PluginError naming the
+    strategy and the first broken rule otherwise."""
+
+    def broken(what: str) -> PluginError:
+        return PluginError(f"pruning strategy '{strategy}' returned an invalid selection: {what}; fix its select() (see docs/plugins.md)")
+
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, (list, tuple)) for g in groups):
+        raise broken(f"{_short(groups)} is not a list of lists of layer indices")
+    for group in groups:
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in group):
+            raise broken(f"group {_short(group)} holds something other than integer layer indices")
+    clean = sorted(sorted(int(i) for i in group) for group in groups)
+    for group in clean:
+        if not group:
+            raise broken("an empty group")
+        if group != list(range(group[0], group[0] + len(group))):
+            raise broken(f"group {group} is not a run of consecutive layers")
+        if group[0] < 0 or group[-1] >= num_layers:
+            raise broken(f"group {group} is outside the layers 0..{num_layers - 1}")
+    flat = [l for group in clean for l in group]
+    if len(flat) != len(set(flat)):
+        twice = sorted({l for l in flat if flat.count(l) > 1})
+        raise broken(f"groups overlap at layers {twice}")
+    touched = sorted(set(flat) & protected_layers(num_layers, config))
+    if touched:
+        raise broken(f"it removes protected layers {touched} (prune.protect_first / prune.protect_last)")
+    if len(flat) >= num_layers:
+        raise broken(f"it removes all {num_layers} layers")
+    asked = config.groups * config.group_size
+    if len(flat) != asked:
+        raise broken(f"it removes {len(flat)} layers, but prune.groups x prune.group_size = {asked}")
+    return clean
+
+
+def _select_iteratively(ctx: StageContext, pruner: Pruner, profile: LayerProfile, model, tokenizer) -> list[list[int]]:
+    """Accept one group at a time; after each, drop it from `model` (in place) and re-profile the
+    pruned model on the same public text. Returns the groups in original layer indices."""
+    from fedsoda_cli import reporting
+    from fedsoda_cli.models.layers import drop_layers
+    from fedsoda_cli.stages.angular import measure
+    from fedsoda_cli.stages.profile import public_input_ids
+
+    spec, config = ctx.spec, ctx.spec.prune
+    one = config.model_copy(update={"groups": 1})
+    kept = list(range(profile.num_layers))  # kept[i] = original index of the current layer i
+    groups: list[list[int]] = []
+    input_ids = public_input_ids(spec, tokenizer) if config.groups > 1 else None
+    with reporting.progress(ctx.console) as bar:
+        task = bar.add_task("re-profile", total=max(0, config.groups - 1) * (0 if input_ids is None else len(input_ids)), status="")
+        for step in range(config.groups):
+            if step > 0:
+                profile = measure(model, input_ids, None, config.group_size, spec.profile.tokens,
+                                  spec.profile.batch_size, progress=lambda k: bar.advance(task, k))
+            current = validate_selection(_call(pruner, _without_straddling(profile, kept, config.group_size), one),
+                                         len(kept), one, config.strategy)[0]
+            original = [kept[i] for i in current]
+            if original != list(range(original[0], original[0] + len(original))):
+                raise PluginError(f"pruning strategy '{config.strategy}' chose current layers {current}, which straddle an earlier gap (original layers {original}); an iterative strategy must skip blocks with a non-finite distance")
+            groups.append(original)
+            drop_layers(model, current)
+            kept = [k for i, k in enumerate(kept) if i not in set(current)]
+    return sorted(groups)
+
+
+def _without_straddling(profile: LayerProfile, kept: list[int], span: int) -> LayerProfile:
+    """`profile` with d_span(l) set to +inf where the block l..l+span-1 of the current model is not
+    consecutive in original indices (it would straddle a gap left by an earlier group)."""
+    if span not in profile.distances:
+        return profile
+    row = [d if kept[l + span - 1] - kept[l] == span - 1 else math.inf for l, d in enumerate(profile.distances[span])]
+    return replace(profile, distances={**profile.distances, span: row})
+
+
+def _call(pruner: Pruner, profile: LayerProfile, config: PruneSpec) -> object:
+    """`pruner.select`, with a crash of third-party code turned into a one-line PluginError."""
+    try:
+        return pruner.select(profile, config)
+    except FedsodaError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"pruning strategy '{config.strategy}' ({type(pruner).__module__}) failed in select(): {type(exc).__name__}: {exc}") from None
+
+
+def _parameter_count(model) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
