@@ -1,0 +1,150 @@
+"""LoRA adapters across the layer map: sub-LLM layer k is original layer kept[k] of the full LLM.
+
+In: adapter state dicts in peft's serialized form (`get_peft_model_state_dict` / the
+`adapter_model.safetensors` of a PEFT folder), e.g.
+`base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`, and the layer map `kept`.
+Out: the same tensors keyed by the other model's layer indices, a LoRA-wrapped model, or a stock
+PEFT adapter folder for the full LLM (`PeftModel.from_pretrained(full_model, folder)` loads it;
+pruned layers simply have no LoRA, i.e. a zero update).
+
+The layer index inside a key is found after `layers_path` (the model's decoder-layer ModuleList,
+`models.layers.decoder_layers_path`) when given, else as the first all-digit path segment, which is
+the decoder-layer index in every HF decoder-only model (their only per-layer ModuleList).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fedsoda_cli.errors import ModelError
+from fedsoda_cli.spec.schema import LoraSpec
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def sub_to_full_adapter(adapter_state: dict[str, torch.Tensor], kept: list[int], *, layers_path: str | None = None) -> dict[str, torch.Tensor]:
+    """Rename `...layers.{k}...` to `...layers.{kept[k]}...` (sub-LLM -> full LLM)."""
+    def to_full(k: int) -> int:
+        if not 0 <= k < len(kept):
+            raise ModelError(f"adapter has LoRA weights for sub-LLM layer {k}, but the sub-LLM has {len(kept)} layers; the adapter belongs to another sub-LLM")
+        return kept[k]
+
+    return {_renumber(key, to_full, layers_path): value for key, value in adapter_state.items()}
+
+
+def full_to_sub_adapter(state: dict[str, torch.Tensor], kept: list[int], *, layers_path: str | None = None) -> dict[str, torch.Tensor]:
+    """Rename `...layers.{kept[k]}...` to `...layers.{k}...` (full LLM -> sub-LLM), dropping the
+    modules of removed layers."""
+    position = {original: k for k, original in enumerate(kept)}
+    out = {}
+    for key, value in state.items():
+        index = layer_index(key, layers_path)
+        if index is None:
+            out[key] = value
+        elif index in position:
+            out[_renumber(key, position.__getitem__, layers_path)] = value
+    return out
+
+
+def layer_index(key: str, layers_path: str | None = None) -> int | None:
+    """The decoder-layer index inside a state-dict key, or None if the key is outside the layers."""
+    match = _index_pattern(layers_path).search(key)
+    return int(match.group(2)) if match else None
+
+
+def _index_pattern(layers_path: str | None) -> re.Pattern:
+    if layers_path:
+        return re.compile(r"(^|\.)" + re.escape(layers_path) + r"\.(\d+)(?=\.)")
+    return re.compile(r"(^|\.)(\d+)(?=\.)")
+
+
+def _renumber(key: str, mapping: Callable[[int], int], layers_path: str | None) -> str:
+    pattern = _index_pattern(layers_path)
+    match = pattern.search(key)
+    if match is None:
+        return key
+    start, end = match.span(2)
+    return key[:start] + str(mapping(int(match.group(2)))) + key[end:]
+
+
+def lora_config(lora: LoraSpec, layers: list[int] | None = None, *, layers_pattern: str | None = None):
+    """A peft LoraConfig from the [lora] section; `layers` limits LoRA to those layer indices."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), bias="none",
+                      layers_to_transform=list(layers) if layers is not None else None,
+                      layers_pattern=layers_pattern if layers is not None else None)
+
+
+def attach_lora(model, lora: LoraSpec, layers: list[int] | None = None):
+    """Wrap `model` (in place, as peft does) with fresh LoRA modules on `lora.target_modules` of
+    the decoder layers `layers` (all when None); returns the PeftModel."""
+    from peft import get_peft_model
+
+    from fedsoda_cli.models.layers import decoder_layers_path
+
+    pattern = decoder_layers_path(model).rsplit(".", 1)[-1]
+    try:
+        return get_peft_model(model, lora_config(lora, layers, layers_pattern=pattern))
+    except ValueError as exc:
+        raise ModelError(f"lora.target_modules {list(lora.target_modules)}: {str(exc).splitlines()[0][:200]}; name linear modules of the model's decoder layers") from exc
+
+
+def load_adapter_state(peft_model, state: dict[str, torch.Tensor]) -> None:
+    """Load a serialized adapter into a LoRA-wrapped model; ModelError if any key does not fit."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(peft_model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ModelError(f"adapter weight {unexpected[0]} has no LoRA module in the model ({len(unexpected)} such keys); check lora.target_modules and the layer map")
+
+
+def adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    """The serialized adapter of a LoRA-wrapped model (detached copies)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def write_full_adapter(adapter_state_sub: dict[str, torch.Tensor], kept: list[int], lora: LoraSpec, out_dir: str | os.PathLike, *,
+                       layers_path: str = "model.layers", base_model_name_or_path: str | None = None) -> Path:
+    """Write a stock PEFT adapter folder for the FULL LLM from a sub-LLM adapter: the weights
+    renamed through `kept`, and an adapter_config.json with `layers_to_transform = kept`, so
+    `PeftModel.from_pretrained(full_model, out_dir)` adds LoRA to the kept layers only."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = lora_config(lora, kept, layers_pattern=layers_path.rsplit(".", 1)[-1])
+    config.base_model_name_or_path = base_model_name_or_path
+    config.save_pretrained(out)
+    full = sub_to_full_adapter(adapter_state_sub, kept, layers_path=layers_path)
+    save_file({k: v.detach().contiguous() for k, v in full.items()}, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    return out
+
+
+def read_adapter_dir(adapter_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoraSpec]:
+    """(adapter state, the LoraSpec it was made with) of a PEFT adapter folder."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(adapter_dir)
+    weights, config = folder / ADAPTER_WEIGHTS, folder / ADAPTER_CONFIG
+    if not weights.is_file() or not config.is_file():
+        raise ModelError(f"adapter {folder}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (a PEFT adapter folder, e.g. <workdir>/federate/adapter)")
+    raw = json.loads(config.read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ModelError(f"adapter {folder}: peft_type {raw.get('peft_type')!r}; only LoRA adapters are supported")
+    targets = raw.get("target_modules") or []
+    lora = LoraSpec(r=raw["r"], alpha=raw.get("lora_alpha", raw["r"]), dropout=raw.get("lora_dropout", 0.0),
+                    target_modules=sorted(targets) if isinstance(targets, (list, set)) else [targets])
+    return load_file(weights), lora

@@ -1,0 +1,339 @@
+"""Orchestrated distillation alignment (ODA): the loss, the partial-layer training loop and the
+before/after measurements, shared by align (stage 3), realign (stage 6) and the federated runtime.
+
+Loss on a batch of public text (teacher = full LLM, frozen; student = sub-LLM):
+    L = alpha * tau^2 * KL(p_T^tau || p_S^tau)           mean over all non-pad tokens
+      + beta  * sum over gaps g of ||h_T(g) - h_S(g)||^2 / ||h_T(g)||^2
+      + gamma * CE(student, next token)                  mean over predicted non-pad tokens
+h(g) is the residual stream right after gap g: for the teacher the input of original layer kept[k],
+for the student the input of its layer k, where k is the first kept layer after the gap; a gap at
+the very end compares the last layer's output before the final norm. Norms run over all non-pad
+tokens of the batch. Groups that touch each other share one alignment point and count once.
+
+Memory: the vocabulary is large (49k for SmolLM2), so B*T*V logits for teacher and student plus
+their gradients would dominate. Both trunks run only to their final (normed) hidden states, the
+teacher without grad. The KL and CE are then computed over the non-pad tokens in chunks of
+`align.logit_chunk` tokens: each chunk goes through the lm_heads inside `torch.utils.checkpoint`,
+so its logits are freed after the forward and recomputed in the backward, and only one chunk of
+logits is alive at a time. See docs/alignment.md.
+
+Only the partial layers train (`align.partial`); every other weight, and any LoRA adapter attached
+to the student, keeps requires_grad=False, so they stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from fedsoda_cli.errors import SpecError
+from fedsoda_cli.spec.schema import AlignSpec
+
+IGNORE = -100
+
+
+# ---- where to align -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gap:
+    """One alignment point: the removed layers before it and the residual-stream boundaries
+    compared there (teacher: original layer index, or L for the final output; student: sub-LLM
+    layer index, or len(kept) for the final output)."""
+
+    removed: tuple[int, ...]
+    teacher_boundary: int
+    student_boundary: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.removed[0]}-{self.removed[-1]}" if len(self.removed) > 1 else str(self.removed[0])
+
+
+def gaps(kept: list[int], removed_groups: list[list[int]], num_layers: int) -> list[Gap]:
+    """The alignment points of a pruned model, one per run of removed layers, in layer order."""
+    by_boundary: dict[int, list[int]] = {}
+    for group in sorted(removed_groups):
+        after = [k for k, original in enumerate(kept) if original > max(group)]
+        student = after[0] if after else len(kept)
+        by_boundary.setdefault(student, []).extend(group)
+    return [Gap(tuple(sorted(removed)), kept[k] if k < len(kept) else num_layers, k)
+            for k, removed in sorted(by_boundary.items())]
+
+
+def partial_layers(partial: str | list[int], kept: list[int], removed_groups: list[list[int]]) -> list[int]:
+    """Sub-LLM indices of the layers that train, for `align.partial`: after_gap (the kept layer
+    right after each removed group; the last kept layer for a gap at the end), both_neighbours
+    (also the kept layer right before), all_kept, or a list of ORIGINAL layer indices."""
+    if isinstance(partial, list):
+        missing = [l for l in partial if l not in kept]
+        if missing:
+            raise SpecError(f"align.partial = {partial}: layers {missing} are not kept layers of the sub-LLM (kept: {kept}); list original indices of kept layers")
+        return sorted({kept.index(l) for l in partial})
+    if partial == "all_kept":
+        return list(range(len(kept)))
+    if partial not in ("after_gap", "both_neighbours"):
+        raise SpecError(f"align.partial = {partial!r}: use after_gap, both_neighbours, all_kept or a list of original layer indices")
+    chosen: set[int] = set()
+    for group in removed_groups:
+        after = [k for k, original in enumerate(kept) if original > max(group)]
+        before = [k for k, original in enumerate(kept) if original < min(group)]
+        chosen.add(after[0] if after else len(kept) - 1)
+        if partial == "both_neighbours" and before:
+            chosen.add(before[-1])
+    return sorted(chosen)
+
+
+# ---- the loss -------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossParts:
+    """The terms of one ODA loss evaluation (sums, so batches can be pooled)."""
+
+    loss: torch.Tensor
+    kl_sum: float
+    tokens: int
+    hidden_err: list[float]  # per gap: sum ||h_T - h_S||^2
+    hidden_norm: list[float]  # per gap: sum ||h_T||^2
+    ce_student_sum: float
+    ce_teacher_sum: float
+    predicted: int
+
+
+def oda_loss(teacher, student, batch: dict[str, torch.Tensor], plan: list[Gap], config: AlignSpec, *,
+             need_teacher_ce: bool = False) -> LossParts:
+    """The ODA loss of `student` against `teacher` on `batch` ({"input_ids", optional
+    "attention_mask"}); differentiable w.r.t. the student's trainable weights when grad is on."""
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    with torch.no_grad():
+        t_final, t_hidden = run_trunk(teacher, input_ids, mask, [g.teacher_boundary for g in plan])
+    s_final, s_hidden = run_trunk(student, input_ids, mask, [g.student_boundary for g in plan])
+
+    err, norm, hidden_term = [], [], s_final.new_zeros(())
+    for g in plan:
+        ht, hs = t_hidden[g.teacher_boundary][mask], s_hidden[g.student_boundary][mask]
+        e, n = (ht - hs).pow(2).sum(), ht.pow(2).sum()
+        err.append(float(e.detach()))
+        norm.append(float(n))
+        hidden_term = hidden_term + e / n.clamp_min(1e-12)
+
+    labels = next_token_labels(input_ids, mask)
+    kl_sum = ce_s = ce_t = s_final.new_zeros(())
+    if config.alpha > 0 or config.gamma > 0 or need_teacher_ce:
+        kl_sum, ce_s, ce_t = logit_terms(s_final[mask], t_final[mask], labels[mask], output_head(student),
+                                         output_head(teacher), config.tau, config.logit_chunk)
+    tokens, predicted = int(mask.sum()), int((labels != IGNORE).sum())
+    loss = (config.alpha * config.tau ** 2 * kl_sum / max(tokens, 1) + config.beta * hidden_term
+            + config.gamma * ce_s / max(predicted, 1))
+    return LossParts(loss, float(kl_sum.detach()), tokens, err, norm, float(ce_s.detach()), float(ce_t.detach()), predicted)
+
+
+def run_trunk(model, input_ids: torch.Tensor, mask: torch.Tensor, boundaries: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Final (normed) hidden states [B, T, H] of `model`'s decoder, and the residual stream at each
+    boundary in `boundaries` (layer inputs; len(layers) = last layer's output before the norm)."""
+    from fedsoda_cli.models.layers import residual_stream
+
+    base = unwrap(model)
+    wanted, captured = set(boundaries), {}
+
+    def keep(index: int, hidden: torch.Tensor) -> None:
+        if index in wanted:
+            captured[index] = hidden
+
+    with residual_stream(base, keep):
+        final = base.get_decoder()(input_ids=input_ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
+    return final, captured
+
+
+def next_token_labels(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """labels[b, t] = input_ids[b, t+1] where both positions are real tokens, else IGNORE."""
+    labels = torch.full_like(input_ids, IGNORE)
+    labels[:, :-1] = torch.where(mask[:, 1:] & mask[:, :-1], input_ids[:, 1:], IGNORE)
+    return labels
+
+
+def logit_terms(s_hidden: torch.Tensor, t_hidden: torch.Tensor, labels: torch.Tensor, s_head, t_head, tau: float,
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum of tau-scaled KL(p_T || p_S), student CE sum, teacher CE sum) over N tokens
+    (`*_hidden` [N, H], `labels` [N]), computed `chunk` tokens at a time; with grad on, each
+    chunk is checkpointed so only one chunk of logits is alive."""
+    total = s_hidden.new_zeros(3)
+    for start in range(0, s_hidden.shape[0], chunk):
+        args = (s_hidden[start:start + chunk], t_hidden[start:start + chunk], labels[start:start + chunk])
+        if torch.is_grad_enabled() and s_hidden.requires_grad:
+            part = checkpoint(_chunk_terms, *args, s_head, t_head, tau, use_reentrant=False)
+        else:
+            part = _chunk_terms(*args, s_head, t_head, tau)
+        total = total + part
+    return total[0], total[1], total[2]
+
+
+def _chunk_terms(s_hidden, t_hidden, labels, s_head, t_head, tau: float) -> torch.Tensor:
+    """[KL sum, student CE sum, teacher CE sum] of one chunk of tokens."""
+    s_logits = s_head(s_hidden).float()
+    s_logp = F.log_softmax(s_logits / tau, dim=-1)
+    with torch.no_grad():
+        t_logits = t_head(t_hidden).float()
+        t_logp = F.log_softmax(t_logits / tau, dim=-1)
+        ce_t = F.nll_loss(t_logp if tau == 1 else F.log_softmax(t_logits, dim=-1), labels, ignore_index=IGNORE, reduction="sum")
+    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="sum")
+    ce_s = F.nll_loss(s_logp if tau == 1 else F.log_softmax(s_logits, dim=-1), labels, ignore_index=IGNORE, reduction="sum")
+    return torch.stack([kl, ce_s, ce_t])
+
+
+def output_head(model):
+    return unwrap(model).get_output_embeddings()
+
+
+def unwrap(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+def seeded_batches(sequences: torch.Tensor, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches {"input_ids", "attention_mask"} of `sequences` [N, T], reshuffled each epoch
+    by a generator seeded with `seed` (same seed, same order)."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(sequences.shape[0], generator=generator)
+        for start in range(0, len(order), batch_size):
+            ids = sequences[order[start:start + batch_size]]
+            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def align_partial_layers(teacher, student, kept: list[int], removed_groups: list[list[int]], partial: str | list[int],
+                         batches: Iterable[dict[str, torch.Tensor]], config: AlignSpec, steps: int, *,
+                         progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Train the student's partial layers (only their base weights; LoRA modules stay frozen) for
+    `steps` optimizer steps of the ODA loss on `batches`; the teacher stays frozen. The student is
+    updated in place. Returns one metrics dict per step; `progress(metrics)` after each step."""
+    from fedsoda_cli.models.layers import decoder_layers
+
+    plan = gaps(kept, removed_groups, len(decoder_layers(unwrap(teacher))))
+    trainable = partial_parameters(student, partial_layers(partial, kept, removed_groups))
+    history: list[dict[str, Any]] = []
+    if steps <= 0:
+        return history
+    optimizer = _optimizer(trainable, config)
+    stream = iter(batches)
+    with _only_training(teacher, student, trainable):
+        for step in range(1, steps + 1):
+            started = time.perf_counter()
+            parts = oda_loss(teacher, student, next(stream), plan, config)
+            optimizer.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            optimizer.step()
+            row = {"step": step, "loss": float(parts.loss.detach()), **_readable(parts, plan), "seconds": round(time.perf_counter() - started, 3)}
+            history.append(row)
+            if progress:
+                progress(row)
+    return history
+
+
+def partial_parameters(student, partial: list[int]) -> list[torch.nn.Parameter]:
+    """The base weights of the student's partial layers (adapter weights excluded)."""
+    from fedsoda_cli.models.layers import decoder_layers
+
+    layers = decoder_layers(unwrap(student))
+    return [p for k in partial for name, p in layers[k].named_parameters() if not _is_adapter(name)]
+
+
+def _is_adapter(name: str) -> bool:
+    return "lora_" in name
+
+
+def _optimizer(params: list[torch.nn.Parameter], config: AlignSpec) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+@contextmanager
+def _only_training(teacher, student, trainable: list[torch.nn.Parameter]):
+    """Within: every teacher and student weight frozen except `trainable`, both in eval mode (no
+    dropout). Afterwards the student's requires_grad flags and modes are restored."""
+    flags = [(p, p.requires_grad) for p in list(student.parameters()) + list(teacher.parameters())]
+    modes = [(m, m.training) for m in (teacher, student)]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        teacher.eval()
+        student.eval()
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.train(mode)
+
+
+def _readable(parts: LossParts, plan: list[Gap]) -> dict[str, Any]:
+    nmse = [e / max(n, 1e-12) for e, n in zip(parts.hidden_err, parts.hidden_norm)]
+    return {
+        "kl": parts.kl_sum / max(parts.tokens, 1),
+        "hidden_nmse": {g.label: v for g, v in zip(plan, nmse)},
+        "ce": parts.ce_student_sum / max(parts.predicted, 1),
+    }
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_alignment(teacher, student, kept: list[int], removed_groups: list[list[int]], heldout_ids: torch.Tensor,
+                       config: AlignSpec, *, batch_size: int | None = None,
+                       advance: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """On held-out token windows [N, T] (no padding): {"kl": mean tau-scaled KL(p_T || p_S) per
+    token, "hidden_nmse": {gap label: ||h_T - h_S||^2 / ||h_T||^2 pooled over tokens},
+    "ppl_student", "ppl_teacher": exp of mean next-token NLL}."""
+    from fedsoda_cli.models.layers import decoder_layers
+
+    plan = gaps(kept, removed_groups, len(decoder_layers(unwrap(teacher))))
+    probe = config.model_copy(update={"alpha": 1.0, "gamma": 0.0})
+    kl = tokens = predicted = 0.0
+    ce_s = ce_t = 0.0
+    err, norm = [0.0] * len(plan), [0.0] * len(plan)
+    modes = [(m, m.training) for m in (teacher, student)]
+    teacher.eval()
+    student.eval()
+    try:
+        size = batch_size or config.batch_size
+        for start in range(0, heldout_ids.shape[0], size):
+            ids = heldout_ids[start:start + size]
+            parts = oda_loss(teacher, student, {"input_ids": ids}, plan, probe, need_teacher_ce=True)
+            kl += parts.kl_sum
+            tokens += parts.tokens
+            ce_s += parts.ce_student_sum
+            ce_t += parts.ce_teacher_sum
+            predicted += parts.predicted
+            err = [a + b for a, b in zip(err, parts.hidden_err)]
+            norm = [a + b for a, b in zip(norm, parts.hidden_norm)]
+            if advance:
+                advance(ids.shape[0])
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    return {
+        "kl": kl / max(tokens, 1),
+        "hidden_nmse": {g.label: e / max(n, 1e-12) for g, e, n in zip(plan, err, norm)},
+        "ppl_student": math.exp(ce_s / max(predicted, 1)),
+        "ppl_teacher": math.exp(ce_t / max(predicted, 1)),
+        "tokens": int(tokens),
+    }

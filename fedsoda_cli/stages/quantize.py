@@ -1,0 +1,115 @@
+"""Stage 4, quantize (QLoRA base): the client's copy of the aligned sub-LLM.
+
+In: `align/model` (float32 sub-LLM) and `align/layer_map.json`; [quantize]; held-out public text
+(`public_data.heldout_split`, `heldout_sequences`) for perplexity.
+Out (in the stage folder):
+  model/           the client model: decoder-layer linears in `quantize.quant_type` (NF4 with double
+                   quantization by default), embeddings/norms/lm_head bf16 (or int8 embeddings);
+                   load it with `fedsoda_cli.models.quantized.load_client_model`
+  layer_map.json   copied from align
+Metrics: bytes on disk of the client model (all files in model/, and weights alone), the full LLM
+and the unquantized sub-LLM in bf16 (parameter count x 2 bytes, computed, not saved), the saving,
+and the held-out perplexity of the quantized sub-LLM beside the bf16 sub-LLM.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from fedsoda_cli.pipeline import StageContext, StageResult
+
+LAYER_MAP = "layer_map.json"
+MODEL_DIR = "model"
+BF16_BYTES = 2
+PPL_BATCH = 4  # windows per forward pass when measuring perplexity
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Quantize the aligned sub-LLM, save the client model and report its size and perplexity."""
+    import torch
+
+    from fedsoda_cli import reporting
+    from fedsoda_cli.evaluation.perplexity import perplexity
+    from fedsoda_cli.models import quantized
+    from fedsoda_cli.models.load import load_checkpoint
+    from fedsoda_cli.stages.align import read_layer_map
+
+    spec, quant = ctx.spec, ctx.spec.quantize
+    source = ctx.inputs["align"] / MODEL_DIR
+    layer_map = read_layer_map(ctx.inputs["align"])
+    float_model, tokenizer = load_checkpoint(source, dtype=torch.float32)
+    params_sub, params_full = parameter_counts(float_model, layer_map["num_layers"])
+
+    client = quantized.quantize_checkpoint(source, quant)
+    quantized.save_client_model(client, tokenizer, ctx.out / MODEL_DIR)
+    shutil.copyfile(ctx.inputs["align"] / LAYER_MAP, ctx.out / LAYER_MAP)
+
+    heldout = heldout_text(spec, tokenizer)
+    round_to_bf16(float_model)
+    with reporting.progress(ctx.console) as bar:
+        task = bar.add_task("perplexity", total=2 * len(heldout), status="bf16 and quantized sub-LLM")
+        ppl_bf16 = perplexity(float_model, heldout, batch_size=PPL_BATCH, advance=lambda k: bar.advance(task, k))
+        ppl_quant = perplexity(client, heldout, batch_size=PPL_BATCH, advance=lambda k: bar.advance(task, k))
+
+    client_bytes = quantized.folder_bytes(ctx.out / MODEL_DIR)
+    weight_bytes = quantized.weight_file_bytes(ctx.out / MODEL_DIR)
+    full_bf16, sub_bf16 = params_full * BF16_BYTES, params_sub * BF16_BYTES
+    metrics = {
+        "quant_type": quant.quant_type,
+        "double_quant": quant.double_quant,
+        "embeddings": quant.embeddings,
+        "client_model_bytes": client_bytes,
+        "client_weight_bytes": weight_bytes,
+        "full_model_bf16_bytes": full_bf16,
+        "sub_model_bf16_bytes": sub_bf16,
+        "bf16_bytes_method": "parameter count x 2 (computed)",
+        "params_full": params_full,
+        "params_sub": params_sub,
+        "saving_vs_full_pct": round(100 * (1 - client_bytes / full_bf16), 2),
+        "saving_weights_vs_full_pct": round(100 * (1 - weight_bytes / full_bf16), 2),
+        "heldout_ppl_sub_bf16": ppl_bf16.perplexity,
+        "heldout_ppl_sub_quantized": ppl_quant.perplexity,
+        "heldout_tokens": ppl_quant.tokens,
+    }
+    fmt = reporting.format_bytes
+    summary = [
+        ("format", f"{quant.quant_type}{' + double quant' if quant.double_quant and quant.quant_type in ('nf4', 'fp4') else ''}, embeddings {quant.embeddings}"),
+        ("client model on disk", f"{fmt(client_bytes)} (weights {fmt(weight_bytes)})"),
+        ("full LLM bf16 (computed)", fmt(full_bf16)),
+        ("sub-LLM bf16 (computed)", fmt(sub_bf16)),
+        ("storage saving vs full", f"{metrics['saving_vs_full_pct']:.1f} % (weights only {metrics['saving_weights_vs_full_pct']:.1f} %)"),
+        ("held-out perplexity", f"bf16 sub-LLM {ppl_bf16.perplexity:.2f}, quantized {ppl_quant.perplexity:.2f}"),
+    ]
+    return StageResult(metrics=metrics, summary=summary)
+
+
+def parameter_counts(sub_model, num_layers: int) -> tuple[int, int]:
+    """(sub-LLM parameters, full-LLM parameters), tied weights once. The full count is the
+    sub-LLM's non-layer parameters plus `num_layers` times one decoder layer's, which is exact for
+    the uniform layer stacks of decoder-only LLMs and needs no second model in memory."""
+    from fedsoda_cli.models.layers import decoder_layers
+
+    layers = decoder_layers(sub_model)
+    total = sum(p.numel() for p in sub_model.parameters())
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    in_layers = sum(p.numel() for p in layers.parameters())
+    return total, total - in_layers + num_layers * per_layer
+
+
+def round_to_bf16(model) -> None:
+    """Round every weight to bf16 in place (kept in float32 for compute): the bf16 sub-LLM."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16).to(p.dtype)
+
+
+def heldout_text(spec, tokenizer):
+    from fedsoda_cli.data.paths import resolve_data_dir
+    from fedsoda_cli.data.public import public_sequences
+    from fedsoda_cli.spec import spec_dir
+
+    public = spec.public_data
+    data_dir = resolve_data_dir(spec.data, spec_dir(spec))
+    return public_sequences(data_dir, public.heldout_split, tokenizer, public.heldout_sequences, public.seq_len)

@@ -1,0 +1,276 @@
+"""ODA alignment: the loss (KL in chunks + hidden-state error at the gaps), partial-layer training,
+and the align stage, on the tiny random llama (and one short real-SmolLM2 run)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from fedsoda_cli.errors import SpecError
+from fedsoda_cli.models.layers import drop_layers
+from fedsoda_cli.models.load import load_causal_lm, load_checkpoint, save_checkpoint
+from fedsoda_cli.spec.schema import AlignSpec, ModelSpec
+from fedsoda_cli.stages import distill
+
+GROUPS = [[2], [4]]  # of the tiny model's 6 layers: kept = [0, 1, 3, 5]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher():
+    return load_causal_lm(ModelSpec(name="tiny-random-llama"))
+
+
+def pruned(teacher, groups=GROUPS):
+    """(student, kept): a deep copy of `teacher` without the layers of `groups`."""
+    student = copy.deepcopy(teacher)
+    kept = drop_layers(student, [l for g in groups for l in g])
+    return student, kept
+
+
+def token_windows(n: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 49152, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- where to align ------------------------------------------------------------------------------
+
+
+def test_gaps_compare_the_input_of_the_first_kept_layer_after_each_group():
+    plan = distill.gaps([0, 1, 3, 5], GROUPS, 6)
+    assert [(g.removed, g.teacher_boundary, g.student_boundary) for g in plan] == [((2,), 3, 2), ((4,), 5, 3)]
+
+
+def test_gap_at_the_end_compares_the_final_output_before_the_norm():
+    plan = distill.gaps([0, 1, 2, 3, 4], [[5]], 6)
+    assert [(g.teacher_boundary, g.student_boundary) for g in plan] == [(6, 5)]
+
+
+def test_touching_groups_share_one_alignment_point():
+    plan = distill.gaps([0, 1, 5], [[2, 3], [4]], 6)
+    assert [(g.removed, g.teacher_boundary, g.student_boundary) for g in plan] == [((2, 3, 4), 5, 2)]
+
+
+@pytest.mark.parametrize("partial, expected", [
+    ("after_gap", [2, 3]),
+    ("both_neighbours", [1, 2, 3]),
+    ("all_kept", [0, 1, 2, 3]),
+    ([1, 5], [1, 3]),
+])
+def test_partial_layers_options(partial, expected):
+    assert distill.partial_layers(partial, [0, 1, 3, 5], GROUPS) == expected
+
+
+def test_partial_list_with_a_removed_layer_names_the_key():
+    with pytest.raises(SpecError, match=r"align\.partial.*\[2\]"):
+        distill.partial_layers([1, 2], [0, 1, 3, 5], GROUPS)
+
+
+# ---- the loss ------------------------------------------------------------------------------------
+
+
+def test_kl_and_hidden_error_are_zero_for_an_identical_student(tiny_teacher):
+    teacher, _ = tiny_teacher
+    student = copy.deepcopy(teacher)
+    plan = [distill.Gap((2,), 3, 3), distill.Gap((5,), 6, 6)]  # any boundary: both models agree everywhere
+    with torch.no_grad():
+        parts = distill.oda_loss(teacher, student, {"input_ids": token_windows(2, 16, 0)}, plan, AlignSpec(logit_chunk=7))
+    assert parts.kl_sum == 0.0
+    assert parts.hidden_err == [0.0, 0.0]
+    assert float(parts.loss) == 0.0
+    assert all(n > 0 for n in parts.hidden_norm)
+
+
+def test_kl_and_hidden_error_are_positive_for_a_pruned_student(tiny_teacher):
+    teacher, _ = tiny_teacher
+    student, kept = pruned(teacher)
+    result = distill.evaluate_alignment(teacher, student, kept, GROUPS, token_windows(3, 16, 1), AlignSpec(logit_chunk=10))
+    assert result["kl"] > 0
+    assert set(result["hidden_nmse"]) == {"2", "4"}
+    assert all(v > 0 for v in result["hidden_nmse"].values())
+    assert result["ppl_student"] > 1 and result["ppl_teacher"] > 1
+
+
+def test_padding_is_ignored(tiny_teacher):
+    teacher, _ = tiny_teacher
+    student, kept = pruned(teacher)
+    plan = distill.gaps(kept, GROUPS, 6)
+    ids = token_windows(1, 12, 2)
+    padded = torch.cat([ids, torch.full((1, 4), 2)], dim=1)  # right padding
+    mask = torch.cat([torch.ones(1, 12), torch.zeros(1, 4)], dim=1).long()
+    with torch.no_grad():
+        plain = distill.oda_loss(teacher, student, {"input_ids": ids}, plan, AlignSpec())
+        with_pad = distill.oda_loss(teacher, student, {"input_ids": padded, "attention_mask": mask}, plan, AlignSpec())
+    assert with_pad.tokens == plain.tokens == 12
+    assert with_pad.kl_sum == pytest.approx(plain.kl_sum, rel=1e-4)
+    assert with_pad.hidden_err == pytest.approx(plain.hidden_err, rel=1e-4)
+
+
+def test_chunked_kl_equals_the_unchunked_reference_in_value_and_gradient():
+    torch.manual_seed(0)
+    vocab, hidden, n, tau = 50, 8, 13, 2.0
+    s_head, t_head = torch.nn.Linear(hidden, vocab, bias=False), torch.nn.Linear(hidden, vocab, bias=False)
+    t_hidden = torch.randn(n, hidden)
+    labels = torch.randint(0, vocab, (n,))
+    labels[3] = distill.IGNORE
+
+    s1 = torch.randn(n, hidden, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    kl, ce, _ = distill.logit_terms(s1, t_hidden, labels, s_head, t_head, tau, chunk=4)  # 4+4+4+1 tokens
+    (kl + 0.5 * ce).backward()
+
+    p_t = torch.softmax(t_head(t_hidden) / tau, dim=-1)
+    log_p_s = torch.log_softmax(s_head(s2) / tau, dim=-1)
+    ref_kl = (p_t * (p_t.log() - log_p_s)).sum()
+    ref_ce = torch.nn.functional.cross_entropy(s_head(s2), labels, ignore_index=distill.IGNORE, reduction="sum")
+    (ref_kl + 0.5 * ref_ce).backward()
+
+    assert kl.item() == pytest.approx(ref_kl.item(), rel=1e-5)
+    assert ce.item() == pytest.approx(ref_ce.item(), rel=1e-5)
+    assert torch.allclose(s1.grad, s2.grad, atol=1e-6, rtol=1e-5)
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("partial", ["after_gap", "both_neighbours", "all_kept", [1]])
+def test_only_the_partial_layers_change(tiny_teacher, partial):
+    teacher, _ = tiny_teacher
+    student, kept = pruned(teacher)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    config = AlignSpec(lr=1e-2, logit_chunk=16)
+    batches = distill.seeded_batches(token_windows(4, 12, 3), 2, seed=0)
+    distill.align_partial_layers(teacher, student, kept, GROUPS, partial, batches, config, steps=2)
+
+    trained = {f"model.layers.{k}." for k in distill.partial_layers(partial, kept, GROUPS)}
+    after = student.state_dict()
+    for key, value in before.items():
+        if any(key.startswith(prefix) for prefix in trained):
+            assert not torch.equal(value, after[key]), f"{key} should have trained"
+        else:
+            assert torch.equal(value, after[key]), f"{key} should be untouched"
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
+
+
+def test_sgd_trains_too(tiny_teacher):
+    teacher, _ = tiny_teacher
+    student, kept = pruned(teacher)
+    before = student.model.layers[2].mlp.down_proj.weight.clone()
+    config = AlignSpec(optimizer="sgd", lr=1.0)
+    distill.align_partial_layers(teacher, student, kept, GROUPS, "after_gap", distill.seeded_batches(token_windows(2, 8, 4), 2, 0), config, steps=1)
+    assert not torch.equal(before, student.model.layers[2].mlp.down_proj.weight)
+
+
+def test_alignment_lowers_the_loss(tiny_teacher):
+    teacher, _ = tiny_teacher
+    student, kept = pruned(teacher)
+    fixed = {"input_ids": token_windows(4, 16, 5)}
+    plan = distill.gaps(kept, GROUPS, 6)
+    config = AlignSpec(lr=3e-3, logit_chunk=32)
+    with torch.no_grad():
+        start = float(distill.oda_loss(teacher, student, fixed, plan, config).loss)
+    history = distill.align_partial_layers(teacher, student, kept, GROUPS, "both_neighbours", iter([fixed] * 12), config, steps=12)
+    with torch.no_grad():
+        end = float(distill.oda_loss(teacher, student, fixed, plan, config).loss)
+    assert len(history) == 12 and history[0]["step"] == 1
+    assert end < 0.7 * start
+
+
+def test_seeded_batches_repeat_and_cover_every_sequence():
+    seqs = torch.arange(10).view(5, 2)
+    first = [b["input_ids"] for _, b in zip(range(6), distill.seeded_batches(seqs, 2, seed=7))]
+    again = [b["input_ids"] for _, b in zip(range(6), distill.seeded_batches(seqs, 2, seed=7))]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    epoch = torch.cat(first[:3])
+    assert sorted(epoch[:, 0].tolist()) == [0, 2, 4, 6, 8]
+
+
+# ---- the stage -----------------------------------------------------------------------------------
+
+
+def make_ctx(tmp_path, spec, prune_dir):
+    from rich.console import Console
+
+    from fedsoda_cli.pipeline import StageContext
+
+    out = tmp_path / "out"
+    out.mkdir()
+    return StageContext(spec=spec, workdir=tmp_path, out=out, inputs={"prune": prune_dir}, console=Console(quiet=True))
+
+
+def tiny_spec(**align):
+    from fedsoda_cli.spec.schema import Spec
+
+    return Spec.model_validate({
+        "model": {"name": "tiny-random-llama"},
+        "public_data": {"sequences": 4, "seq_len": 24, "heldout_sequences": 2},
+        "align": {"steps": 3, "batch_size": 2, "lr": 1e-3, **align},
+    })
+
+
+def write_prune_output(folder, teacher, tokenizer, groups=GROUPS):
+    student, kept = pruned(teacher, groups)
+    save_checkpoint(student, tokenizer, folder / "model")
+    (folder / "layer_map.json").write_text(json.dumps({"kept": kept, "removed_groups": groups, "num_layers": 6, "strategy": "sgp"}))
+    return folder
+
+
+def test_align_stage_writes_the_aligned_model_and_measurements(tmp_path, tiny_teacher):
+    from fedsoda_cli.stages import align
+
+    teacher, tokenizer = tiny_teacher
+    prune_dir = write_prune_output(tmp_path / "prune", teacher, tokenizer)
+    ctx = make_ctx(tmp_path, tiny_spec(), prune_dir)
+    result = align.run(ctx)
+
+    lines = (ctx.out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3]
+    assert json.loads((ctx.out / "layer_map.json").read_text())["kept"] == [0, 1, 3, 5]
+    aligned, _ = load_checkpoint(ctx.out / "model")
+    original, _ = load_checkpoint(prune_dir / "model")
+    assert torch.equal(aligned.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(aligned.model.layers[2].mlp.up_proj.weight, original.model.layers[2].mlp.up_proj.weight)
+    m = result.metrics
+    assert m["partial_layers"] == [3, 5] and m["steps"] == 3
+    assert set(m["before"]) >= {"kl", "hidden_nmse", "ppl_student", "ppl_teacher"}
+    assert m["after"]["ppl_teacher"] == pytest.approx(m["before"]["ppl_teacher"])
+    assert any(label.startswith("KL") for label, _ in result.summary)
+
+
+def test_align_stage_rejects_a_partial_layer_that_was_pruned(tmp_path, tiny_teacher):
+    from fedsoda_cli.stages import align
+
+    teacher, tokenizer = tiny_teacher
+    prune_dir = write_prune_output(tmp_path / "prune", teacher, tokenizer)
+    with pytest.raises(SpecError, match=r"align\.partial"):
+        align.run(make_ctx(tmp_path, tiny_spec(partial=[4]), prune_dir))
+
+
+@pytest.mark.integration
+def test_short_alignment_of_smollm2_lowers_heldout_kl():
+    """SmolLM2 with 9 of 30 layers pruned (3 groups of 3): a few distillation steps on a few short
+    WikiText-2 valid windows lower the KL on held-out test windows."""
+    from fedsoda_cli.data.paths import resolve_data_dir
+    from fedsoda_cli.data.public import public_sequences
+    from fedsoda_cli.spec.schema import DataSpec
+
+    teacher, tokenizer = load_causal_lm(ModelSpec(name="smollm2-135m"))
+    groups = [[12, 13, 14], [18, 19, 20], [24, 25, 26]]
+    student = copy.deepcopy(teacher)
+    kept = drop_layers(student, [l for g in groups for l in g])
+    data_dir = resolve_data_dir(DataSpec(), None)
+    train = public_sequences(data_dir, "valid", tokenizer, 8, 64)
+    heldout = public_sequences(data_dir, "test", tokenizer, 4, 64)
+    config = AlignSpec(lr=2e-4, batch_size=4, logit_chunk=256)
+    before = distill.evaluate_alignment(teacher, student, kept, groups, heldout, config)
+    distill.align_partial_layers(teacher, student, kept, groups, "after_gap", distill.seeded_batches(train, 4, 0), config, steps=6)
+    after = distill.evaluate_alignment(teacher, student, kept, groups, heldout, config)
+    assert after["kl"] < before["kl"]
+    assert after["ppl_student"] < before["ppl_student"]
