@@ -1,0 +1,81 @@
+"""The server's intermittent realignment (ODA), as the round loop's `Realigner`.
+
+Every r rounds the server distils the partial layers of its float sub-LLM master copy (the align
+stage's model/) toward the full LLM, with the current global adapter attached to both
+(`fedsoda_cli.stages.realign.realign`), re-quantizes those layers as the client model stores them
+and returns them as the bytes every client downloads. The master copy's partial layers carry over
+from one realignment to the next: they are this object's state, saved in each checkpoint.
+
+The teacher, the master copy and the public text are loaded on the first realignment (or resume),
+so a run that never reaches round r never pays for them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedsoda_cli.errors import ArtifactError
+from fedsoda_cli.seeding import stable_seed
+
+if TYPE_CHECKING:
+    from fedsoda_cli.plugins.contracts import AdapterState
+    from fedsoda_cli.spec import Spec
+
+
+class ServerRealigner:
+    """Realigns with the full LLM of `spec.model` and the float sub-LLM in `align_model_dir`."""
+
+    def __init__(self, spec: "Spec", align_model_dir: Path, layer_map: dict[str, Any]):
+        if not (Path(align_model_dir) / "config.json").is_file():
+            raise ArtifactError(f"{align_model_dir}: realignment needs the align stage's float sub-LLM; rerun `fedsoda align SPEC`")
+        self.spec, self.align_model_dir = spec, Path(align_model_dir)
+        self.kept, self.removed_groups = layer_map["kept"], layer_map["removed_groups"]
+        self.teacher = self.student = self.public_ids = None
+        self.partial_state: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+
+    def realign(self, round: int, global_adapter: "AdapterState") -> bytes:
+        """Realign the master copy for `spec.realign.steps` steps; the partial layers as client bytes.
+        Batches and dropout derive from (run.seed, round), so a resumed run realigns identically."""
+        import torch
+        from safetensors.torch import save
+
+        from fedsoda_cli.stages.distill import seeded_batches
+        from fedsoda_cli.stages.realign import partial_layer_artifact, realign
+
+        self._load()
+        seed = stable_seed(self.spec.run.seed, "realign", round)
+        batches = seeded_batches(self.public_ids, self.spec.align.batch_size, seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            result = realign(self.teacher, self.student, global_adapter, self.kept, self.removed_groups, batches,
+                             config=self.spec.align, lora=self.spec.lora, steps=self.spec.realign.steps)
+        self.partial_state = result.partial_layer_state
+        self.history.append({"round": round, "steps": result.metrics["steps"], "partial_layers": result.metrics["partial_layers"]})
+        # No metadata: safetensors writes it in hash order, and the same layers must be the same bytes.
+        return save(partial_layer_artifact(self.partial_state, self.spec.quantize))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The master copy's partial layers after the last realignment (float32 tensors)."""
+        return dict(self.partial_state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put the checkpointed partial layers back into the master copy."""
+        self._load()
+        result = self.student.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ArtifactError(f"checkpoint realign state has tensors the sub-LLM lacks (e.g. {result.unexpected_keys[0]}); rerun without --resume")
+        self.partial_state = dict(state)
+
+    def _load(self) -> None:
+        if self.teacher is not None:
+            return
+        import torch
+
+        from fedsoda_cli.models.load import load_causal_lm, load_checkpoint
+        from fedsoda_cli.stages.align import public_text
+
+        self.teacher, tokenizer = load_causal_lm(self.spec.model)
+        self.student, _ = load_checkpoint(self.align_model_dir, dtype=torch.float32)
+        self.public_ids, _ = public_text(self.spec, tokenizer)

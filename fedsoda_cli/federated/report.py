@@ -1,0 +1,83 @@
+"""What a federated run shows in the terminal: the partition table, progress, one line per round."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fedsoda_cli import reporting
+from fedsoda_cli.federated.server import RoundReporter
+
+_MAX_ROWS = 20  # a partition table longer than this shows its head and the totals
+
+
+class ConsoleReporter(RoundReporter):
+    """Rich progress (round, clients done, loss) and a per-round line; exclusions name the client."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = reporting.progress(console)
+        self._bar = None
+        self._round = 0
+        self._done = 0
+        self._clients = 0
+        self._loss = None
+
+    def run_started(self, first_round: int, rounds: int) -> None:
+        self.progress.start()
+        self._bar = self.progress.add_task("federate", total=rounds, completed=first_round - 1, status="")
+        if first_round > 1:
+            self.console.print(f"resuming after round {first_round - 1} of {rounds}")
+
+    def round_started(self, round: int, clients: list[int]) -> None:
+        self._round, self._done, self._clients, self._loss = round, 0, len(clients), None
+        self._status()
+
+    def client_finished(self, round: int, client: int, loss: float | None) -> None:
+        self._done += 1
+        self._loss = loss
+        self._status()
+
+    def client_excluded(self, round: int, client: int, reason: str) -> None:
+        self._done += 1
+        self.console.print(f"[yellow]round {round}: client {client} excluded: {reason}[/]", highlight=False)
+
+    def client_failed(self, round: int, client: int, reason: str, retrying: bool) -> None:
+        then = "retrying it" if retrying else "dropped from this round"
+        self.console.print(f"[yellow]round {round}: client {client} failed ({reason}); {then}[/]", highlight=False)
+
+    def realigned(self, round: int, nbytes: int) -> None:
+        self.console.print(f"round {round}: realigned the partial layers, {reporting.format_bytes(nbytes)} to each client", highlight=False)
+
+    def round_finished(self, record: dict[str, Any]) -> None:
+        self.progress.advance(self._bar)
+        fmt = reporting.format_bytes
+        parts = [f"{len(record['updated'])}/{len(record['clients'])} updates"]
+        parts += [f"{len(record[key])} {key}" for key in ("excluded", "failed") if record[key]]
+        parts += [f"loss {record['train_loss']:.4f}", f"down {fmt(record['bytes_down'])}", f"up {fmt(record['bytes_up'])}"]
+        if record["bytes_realign"]:
+            parts.append(f"realign {fmt(record['bytes_realign'])}")
+        self.console.print(f"round {record['round']}: " + ", ".join(parts) + f", {record['seconds']:.1f} s", highlight=False)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def _status(self) -> None:
+        loss = f", loss {self._loss:.4f}" if self._loss is not None else ""
+        self.progress.update(self._bar, status=f"round {self._round}: clients {self._done}/{self._clients}{loss}")
+
+
+def partition_table(stats: list[dict[str, Any]]) -> Table:
+    """Per-client example counts and label histograms (the data each client trains on)."""
+    table = Table(title="client partition", title_justify="left")
+    table.add_column("client", justify="right")
+    table.add_column("examples", justify="right")
+    table.add_column("labels")
+    for row in stats[:_MAX_ROWS]:
+        hist = row["label_histogram"]
+        table.add_row(str(row["client"]), str(row["size"]), ", ".join(f"{k}: {v}" for k, v in hist.items()) if hist else "-")
+    if len(stats) > _MAX_ROWS:
+        table.add_row("...", f"{sum(r['size'] for r in stats)} in all", f"{len(stats)} clients")
+    return table

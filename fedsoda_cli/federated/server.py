@@ -1,0 +1,290 @@
+"""The federated round loop, as a template: one concrete `run()`, small overridable steps.
+
+A round: seeded sampling -> one task per sampled client through the transport (retried once if
+its worker dies) -> validation of every update -> the aggregator plugin -> (every r rounds) the
+server realigns and broadcasts the partial layers -> accounting -> an atomic checkpoint.
+
+Nothing here knows how a task reaches a client (transport.py), what a client does (client.py) or
+what realignment computes (the `Realigner` it is given). Reproducibility does not depend on an RNG
+stream carried across rounds: round r's sample and client c's seed derive from (run.seed, r, c),
+and updates are aggregated in client order, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fedsoda_cli.errors import FedsodaError, PluginError
+from fedsoda_cli.federated.accounting import Ledger
+from fedsoda_cli.federated.checkpoint import Checkpoint, CheckpointStore, capture_rng, restore_rng
+from fedsoda_cli.federated.messages import ClientResult, ClientTask, TaskFailure, adapter_digest, adapter_from_bytes, adapter_to_bytes
+from fedsoda_cli.federated.validation import check_aggregate, check_update
+from fedsoda_cli.plugins.contracts import Aggregator, ClientUpdate
+from fedsoda_cli.seeding import stable_seed
+
+if TYPE_CHECKING:
+    from fedsoda_cli.federated.transport import ClientTransport
+    from fedsoda_cli.plugins.contracts import AdapterState
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The [federate] knobs the round loop itself uses."""
+
+    seed: int
+    clients: int
+    clients_per_round: int
+    rounds: int
+    min_clients: int = 1
+    max_update_norm: float = 1e3
+    realign_every: int = 0
+    retries: int = 1  # a client whose worker died is tried again this many times in the same round
+
+
+class Realigner(Protocol):
+    """Server-side ODA realignment: new partial layers from the current global adapter."""
+
+    def realign(self, round: int, global_adapter: "AdapterState") -> bytes:
+        """Realign and re-quantize; return the partial layers serialized exactly as sent to clients."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State carried between realignments (e.g. the float master copy of the partial layers)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class RoundReporter:
+    """Progress callbacks of the round loop; the base class reports nothing (see report.py)."""
+
+    def run_started(self, first_round: int, rounds: int) -> None: ...
+
+    def round_started(self, round: int, clients: list[int]) -> None: ...
+
+    def client_finished(self, round: int, client: int, loss: float | None) -> None: ...
+
+    def client_excluded(self, round: int, client: int, reason: str) -> None: ...
+
+    def client_failed(self, round: int, client: int, reason: str, retrying: bool) -> None: ...
+
+    def realigned(self, round: int, nbytes: int) -> None: ...
+
+    def round_finished(self, record: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class RunResult:
+    adapter: "AdapterState"
+    history: list[dict[str, Any]]
+    ledger: Ledger
+    resumed_after: int  # the checkpoint round a resumed run continued after (0 = fresh run)
+    aggregator_state: dict[str, Any]
+    realign_layers: bytes | None
+    transport: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Collected:
+    updates: list[ClientUpdate] = field(default_factory=list)
+    excluded: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: dict[int, float] = field(default_factory=dict)  # worker -> seconds inside local training
+    rss_mb: float = 0.0
+
+
+class FederatedServer:
+    """Runs rounds over a `ClientTransport`; override a step method to change one step."""
+
+    def __init__(self, plan: RoundPlan, transport: "ClientTransport", aggregator: Aggregator, aggregator_name: str,
+                 store: CheckpointStore, *, realigner: Realigner | None = None, reporter: RoundReporter | None = None,
+                 model_bytes: int = 0):
+        self.plan, self.transport, self.aggregator, self.aggregator_name = plan, transport, aggregator, aggregator_name
+        self.store, self.realigner, self.reporter, self.model_bytes = store, realigner, reporter or RoundReporter(), model_bytes
+        self.global_adapter: AdapterState = {}
+        self.history: list[dict[str, Any]] = []
+        self.ledger = Ledger()
+        self.realign_layers: bytes | None = None
+
+    # ---- the template -------------------------------------------------------------------------
+
+    def run(self, resume: Checkpoint | None = None) -> RunResult:
+        """Rounds after `resume` (or from 1) up to plan.rounds; workers are stopped however it ends."""
+        try:
+            if resume is None or resume.round < self.plan.rounds:  # a finished run needs no workers
+                self.transport.start(resume.realign_layers if resume else None)
+            first = self.restore(resume) if resume else self.begin()
+            self.reporter.run_started(first, self.plan.rounds)
+            for round in range(first, self.plan.rounds + 1):
+                self.run_round(round)
+        finally:
+            self.transport.close()
+        return RunResult(self.global_adapter, self.history, self.ledger, resume.round if resume else 0,
+                         self.aggregator.state_dict(), self.realign_layers, self.transport.stats())
+
+    def run_round(self, round: int) -> None:
+        started = time.perf_counter()
+        clients = self.sample_clients(round)
+        self._plugin("on_round_start", round, clients)
+        self.reporter.round_started(round, clients)
+        collected = self.collect(round, clients)
+        if len(collected.updates) < self.plan.min_clients:
+            self.stop_short(round, collected)
+        self.global_adapter = self.aggregate(round, collected.updates)
+        record = self.record(round, clients, collected)
+        self._plugin("on_round_end", round, self.global_adapter, record)
+        if self.realigner is not None and self.plan.realign_every and round % self.plan.realign_every == 0:
+            self.realign(round)
+        traffic = self.ledger.take_round()
+        record.update(bytes_down=traffic["adapter_down"], bytes_up=traffic["adapter_up"], bytes_realign=traffic["realign"],
+                      seconds=round_(time.perf_counter() - started))
+        self.history.append(record)
+        self.checkpoint(round)
+        self.reporter.round_finished(record)
+
+    # ---- steps --------------------------------------------------------------------------------
+
+    def begin(self) -> int:
+        """A fresh run: the clients' initial adapter, and every client's one-time model download."""
+        self.global_adapter = adapter_from_bytes(self.transport.initial_adapter())
+        for client in range(self.plan.clients):
+            self.ledger.add("model", client, self.model_bytes)
+        self.ledger.take_round()
+        return 1
+
+    def restore(self, checkpoint: Checkpoint) -> int:
+        """Continue after `checkpoint.round`: adapter, aggregator, realigner, history, bytes, RNG."""
+        self.global_adapter = checkpoint.adapter
+        self._plugin("load_state_dict", checkpoint.aggregator_state)
+        if self.realigner is not None and checkpoint.realign_layers is not None:
+            self.realigner.load_state_dict(checkpoint.realigner_state)
+        self.realign_layers = checkpoint.realign_layers
+        self.history = list(checkpoint.history)
+        self.ledger = Ledger.from_state(checkpoint.ledger)
+        restore_rng(checkpoint.rng)
+        return checkpoint.round + 1
+
+    def sample_clients(self, round: int) -> list[int]:
+        return sample_clients(self.plan.seed, round, self.plan.clients, self.plan.clients_per_round)
+
+    def collect(self, round: int, clients: list[int]) -> _Collected:
+        """Send every sampled client the global adapter; validate what comes back. A client whose
+        task failed is retried (plan.retries times) in the same round, then dropped."""
+        payload = adapter_to_bytes(self.global_adapter)
+        digest = adapter_digest(self.global_adapter)
+        collected, attempts = _Collected(), dict.fromkeys(clients, 0)
+        tasks = [self.make_task(round, client, payload) for client in clients]
+        while tasks:
+            retry = []
+            for outcome in self.transport.run_tasks(tasks):
+                if isinstance(outcome, TaskFailure):
+                    attempts[outcome.client] += 1
+                    retrying = attempts[outcome.client] <= self.plan.retries
+                    self.reporter.client_failed(round, outcome.client, outcome.reason, retrying)
+                    if retrying:
+                        retry.append(self.make_task(round, outcome.client, payload))
+                    else:
+                        collected.failed.append({"client": outcome.client, "reason": outcome.reason})
+                    continue
+                self.accept(round, outcome, digest, collected)
+            tasks = retry
+        collected.updates.sort(key=lambda u: u.client)  # aggregation order must not depend on timing
+        return collected
+
+    def make_task(self, round: int, client: int, payload: bytes) -> ClientTask:
+        self.ledger.add("adapter_down", client, len(payload))
+        return ClientTask(round=round, client=client, seed=stable_seed(self.plan.seed, "client", round, client), adapter=payload)
+
+    def accept(self, round: int, result: ClientResult, global_digest: str, collected: _Collected) -> None:
+        """Count the upload, validate it, and keep it as a ClientUpdate or exclude it with a reason."""
+        self.ledger.add("adapter_up", result.client, len(result.adapter))
+        collected.train_seconds[result.worker] = collected.train_seconds.get(result.worker, 0.0) + result.train_seconds
+        collected.rss_mb = max(collected.rss_mb, result.rss_mb)
+        adapter, reason = self.screen(round, result, global_digest, collected)
+        if reason is not None:
+            collected.excluded.append({"client": result.client, "reason": reason})
+            self.reporter.client_excluded(round, result.client, reason)
+            return
+        collected.updates.append(ClientUpdate(result.client, adapter, int(result.num_samples), dict(result.metrics)))
+        self.reporter.client_finished(round, result.client, result.metrics.get("train_loss"))
+
+    def screen(self, round: int, result: ClientResult, global_digest: str, collected: _Collected) -> tuple["AdapterState | None", str | None]:
+        """(the uploaded adapter, None) if the result is usable, else (anything, why it is not)."""
+        if result.round != round or any(u.client == result.client for u in collected.updates):
+            return None, f"unexpected result for round {result.round} (a duplicate or a stale answer)"
+        if result.start_digest != global_digest:
+            return None, "did not start from the global adapter (client state leaked between clients)"
+        if not isinstance(result.num_samples, int) or result.num_samples < 0:
+            return None, f"invalid sample count {result.num_samples!r}"
+        try:
+            adapter = adapter_from_bytes(result.adapter)
+        except ValueError as exc:
+            return None, f"unreadable upload: {exc}"
+        return adapter, self.validate(adapter)
+
+    def validate(self, adapter: "AdapterState") -> str | None:
+        return check_update(self.global_adapter, adapter, self.plan.max_update_norm)
+
+    def aggregate(self, round: int, updates: list[ClientUpdate]) -> "AdapterState":
+        """The aggregator's new global adapter, checked (PluginError naming it if malformed)."""
+        global_copy = {name: tensor.clone() for name, tensor in self.global_adapter.items()}
+        new = self._plugin("aggregate", round, global_copy, updates)
+        return check_aggregate(self.aggregator_name, self.global_adapter, new)
+
+    def realign(self, round: int) -> None:
+        """Realign on the server; every client (all K hold the model) downloads the new layers."""
+        self._plugin("before_realign", round)
+        self.realign_layers = self.realigner.realign(round, self.global_adapter)
+        self.transport.broadcast_layers(self.realign_layers)
+        for client in range(self.plan.clients):
+            self.ledger.add("realign", client, len(self.realign_layers))
+        self._plugin("after_realign", round)
+        self.reporter.realigned(round, len(self.realign_layers))
+
+    def record(self, round: int, clients: list[int], collected: _Collected) -> dict[str, Any]:
+        """The round's line of metrics.jsonl (bytes and seconds are added by run_round)."""
+        weights = sum(u.num_samples for u in collected.updates)
+        loss = sum(u.metrics.get("train_loss", 0.0) * u.num_samples for u in collected.updates) / weights
+        return {"round": round, "clients": clients, "updated": [u.client for u in collected.updates],
+                "excluded": collected.excluded, "failed": collected.failed, "train_loss": loss,
+                "train_seconds": round_(sum(collected.train_seconds.values())),
+                "train_seconds_by_worker": {str(w): round_(t) for w, t in sorted(collected.train_seconds.items())},
+                "worker_rss_mb": round_(collected.rss_mb),
+                "global_digest": adapter_digest(self.global_adapter)}
+
+    def checkpoint(self, round: int) -> None:
+        realigner_state = self.realigner.state_dict() if self.realigner is not None and self.realign_layers is not None else {}
+        checkpoint = Checkpoint(round=round, adapter=self.global_adapter, aggregator_state=self._plugin("state_dict"),
+                                realign_layers=self.realign_layers, realigner_state=realigner_state,
+                                history=self.history, ledger=self.ledger.state(), rng=capture_rng())
+        self.store.save(checkpoint, self.aggregator_name)
+
+    def stop_short(self, round: int, collected: _Collected) -> None:
+        problems = [f"client {p['client']}: {p['reason']}" for p in collected.excluded + collected.failed]
+        last = f"round {round - 1}, checkpoint in {self.store.folder}" if round > 1 else "none yet"
+        raise FedsodaError(f"round {round}: only {len(collected.updates)} valid client update(s), federate.min_clients = "
+                           f"{self.plan.min_clients} ({'; '.join(problems) or 'no client answered'}); stopped, last good round: {last}. "
+                           f"Fix the cause and rerun with --resume")
+
+    def _plugin(self, method: str, *args: Any) -> Any:
+        """Call an aggregator method; anything it raises becomes a PluginError naming it."""
+        try:
+            return getattr(self.aggregator, method)(*args)
+        except FedsodaError:
+            raise
+        except Exception as exc:
+            where = type(self.aggregator).__module__
+            raise PluginError(f"aggregator '{self.aggregator_name}' ({where}) raised {type(exc).__name__} in {method}(): {exc}; fix the plugin") from None
+
+
+def sample_clients(seed: int, round: int, clients: int, per_round: int) -> list[int]:
+    """The clients of `round`: `per_round` of `clients` without replacement, sorted; a function of
+    (seed, round) alone, so a resumed run samples exactly what the uninterrupted one did."""
+    import numpy as np
+
+    rng = np.random.default_rng(stable_seed(seed, "sample", round))
+    return sorted(int(c) for c in rng.choice(clients, size=per_round, replace=False))
+
+
+def round_(value: float) -> float:
+    return float(f"{value:.4g}") if value else 0.0

@@ -1,0 +1,234 @@
+"""The `federate` stage: K clients fine-tune the global LoRA adapter of the quantized sub-LLM.
+
+In: `quantize/` (model/ = the client model, layer_map.json) and the spec's [task], [lora],
+[federate] (and [realign]) sections. Out, in the stage folder:
+  adapter/          the final global adapter (PEFT format, for the sub-LLM)
+  metrics.jsonl     one line per round: clients, exclusions, loss, bytes, seconds
+  summary.json      totals: bytes by kind and per client, rounds, final loss, wall time, model loads
+  partition.json    which examples each client holds (sizes, label histograms, indices)
+  aggregator.*      the aggregator's state after the last round
+  checkpoints/      a copy of the last round checkpoint
+Round checkpoints are written as the run goes into `<workdir>/federate.checkpoints/`, outside the
+stage folder (which only appears when the stage completes), so `--resume` survives a killed run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from fedsoda_cli import artifacts, pipeline, reporting
+from fedsoda_cli.errors import ArtifactError, SpecError
+from fedsoda_cli.federated.accounting import model_download_bytes
+from fedsoda_cli.federated.checkpoint import CheckpointStore, write_peft_adapter, write_state
+from fedsoda_cli.federated.client import LocalTraining, lora_config
+from fedsoda_cli.federated.report import ConsoleReporter, partition_table
+from fedsoda_cli.federated.server import FederatedServer, RoundPlan, RunResult
+from fedsoda_cli.federated.worker import WorkerSetup
+from fedsoda_cli.plugins import aggregators
+from fedsoda_cli.seeding import stable_seed
+from fedsoda_cli.spec import Spec, sections_hash, spec_dir
+
+CHECKPOINTS = "federate.checkpoints"
+
+
+def run(ctx: pipeline.StageContext) -> pipeline.StageResult:
+    spec, fed = ctx.spec, ctx.spec.federate
+    started = time.perf_counter()
+    aggregator = aggregators.create(fed.aggregator, seed=stable_seed(spec.run.seed, "aggregator"), **fed.aggregator_options)
+    model_dir = client_model_dir(ctx)
+    layer_map = read_layer_map(ctx.inputs["quantize"])
+    lora_layers = client_lora_layers(spec, layer_map)
+    peft_config = lora_config(spec.lora, lora_layers, decoder_layers_name(model_dir) if lora_layers is not None else "layers")
+    shards, stats = client_shards(spec, ctx.out)
+    ctx.console.print(partition_table(stats))
+    store = CheckpointStore(ctx.workdir / CHECKPOINTS, run_identity(ctx), peft_config)
+    resume = resume_point(ctx, store)
+    transport = local_transport(worker_setup(spec, model_dir, shards, lora_layers), spec, ctx.console)
+    reporter = ConsoleReporter(ctx.console)
+    server = FederatedServer(plan_of(spec), transport, aggregator, fed.aggregator, store,
+                             realigner=realigner_for(ctx, layer_map), reporter=reporter, model_bytes=model_download_bytes(model_dir))
+    try:
+        result = server.run(resume)
+    finally:
+        reporter.stop()
+    summary = write_outputs(ctx, store, result, peft_config, time.perf_counter() - started)
+    metrics = {k: v for k, v in summary.items() if k != "bytes_per_client"}  # per-client bytes stay in summary.json
+    return pipeline.StageResult(metrics=metrics, summary=summary_rows(summary))
+
+
+def client_model_dir(ctx: pipeline.StageContext) -> Path:
+    folder = ctx.inputs["quantize"] / "model"
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: the quantize stage output has no model/ folder; rerun `fedsoda quantize SPEC`")
+    return folder
+
+
+def read_layer_map(folder: Path) -> dict[str, Any]:
+    from fedsoda_cli.stages.align import read_layer_map as read_checked
+
+    return read_checked(folder)
+
+
+def client_lora_layers(spec: Spec, layer_map: dict[str, Any]) -> list[int] | None:
+    """lora.layers (original layer indices) as indices of the client model's layers, or None (all)."""
+    if spec.lora.layers is None:
+        return None
+    kept = layer_map["kept"]
+    absent = [layer for layer in spec.lora.layers if layer not in kept]
+    if absent:
+        raise SpecError(f"lora.layers: original layer(s) {absent} were pruned away; the client model holds layers {kept}")
+    return sorted(kept.index(layer) for layer in spec.lora.layers)
+
+
+def decoder_layers_name(model_dir: Path) -> str:
+    """The name of the client model's decoder-layer list ("layers" for llama, qwen2, ...), read off
+    a weightless copy of its architecture; PEFT needs it to put LoRA on chosen layers only."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedsoda_cli.models.layers import decoder_layers_path
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config.quantization_config = None  # the skeleton has no weights to quantize
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return decoder_layers_path(skeleton).rsplit(".", 1)[-1]
+
+
+def client_shards(spec: Spec, out: Path) -> tuple[dict[int, list[tuple[str, str]]], list[dict[str, Any]]]:
+    """Each client's training examples as (prompt, answer) pairs; writes partition.json."""
+    from fedsoda_cli.data.partition import partition_examples, partition_stats
+    from fedsoda_cli.data.paths import resolve_data_dir
+    from fedsoda_cli.data.tasks import load_task
+
+    folder = spec_dir(spec)
+    examples = load_task(spec.task, resolve_data_dir(spec.data, folder), "train", spec.run.seed, spec_dir=folder)
+    parts = partition_examples(examples, spec.federate, stable_seed(spec.run.seed, "partition"))
+    labels = [e.label for e in examples]
+    stats = partition_stats(parts, None if any(label is None for label in labels) else labels)
+    record = {"scheme": spec.federate.partition, "clients": len(parts), "examples": len(examples), "per_client": stats,
+              "indices": parts, "example_ids": [[examples[i].id for i in part] for part in parts]}
+    artifacts.write_json_atomic(out / "partition.json", record)
+    shards = {client: [(examples[i].prompt, examples[i].answer) for i in part] for client, part in enumerate(parts)}
+    return shards, stats
+
+
+def run_identity(ctx: pipeline.StageContext) -> dict[str, str]:
+    """What a checkpoint must match to be resumed: the federate spec sections and the inputs."""
+    stage = pipeline.stage_named(ctx.spec, "federate")
+    identity = {"spec_hash": sections_hash(ctx.spec, stage.sections)}
+    # realignment reads the align stage's float sub-LLM too, so its output must match as well
+    for name in [*ctx.inputs, *(["align"] if realigns(ctx.spec) else [])]:
+        manifest = artifacts.read_manifest(ctx.workdir, name)
+        identity[name] = manifest.digest() if manifest else ""
+    return identity
+
+
+def resume_point(ctx: pipeline.StageContext, store: CheckpointStore):
+    """The checkpoint to continue from (with --resume), else None after clearing old ones."""
+    if ctx.options.get("resume"):
+        checkpoint = store.latest()
+        if checkpoint is None:
+            ctx.console.print(f"no checkpoint in {store.folder}; starting at round 1")
+        return checkpoint
+    dropped = store.clear()
+    if dropped:
+        ctx.console.print(f"starting afresh: removed {dropped} checkpoint(s) of an earlier run in {store.folder} (--resume continues one)")
+    return None
+
+
+def plan_of(spec: Spec) -> RoundPlan:
+    fed = spec.federate
+    return RoundPlan(seed=spec.run.seed, clients=fed.clients, clients_per_round=fed.clients_per_round, rounds=fed.rounds,
+                     min_clients=fed.min_clients, max_update_norm=fed.max_update_norm, realign_every=fed.realign_every)
+
+
+def worker_setup(spec: Spec, model_dir: Path, shards: dict[int, list[tuple[str, str]]], lora_layers: list[int] | None) -> WorkerSetup:
+    fed = spec.federate
+    training = LocalTraining(local_steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
+                             max_grad_norm=fed.max_grad_norm, proximal_mu=fed.proximal_mu, max_len=spec.task.max_len)
+    return WorkerSetup(model_dir=str(model_dir), lora=spec.lora.model_dump(), lora_seed=stable_seed(spec.run.seed, "lora-init"),
+                       threads=worker_threads(spec), training=training.__dict__, shards=shards, lora_layers=lora_layers)
+
+
+def worker_threads(spec: Spec) -> int:
+    """Torch threads per worker: the cores (run.threads, else all available) split across workers."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, (spec.run.threads or available) // spec.federate.workers)
+
+
+def local_transport(setup: WorkerSetup, spec: Spec, console):
+    from fedsoda_cli.federated.local import LocalWorkerPool
+
+    return LocalWorkerPool(setup, spec.federate.workers, spec.federate.task_timeout_s,
+                           log=lambda line: console.print(f"[yellow]{line}[/]", highlight=False))
+
+
+def realigns(spec: Spec) -> bool:
+    """Whether this run reaches a realignment round at all."""
+    return 0 < spec.federate.realign_every <= spec.federate.rounds
+
+
+def realigner_for(ctx: pipeline.StageContext, layer_map: dict[str, Any]):
+    """The server's realign step (full LLM + the align stage's float sub-LLM) if the run realigns."""
+    if not realigns(ctx.spec):
+        return None
+    from fedsoda_cli.federated.realigner import ServerRealigner
+
+    return ServerRealigner(ctx.spec, artifacts.stage_dir(ctx.workdir, "align") / "model", layer_map)
+
+
+def write_outputs(ctx: pipeline.StageContext, store: CheckpointStore, result: RunResult, peft_config, wall_s: float) -> dict[str, Any]:
+    """adapter/, metrics.jsonl, summary.json, aggregator state, the last checkpoint; returns the summary."""
+    out = ctx.out
+    write_peft_adapter(out / "adapter", result.adapter, peft_config)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in result.history))
+    write_state(out, "aggregator", result.aggregator_state, f"aggregator '{ctx.spec.federate.aggregator}' state_dict()")
+    if result.realign_layers is not None:
+        (out / "realigned_layers.safetensors").write_bytes(result.realign_layers)
+    last = f"round-{ctx.spec.federate.rounds:04d}"
+    shutil.copytree(store.folder / last, out / "checkpoints" / last)
+    summary = summarize(ctx.spec, result, wall_s)
+    artifacts.write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def summarize(spec: Spec, result: RunResult, wall_s: float) -> dict[str, Any]:
+    history = result.history
+    ledger = result.ledger.state()
+    return {
+        "rounds": len(history),
+        "resumed_after": result.resumed_after,
+        "aggregator": spec.federate.aggregator,
+        "final_train_loss": history[-1]["train_loss"] if history else None,
+        "bytes": {**ledger["totals"], "total": ledger["total"]},
+        "bytes_per_client": ledger["per_client"],
+        "excluded_updates": sum(len(h["excluded"]) for h in history),
+        "failed_tasks": sum(len(h["failed"]) for h in history),
+        "rounds_seconds": round(sum(h["seconds"] for h in history), 3),
+        "wall_time_s": round(wall_s, 3),
+        "model_loads_per_worker": {str(k): v for k, v in sorted(result.transport.get("model_loads", {}).items())},
+        "worker_processes_started": result.transport.get("processes_started", 0),
+    }
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    fmt = reporting.format_bytes
+    bytes_ = summary["bytes"]
+    loss = summary["final_train_loss"]
+    return [
+        ("rounds", f"{summary['rounds']}" + (f" (resumed after {summary['resumed_after']})" if summary["resumed_after"] else "")),
+        ("final train loss", f"{loss:.4f}" if loss is not None else "-"),
+        ("model download (all clients)", fmt(bytes_["model"])),
+        ("adapters down / up", f"{fmt(bytes_['adapter_down'])} / {fmt(bytes_['adapter_up'])}"),
+        ("realigned layers", fmt(bytes_["realign"])),
+        ("communication total", fmt(bytes_["total"])),
+        ("excluded updates / failed tasks", f"{summary['excluded_updates']} / {summary['failed_tasks']}"),
+        ("model loads per worker", ", ".join(f"{k}: {v}" for k, v in summary["model_loads_per_worker"].items()) or "-"),
+        ("federated wall time", f"{summary['wall_time_s']:.1f} s"),
+    ]

@@ -1,0 +1,174 @@
+"""A client worker: holds ONE copy of the client model and serves many clients' tasks with it.
+
+`ClientRuntime` is what a worker does (load the model once, swap adapters per task, swap in
+realigned layers); `serve` is the worker process's main loop around it, speaking framed byte
+messages (see messages.py) over a pipe: setup comes from a JSON file, then
+  server -> worker: init | task | layers | stop
+  worker -> server: ready | adapter | result | error | fatal
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsoda_cli.federated.client import LocalTraining
+from fedsoda_cli.federated.messages import ClientResult, ClientTask, pack, pack_result, unpack, unpack_task
+
+
+@dataclass
+class WorkerSetup:
+    """Everything a worker needs once: the client model, LoRA, training config and all shards."""
+
+    model_dir: str
+    lora: dict[str, Any]  # a [lora] section as a dict
+    lora_seed: int
+    threads: int
+    training: dict[str, Any]  # LocalTraining as a dict
+    shards: dict[int, list[tuple[str, str]]]  # client -> [(prompt, answer), ...]
+    lora_layers: list[int] | None = None  # client-model layer indices with LoRA (None = all)
+
+    def write(self, path: Path) -> Path:
+        path.write_text(json.dumps(asdict(self)))
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> "WorkerSetup":
+        data = json.loads(Path(path).read_text())
+        data["shards"] = {int(client): [tuple(pair) for pair in pairs] for client, pairs in data["shards"].items()}
+        return cls(**data)
+
+
+class ClientRuntime:
+    """One loaded client model serving client tasks; `model_loads` counts how often it loaded (1)."""
+
+    def __init__(self, setup: WorkerSetup):
+        from fedsoda_cli.data.tasks import Example
+        from fedsoda_cli.federated.client import load_client, lora_slots
+        from fedsoda_cli.spec.schema import LoraSpec
+
+        started = time.perf_counter()
+        self.model, self.tokenizer = load_client(Path(setup.model_dir), LoraSpec(**setup.lora), setup.lora_seed, setup.lora_layers)
+        self.load_seconds = time.perf_counter() - started
+        self.model_loads = 1
+        self.slots = lora_slots(self.model)
+        self.training = LocalTraining(**setup.training)
+        self.shards = {client: [Example(f"client{client}-{i}", prompt, answer, None, None) for i, (prompt, answer) in enumerate(pairs)]
+                       for client, pairs in setup.shards.items()}
+
+    def initial_adapter(self) -> bytes:
+        """The freshly initialised LoRA adapter (the same in every worker: seeded init)."""
+        from fedsoda_cli.federated.client import adapter_state
+        from fedsoda_cli.federated.messages import adapter_to_bytes
+
+        return adapter_to_bytes(adapter_state(self.model))
+
+    def apply_layers(self, payload: bytes) -> None:
+        from fedsoda_cli.federated.client import apply_realigned_layers
+
+        apply_realigned_layers(self.model, payload)
+
+    def handle(self, task: ClientTask, worker: int) -> ClientResult:
+        """Train `task.client` from the global adapter in `task.adapter`; the result as bytes."""
+        from fedsoda_cli.federated.client import train_client
+        from fedsoda_cli.federated.messages import adapter_from_bytes, adapter_to_bytes
+
+        if task.client not in self.shards:
+            raise ValueError(f"this worker holds no shard for client {task.client}")
+        local = train_client(self.model, self.tokenizer, adapter_from_bytes(task.adapter), self.shards[task.client],
+                             self.training, task.seed, self.slots)
+        result = ClientResult(round=task.round, client=task.client, adapter=adapter_to_bytes(local.adapter),
+                              num_samples=local.num_samples, metrics=local.metrics, start_digest=local.start_digest,
+                              worker=worker, train_seconds=local.train_seconds)
+        _release_memory()
+        result.rss_mb = resident_mb()
+        return result
+
+
+def serve(conn, slot: int, setup_path: str) -> None:
+    """Worker process main loop (the target of a spawned process). Exits on `stop` or when the
+    server goes away; a failed model load is reported as `fatal`, a failed task as `error`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle: it stops us
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, once per worker
+    _die_with_parent()
+    setup = WorkerSetup.read(Path(setup_path))
+    os.environ["OMP_NUM_THREADS"] = str(setup.threads)
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(setup.threads)
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise in the server's terminal
+    try:
+        runtime = ClientRuntime(setup)
+    except Exception as exc:  # reported, so the server can stop with the reason instead of respawning
+        message = str(exc) if _is_user_error(exc) else f"{type(exc).__name__}: {exc}"
+        conn.send_bytes(pack("fatal", {"message": f"could not load the client model: {message}"}))
+        return
+    try:
+        conn.send_bytes(pack("ready", {"pid": os.getpid(), "model_loads": runtime.model_loads, "load_seconds": runtime.load_seconds}))
+        while _serve_one(conn, runtime, slot):
+            pass
+    except (EOFError, OSError):
+        return  # the server is gone (its end of the pipe closed)
+
+
+def _serve_one(conn, runtime: ClientRuntime, slot: int) -> bool:
+    """Handle one message from the server; False when told to stop."""
+    kind, header, payload = unpack(conn.recv_bytes())
+    if kind == "stop":
+        return False
+    if kind == "init":
+        conn.send_bytes(pack("adapter", {}, runtime.initial_adapter()))
+    elif kind == "layers":
+        try:
+            runtime.apply_layers(payload)
+        except Exception as exc:  # a worker without the realigned layers must not train: stop the run
+            conn.send_bytes(pack("fatal", {"message": f"could not swap in the realigned layers: {type(exc).__name__}: {exc}"}))
+            return False
+    elif kind == "task":
+        task = unpack_task(header, payload)
+        try:
+            result = runtime.handle(task, slot)
+        except Exception as exc:  # a failed client is the server's to retry or drop, not a dead worker
+            conn.send_bytes(pack("error", {"round": task.round, "client": task.client, "message": f"{type(exc).__name__}: {exc}"}))
+        else:
+            conn.send_bytes(pack_result(result))
+    return True
+
+
+def resident_mb() -> float:
+    """This process's resident memory in MiB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _release_memory() -> None:
+    """Hand freed heap back to the OS after each task, so resident memory does not creep over rounds.
+    (No full gc.collect(): it costs ~0.25 s per task on a transformers heap, and training frees
+    its tensors by reference counting anyway.)"""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when the server process dies (even by SIGKILL): no orphans."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the closed pipe still ends the worker after its current task
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from fedsoda_cli.errors import FedsodaError
+
+    return isinstance(exc, FedsodaError)

@@ -1,0 +1,182 @@
+"""The round loop on the inline backend (clients train in this process): exclusion of poisoned
+updates, state-leak detection, plugin errors, stopping short, and realign + resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rich.console import Console
+
+from fedsoda_cli.errors import FedsodaError, PluginError
+from fedsoda_cli.federated.checkpoint import CheckpointStore
+from fedsoda_cli.federated.client import lora_config
+from fedsoda_cli.federated.inline import InlineTransport
+from fedsoda_cli.federated.messages import adapter_digest, adapter_from_bytes, adapter_to_bytes
+from fedsoda_cli.federated.report import ConsoleReporter
+from fedsoda_cli.federated.server import FederatedServer, RoundPlan
+from fedsoda_cli.plugins import Aggregator, aggregators
+from fedsoda_cli.spec.schema import LoraSpec
+
+from .conftest import LAYER_MAP, worker_setup
+
+IDENTITY = {"spec_hash": "test", "quantize": "test"}
+
+
+class Tampering(InlineTransport):
+    """The inline backend with a man in the middle that rewrites chosen clients' uploads."""
+
+    def __init__(self, setup, tamper):
+        super().__init__(setup)
+        self.tamper = tamper  # client -> function(result) -> None, changes the result in place
+        self.uploaded = 0
+
+    def run_tasks(self, tasks):
+        for outcome in super().run_tasks(tasks):
+            if outcome.client in self.tamper:
+                self.tamper[outcome.client](outcome)
+            self.uploaded += len(outcome.adapter)
+            yield outcome
+
+
+def rewrite(change):
+    """A tamper function that edits the uploaded adapter tensors with `change(dict)`."""
+    def apply(result):
+        adapter = adapter_from_bytes(result.adapter)
+        change(adapter)
+        result.adapter = adapter_to_bytes(adapter)
+    return apply
+
+
+def first_key(adapter):
+    return sorted(adapter)[0]
+
+
+POISON = {
+    1: rewrite(lambda a: a[first_key(a)].fill_(float("nan"))),
+    2: rewrite(lambda a: a.__setitem__(first_key(a), torch.zeros(3, 3))),
+    3: rewrite(lambda a: a[first_key(a)].fill_(1e6)),
+    4: rewrite(lambda a: a.pop(first_key(a))),
+    5: lambda result: setattr(result, "adapter", b"not safetensors"),
+}
+
+
+def server(tmp_path, setup, *, transport=None, aggregator="fedavg", console=None, realigner=None, **plan):
+    plan = RoundPlan(**{"seed": 1, "clients": 6, "clients_per_round": 6, "rounds": 1, **plan})
+    store = CheckpointStore(tmp_path / "ckpt", IDENTITY, lora_config(LoraSpec(r=4, alpha=8)))
+    reporter = ConsoleReporter(console) if console else None
+    return FederatedServer(plan, transport or InlineTransport(setup), aggregators.create(aggregator, seed=0), aggregator,
+                           store, realigner=realigner, reporter=reporter, model_bytes=1000)
+
+
+@pytest.fixture(scope="module")
+def setup(client_model_dir, shards):
+    return worker_setup(client_model_dir, shards)
+
+
+def test_poisoned_updates_are_excluded_with_the_client_named(tmp_path, setup):
+    console = Console(record=True, width=200)
+    transport = Tampering(setup, POISON)
+    result = server(tmp_path, setup, transport=transport, console=console).run()
+    record = result.history[0]
+    assert record["updated"] == [0]
+    reasons = {e["client"]: e["reason"] for e in record["excluded"]}
+    assert "contains NaN or Inf" in reasons[1]
+    assert "has shape (3, 3)" in reasons[2]
+    assert "exceeds federate.max_update_norm" in reasons[3]
+    assert "missing 1 adapter tensor" in reasons[4]
+    assert "unreadable upload" in reasons[5]
+    text = console.export_text()
+    assert "round 1: client 1 excluded: " in text and "round 1: client 5 excluded: unreadable upload" in text
+    # Excluded uploads still crossed the network: every client's upload is counted.
+    assert result.ledger.totals["adapter_up"] == transport.uploaded
+    assert result.ledger.totals["adapter_down"] == 6 * len(adapter_to_bytes(result.adapter))
+    assert result.ledger.totals["model"] == 6 * 1000
+    assert result.transport["model_loads"] == {0: 1}
+
+
+def test_a_client_that_did_not_start_from_the_global_adapter_is_excluded(tmp_path, setup):
+    leak = {2: lambda result: setattr(result, "start_digest", "0123456789abcdef")}
+    record = server(tmp_path, setup, transport=Tampering(setup, leak), clients=3, clients_per_round=3).run().history[0]
+    assert [e["client"] for e in record["excluded"]] == [2]
+    assert "client state leaked" in record["excluded"][0]["reason"]
+
+
+def test_too_few_valid_updates_stop_the_run_at_the_last_good_round(tmp_path, setup):
+    poison_round_2 = {c: (lambda result, f=POISON[c]: f(result) if result.round == 2 else None) for c in (1, 2)}
+    run = server(tmp_path, setup, transport=Tampering(setup, poison_round_2), clients=3, clients_per_round=3, rounds=3, min_clients=2)
+    with pytest.raises(FedsodaError, match=r"round 2: only 1 valid client update.*min_clients = 2.*client 1: .*NaN.*last good round: round 1.*--resume"):
+        run.run()
+    assert run.store.latest().round == 1
+
+
+@aggregators.register("test-raises")
+class Raises(Aggregator):
+    def aggregate(self, round, global_adapter, updates):
+        raise ValueError("boom")
+
+
+@aggregators.register("test-wrong-shape")
+class WrongShape(Aggregator):
+    def aggregate(self, round, global_adapter, updates):
+        return {k: v.flatten() for k, v in global_adapter.items()}
+
+
+@aggregators.register("test-bad-state")
+class BadState(Aggregator):
+    def aggregate(self, round, global_adapter, updates):
+        return dict(updates[0].adapter)
+
+    def state_dict(self):
+        return {"nested": {"x": torch.zeros(1)}}
+
+
+@pytest.mark.parametrize("name, message", [
+    ("test-raises", r"aggregator 'test-raises' \(tests\.federated\.test_server\) raised ValueError in aggregate\(\): boom"),
+    ("test-wrong-shape", r"aggregator 'test-wrong-shape' returned '.*' as \(\d+,\) torch.float32, expected"),
+    ("test-bad-state", r"aggregator 'test-bad-state' state_dict\(\) must hold only tensors and JSON values"),
+])
+def test_a_broken_aggregator_gives_a_plugin_error_naming_it(tmp_path, setup, name, message):
+    with pytest.raises(PluginError, match=message):
+        server(tmp_path, setup, aggregator=name, clients_per_round=1).run()
+
+
+def _realign_spec():
+    from fedsoda_cli.spec import Spec
+
+    return Spec.model_validate({
+        "run": {"seed": 1}, "model": {"name": "tiny-random-llama"},
+        "public_data": {"sequences": 4, "seq_len": 16, "heldout_sequences": 1},
+        "align": {"batch_size": 2}, "realign": {"steps": 2}, "lora": {"r": 4, "alpha": 8},
+    })
+
+
+def _run(tmp_path, setup, sub_llm, rounds, *, realign=True, resume=False):
+    from fedsoda_cli.federated.realigner import ServerRealigner
+
+    realigner = ServerRealigner(_realign_spec(), sub_llm["float"], LAYER_MAP) if realign else None
+    run = server(tmp_path, setup, realigner=realigner, rounds=rounds, clients=4, clients_per_round=2, realign_every=1 if realign else 0)
+    return run.run(run.store.latest() if resume else None)
+
+
+def test_realign_broadcasts_layers_and_a_resumed_run_repeats_it_exactly(tmp_path, setup, sub_llm):
+    whole = _run(tmp_path / "whole", setup, sub_llm, rounds=2)  # realigns after rounds 1 and 2
+    _run(tmp_path / "split", setup, sub_llm, rounds=1)
+    resumed = _run(tmp_path / "split", setup, sub_llm, rounds=2, resume=True)  # restores layers + master copy
+    plain = _run(tmp_path / "plain", setup, sub_llm, rounds=2, realign=False)
+
+    assert resumed.resumed_after == 1
+    assert adapter_digest(resumed.adapter) == adapter_digest(whole.adapter)
+    assert resumed.realign_layers == whole.realign_layers  # the master copy carried over exactly
+    assert [h["global_digest"] for h in resumed.history] == [h["global_digest"] for h in whole.history]
+    realign_bytes = [h["bytes_realign"] for h in whole.history]
+    assert realign_bytes[0] > 0 and realign_bytes[0] % 4 == 0  # every one of the K = 4 clients downloads it
+    assert realign_bytes[1] == 4 * len(whole.realign_layers)
+    assert whole.ledger.totals["realign"] == sum(realign_bytes)
+    from safetensors.torch import load
+
+    sent = load(whole.realign_layers)
+    assert any(k.startswith("model.layers.3.") and k.endswith(".weight.absmax") for k in sent)  # sub layer 3 = original 4, after the gap
+    assert not any(k.startswith("model.layers.1.") for k in sent)  # only the partial layers travel
+    # Clients trained on the realigned layers from round 2 on: the runs part ways exactly there.
+    assert plain.history[0]["global_digest"] == whole.history[0]["global_digest"]
+    assert plain.history[1]["global_digest"] != whole.history[1]["global_digest"]
