@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from fedsoda_cli.cli import run as run_module
-from fedsoda_cli.cli import export, realign, report, stages, status, validate
+from fedsoda_cli.cli import export, federate, realign, report, stages, status, validate
 
 app = typer.Typer(
     name="fedsoda",
@@ -17,6 +17,7 @@ app = typer.Typer(
 
 for _name in ("profile", "prune", "align", "quantize"):
     app.command(_name)(stages.stage_command(_name))
+app.command("federate")(federate.federate)
 app.command("realign")(realign.realign)
 app.command("eval")(stages.stage_command("eval"))
 app.command("run")(run_module.run)

@@ -8,6 +8,7 @@ import typer
 
 from fedsoda_cli import pipeline
 from fedsoda_cli.cli.common import SetOpt, SpecArg, WorkdirOpt, console, handles_errors, open_spec
+from fedsoda_cli.cli.federate import ResumeOpt
 from fedsoda_cli.errors import SpecError
 
 
@@ -19,6 +20,7 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Rerun stages even when up to date.")] = False,
     from_stage: Annotated[Optional[str], typer.Option("--from", help="First stage to run.")] = None,
     to_stage: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")] = None,
+    resume: ResumeOpt = False,
 ) -> None:
     """Run the pipeline end to end (or the range --from..--to)."""
     loaded, folder = open_spec(spec, set, workdir)
@@ -31,7 +33,8 @@ def run(
             continue
         if state.state == "stale":
             console.print(f"[yellow]{stage.name}[/]: stale ({state.reason}), rerunning")
-        pipeline.execute(loaded, folder, stage, console)
+        options = {"resume": resume} if stage.name == "federate" else {}
+        pipeline.execute(loaded, folder, stage, console, **options)
 
 
 def _select(stages, first: str | None, last: str | None):

@@ -100,6 +100,7 @@ class LoraSpec(Section):
     alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Names of the linear modules that get adapters.")
+    layers: list[int] | None = Field(None, description="Original layer indices that get adapters (default: every layer the client holds); fedot sets its bottom and top layers.")
 
 
 class TaskSpec(Section):
@@ -128,6 +129,7 @@ class FederateSpec(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping on the client.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal term weight mu: (mu/2)||theta - theta_global||^2.")
     aggregator: str = Field("fedavg", description="Aggregator plugin: fedavg or a registered third-party name (fedadam, fedyogi, trimmed_mean, median from plugins/).")
+    aggregator_options: dict[str, float | int | bool | str] = Field(default_factory=dict, description="Keyword arguments for the aggregator plugin's constructor, e.g. {trim = 0.2} for trimmed_mean or {server_lr = 0.001} for fedadam.")
     realign_every: int = Field(5, ge=0, description="r: the server realigns every r rounds (0 = never).")
     min_clients: int = Field(1, ge=1, description="A round needs at least this many valid updates, else the run stops at the last good round.")
     max_update_norm: float = Field(1e3, gt=0, description="A client update whose L2 distance from the global adapter exceeds this is excluded.")

@@ -31,7 +31,7 @@ MODEL_DIR = "model"
 def run(ctx: StageContext) -> StageResult:
     """Select the removed groups, drop them from the full model, save the sub-LLM and layer map."""
     from fedsoda_cli.models.layers import decoder_layers, drop_layers
-    from fedsoda_cli.models.load import load_causal_lm, save_checkpoint
+    from fedsoda_cli.models.load import load_causal_lm
     from fedsoda_cli.plugins import load_plugin_files, pruners
     from fedsoda_cli.spec import spec_dir
     from fedsoda_cli.stages.profile import read_profile
@@ -55,18 +55,23 @@ def run(ctx: StageContext) -> StageResult:
     else:
         groups = validate_selection(_call(pruner, profile, config), num_layers, config, config.strategy)
         drop_layers(model, [l for group in groups for l in group])
+    return write_sub_llm(ctx, model, tokenizer, groups, num_layers, params_full, config.strategy, config.iterative)
+
+
+def write_sub_llm(ctx: StageContext, model, tokenizer, groups: list[list[int]], num_layers: int,
+                  params_full: int, strategy: str, iterative: bool = False) -> StageResult:
+    """Save the (already pruned) sub-LLM and its layer map into the stage folder; the summary rows."""
+    from fedsoda_cli.models.load import save_checkpoint
+
     removed = {l for group in groups for l in group}
     kept = [l for l in range(num_layers) if l not in removed]
     params_sub = _parameter_count(model)
-
     save_checkpoint(model, tokenizer, ctx.out / MODEL_DIR)
-    layer_map = {"kept": kept, "removed_groups": groups, "num_layers": num_layers,
-                 "strategy": config.strategy, "iterative": config.iterative}
+    layer_map = {"kept": kept, "removed_groups": groups, "num_layers": num_layers, "strategy": strategy, "iterative": iterative}
     (ctx.out / LAYER_MAP).write_text(json.dumps(layer_map, indent=2))
-
     metrics = {"removed_groups": groups, "kept": len(kept), "params_full": params_full, "params_sub": params_sub}
     summary = [
-        ("strategy", config.strategy + (" (iterative)" if config.iterative else "")),
+        ("strategy", strategy + (" (iterative)" if iterative else "")),
         ("removed groups", ", ".join(f"{g[0]}..{g[-1]}" for g in groups) or "none"),
         ("kept layers", f"{len(kept)} of {num_layers}"),
         ("parameters", f"{params_full / 1e6:.1f} M -> {params_sub / 1e6:.1f} M ({100 * (params_sub / params_full - 1):+.1f} %)"),
