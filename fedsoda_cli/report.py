@@ -187,9 +187,9 @@ def _read_federate(run: RunSummary, folder: Path, manifests: dict) -> None:
 
 
 def _kind_totals(data: dict) -> dict[str, int] | None:
-    """Bytes by kind from a summary: {"totals": {kind: n}} (the ledger's state), possibly nested
-    under "communication" or "ledger", or the kinds as keys directly."""
-    for candidate in (data, data.get("communication"), data.get("ledger")):
+    """Bytes by kind from a summary: {"bytes": {kind: n}} (federate's summary.json), {"totals": ...}
+    (the ledger's state), possibly nested under "communication" or "ledger", or the kinds as keys."""
+    for candidate in (data.get("bytes"), data, data.get("communication"), data.get("ledger")):
         if not isinstance(candidate, dict):
             continue
         totals = candidate.get("totals") if isinstance(candidate.get("totals"), dict) else candidate

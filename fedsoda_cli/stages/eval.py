@@ -69,6 +69,7 @@ def _run_folders(ctx: StageContext) -> dict[str, Path]:
     """federate's adapter, and quantize's client model and layer map (quantize is checked intact)."""
     quantize = ctx.inputs["quantize"]
     return {"adapter": ctx.inputs["federate"] / "adapter", "client_model": quantize / "model",
+            "realigned_layers": ctx.inputs["federate"] / "realigned_layers.safetensors",
             "layer_map": quantize / "layer_map.json"}
 
 
@@ -78,7 +79,7 @@ def _build_target(target: str, spec, folders: dict[str, Path], plugin_dir: Path)
     from fedsoda_cli.models.layers import decoder_layers_path
 
     if target == "sub":
-        return targets.load_sub(folders["client_model"], folders["adapter"])
+        return targets.load_sub(folders["client_model"], folders["adapter"], folders["realigned_layers"])
     model, tokenizer = targets.load_full(spec)
     if target == "zero-shot":
         return model, tokenizer

@@ -1,6 +1,6 @@
 """Stage 4, quantize (QLoRA base): the client's copy of the aligned sub-LLM.
 
-In: `align/model` (float32 sub-LLM) and `align/layer_map.json`; [quantize]; held-out public text
+In: `align/model` (float32 sub-LLM) and `align/layer_map.json` (fedpetuning: `base/`, the full model); [quantize]; held-out public text
 (`public_data.heldout_split`, `heldout_sequences`) for perplexity.
 Out (in the stage folder):
   model/           the client model: decoder-layer linears in `quantize.quant_type` (NF4 with double
@@ -35,14 +35,15 @@ def run(ctx: StageContext) -> StageResult:
     from fedsoda_cli.stages.align import read_layer_map
 
     spec, quant = ctx.spec, ctx.spec.quantize
-    source = ctx.inputs["align"] / MODEL_DIR
-    layer_map = read_layer_map(ctx.inputs["align"])
+    (upstream,) = ctx.inputs.values()  # align for fedsoda and fedot; the full model for fedpetuning
+    source = upstream / MODEL_DIR
+    layer_map = read_layer_map(upstream)
     float_model, tokenizer = load_checkpoint(source, dtype=torch.float32)
     params_sub, params_full = parameter_counts(float_model, layer_map["num_layers"])
 
     client = quantized.quantize_checkpoint(source, quant)
     quantized.save_client_model(client, tokenizer, ctx.out / MODEL_DIR)
-    shutil.copyfile(ctx.inputs["align"] / LAYER_MAP, ctx.out / LAYER_MAP)
+    shutil.copyfile(upstream / LAYER_MAP, ctx.out / LAYER_MAP)
 
     heldout = heldout_text(spec, tokenizer)
     round_to_bf16(float_model)
