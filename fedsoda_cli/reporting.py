@@ -10,9 +10,16 @@ from fedsoda_cli.artifacts import Manifest
 
 
 def quiet_third_party() -> None:
-    """Silence library progress bars and info logs: the stages show their own progress."""
+    """Silence library progress bars, info logs and deprecation notes: the stages show their own
+    progress, and stderr stays for fedsoda's one-line errors (CI parses it)."""
+    import logging
+    import warnings
+
     import transformers
     import datasets
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..." on AVX512 CPUs
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes (as the workers do)
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -96,15 +95,15 @@ def serve(conn, slot: int, setup_path: str) -> None:
     """Worker process main loop (the target of a spawned process). Exits on `stop` or when the
     server goes away; a failed model load is reported as `fatal`, a failed task as `error`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle: it stops us
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, once per worker
     _die_with_parent()
     setup = WorkerSetup.read(Path(setup_path))
     os.environ["OMP_NUM_THREADS"] = str(setup.threads)
     import torch
-    from transformers.utils import logging as hf_logging
+
+    from fedsoda_cli.reporting import quiet_third_party
 
     torch.set_num_threads(setup.threads)
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise in the server's terminal
+    quiet_third_party()  # one "Loading weights" bar or deprecation note per worker is noise in the server's terminal
     try:
         runtime = ClientRuntime(setup)
     except Exception as exc:  # reported, so the server can stop with the reason instead of respawning
