@@ -48,7 +48,7 @@ def run(ctx: pipeline.StageContext) -> pipeline.StageResult:
     ctx.console.print(partition_table(stats))
     store = CheckpointStore(ctx.workdir / CHECKPOINTS, run_identity(ctx), peft_config)
     resume = resume_point(ctx, store)
-    transport = local_transport(worker_setup(spec, model_dir, shards, lora_layers), spec, ctx.console)
+    transport = client_transport(worker_setup(spec, model_dir, shards, lora_layers), spec, ctx.console)
     reporter = ConsoleReporter(ctx.console)
     server = FederatedServer(plan_of(spec), transport, aggregator, fed.aggregator, store,
                              realigner=realigner_for(ctx, layer_map), reporter=reporter, model_bytes=model_download_bytes(model_dir))
@@ -162,6 +162,15 @@ def worker_threads(spec: Spec) -> int:
     return max(1, (spec.run.threads or available) // spec.federate.workers)
 
 
+def client_transport(setup: WorkerSetup, spec: Spec, console):
+    """The transport federate.backend names: local worker processes, or a Flower deployment."""
+    if spec.federate.backend == "flower":
+        from fedsoda_cli.federated.flower.transport import flower_transport
+
+        return flower_transport(setup, spec, log=lambda line: console.print(f"[yellow]{line}[/]", highlight=False))
+    return local_transport(setup, spec, console)
+
+
 def local_transport(setup: WorkerSetup, spec: Spec, console):
     from fedsoda_cli.federated.local import LocalWorkerPool
 
@@ -214,6 +223,7 @@ def summarize(spec: Spec, result: RunResult, wall_s: float) -> dict[str, Any]:
         "wall_time_s": round(wall_s, 3),
         "model_loads_per_worker": {str(k): v for k, v in sorted(result.transport.get("model_loads", {}).items())},
         "worker_processes_started": result.transport.get("processes_started", 0),
+        **({"wire_bytes": result.transport["wire_bytes"]} if "wire_bytes" in result.transport else {}),  # flower: bytes Flower shipped
     }
 
 

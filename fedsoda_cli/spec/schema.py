@@ -117,7 +117,7 @@ class TaskSpec(Section):
 
 
 class FederateSpec(Section):
-    backend: Literal["local"] = Field("local", description="How client tasks reach workers: local worker processes.")
+    backend: Literal["local", "flower"] = Field("local", description="How client tasks reach clients: local worker processes, or the SuperNodes of a Flower deployment (docs/flower.md).")
     clients: int = Field(4, ge=1, description="K: number of clients.")
     clients_per_round: int = Field(2, ge=1, description="Clients sampled each round (seeded).")
     rounds: int = Field(2, ge=1, description="R: federated rounds.")
@@ -138,6 +138,10 @@ class FederateSpec(Section):
     shards_per_client: int = Field(2, ge=1, description="Label-sorted shards per client for partition = shards.")
     eval_every: int = Field(0, ge=0, description="Evaluate the plugin target every k rounds (0 = only at the end, in eval).")
     task_timeout_s: float = Field(1800.0, gt=0, description="Seconds a client task may take before its worker is considered dead.")
+    flower_superlink: str = Field("127.0.0.1:9093", description="backend = flower: host:port of the SuperLink (SuperNodes, `flwr run` and the ServerApp share it); fedsoda federate runs on the SuperLink's machine.")
+    flower_root_certificates: str | None = Field(None, description="backend = flower: the CA certificate (PEM, relative to the spec) of the SuperLink's TLS; required unless the SuperLink is on 127.0.0.1/localhost.")
+    flower_round_timeout_s: float = Field(600.0, gt=0, description="backend = flower: seconds to wait for a site's answer; a site that does not answer in time fails its task (min_clients decides the round) and is not waited for again until it reconnects.")
+    flower_connect_timeout_s: float = Field(300.0, gt=0, description="backend = flower: seconds to wait for the ServerApp to start and for one SuperNode per client to connect.")
 
     @model_validator(mode="after")
     def _counts(self):
