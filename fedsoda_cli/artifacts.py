@@ -65,9 +65,9 @@ def inside(root: Path, path: Path) -> Path:
 @contextlib.contextmanager
 def write_stage(workdir: Path, stage: str, spec_hash: str, inputs: dict[str, str]) -> Iterator["StageWriter"]:
     """Yield a writer whose `.path` is a scratch folder; on clean exit it becomes `<workdir>/<stage>`."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_writable(workdir)
-    scratch = workdir / _SCRATCH / f"{stage}-{uuid.uuid4().hex[:8]}"
+    ensure_workdir(workdir)
+    _remove_abandoned_scratch(workdir, stage)
+    scratch = workdir / _SCRATCH / f"{stage}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     scratch.mkdir(parents=True)
     writer = StageWriter(scratch, Manifest(stage=stage, spec_hash=spec_hash, inputs=inputs))
     started = time.perf_counter()
@@ -78,6 +78,25 @@ def write_stage(workdir: Path, stage: str, spec_hash: str, inputs: dict[str, str
         _finish(writer, workdir / stage)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _remove_abandoned_scratch(workdir: Path, stage: str) -> None:
+    """Delete scratch folders of `stage` whose writer process is gone (killed mid-stage: its
+    `finally` never ran), so a killed stage does not keep a model's worth of disk forever."""
+    for folder in (workdir / _SCRATCH).glob(f"{stage}-*-*"):
+        pid = folder.name[len(stage) + 1 :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 @dataclass
@@ -180,6 +199,15 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def _check_writable(workdir: Path) -> None:
+def ensure_workdir(workdir: Path) -> None:
+    """Create the workdir if it does not exist; an ArtifactError naming it when it cannot be a
+    writable folder (a file in the way, a read-only or virtual file system, no permission)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ArtifactError(f"{workdir}: the workdir is a file, not a folder; choose a writable folder with --workdir or run.workdir")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        at = f" at {exc.filename}" if exc.filename and Path(exc.filename) != workdir else ""
+        raise ArtifactError(f"{workdir}: cannot create the workdir ({exc.strerror}{at}); choose a writable folder with --workdir or run.workdir") from None
     if not os.access(workdir, os.W_OK):
         raise ArtifactError(f"{workdir}: workdir is not writable; choose another with --workdir or run.workdir")

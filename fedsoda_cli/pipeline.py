@@ -151,11 +151,11 @@ def execute(spec: Spec, workdir: Path, stage: Stage, console: Console, **options
     inputs, digests = input_folders(spec, workdir, stage)
     seeding.prepare(spec)
     reporting.quiet_third_party()
-    record_spec(spec, workdir)
     with artifacts.write_stage(workdir, stage.name, sections_hash(spec, stage.sections), digests) as writer:
         ctx = StageContext(spec=spec, workdir=workdir, out=writer.path, inputs=inputs, console=console, options=options)
         result = stage.function()(ctx)
         writer.manifest.metrics = result.metrics
+    record_spec(spec, workdir)  # only once the stage succeeded: a failed attempt must not relabel the run
     manifest = artifacts.read_manifest(workdir, stage.name)
     reporting.stage_summary(console, stage.name, result.summary, manifest)
     return manifest
@@ -163,5 +163,5 @@ def execute(spec: Spec, workdir: Path, stage: Stage, console: Console, **options
 
 def record_spec(spec: Spec, workdir: Path) -> None:
     """Keep the resolved spec beside the artifacts, so reports know what a run was."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    artifacts.ensure_workdir(workdir)
     artifacts.write_json_atomic(workdir / "spec.json", spec.model_dump(mode="json"))

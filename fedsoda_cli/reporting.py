@@ -20,6 +20,9 @@ def quiet_third_party() -> None:
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..." on AVX512 CPUs
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes (as the workers do)
+    # torch's weights-only unpickler comments on the pickle protocol of a refused .bin checkpoint;
+    # the refusal itself becomes fedsoda's one-line error.
+    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -40,13 +42,36 @@ def handles_errors(command: Callable) -> Callable:
         except FedsodaError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; completed stages and checkpoints are kept, rerun to continue", 130)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
-                _fail(f"{exc.filename or 'workdir'}: {exc.strerror}; free space or choose a writable --workdir (nothing partial was kept)", 1)
-            raise
+            _fail("interrupted; completed stages and round checkpoints are kept: rerun to continue (fedsoda federate or run: add --resume)", 130)
+        except Exception as exc:
+            failed = _disk_failure(exc)
+            if failed is None:
+                raise
+            code, filename = failed
+            _fail(f"{filename or 'a file in the workdir'}: {os.strerror(code)}; free disk space (or raise the file-size limit) "
+                  "or choose a writable --workdir; nothing partial was kept and earlier outputs are intact", 1)
 
     return wrapper
+
+
+# Out of space, over quota, over the file-size limit (ulimit -f), or not allowed to write.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS)
+
+
+def _disk_failure(exc: BaseException) -> tuple[int, str | None] | None:
+    """(errno, filename) when `exc`, or an exception it was raised from, is a failed write to disk.
+
+    Besides OSError, this recognises the errors of Rust-backed libraries (safetensors, tokenizers),
+    which carry the OS error only in their text: "I/O error: File too large (os error 27)"."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+            return exc.errno, exc.filename
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found and int(found.group(1)) in _DISK_ERRNOS:
+            return int(found.group(1)), None
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def _fail(message: str, code: int) -> None:

@@ -6,10 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from fedsoda_cli import pipeline
+from fedsoda_cli import artifacts, pipeline
 from fedsoda_cli.cli.common import SetOpt, SpecArg, WorkdirOpt, console, handles_errors, open_spec
 from fedsoda_cli.cli.federate import ResumeOpt
-from fedsoda_cli.errors import SpecError
+from fedsoda_cli.errors import ArtifactError, SpecError
 
 
 @handles_errors
@@ -29,12 +29,25 @@ def run(
     for stage in stages:
         state = {s.stage: s for s in pipeline.status(loaded, folder)}[stage.name]
         if state.state == "done" and not force:
-            console.print(f"[green]{stage.name}[/]: up to date, skipped")
-            continue
+            damage = _damage(folder, stage.name)
+            if damage is None:
+                console.print(f"[green]{stage.name}[/]: up to date, skipped")
+                continue
+            console.print(f"[yellow]{stage.name}[/]: outputs modified or corrupt ({damage}), rerunning", highlight=False)
         if state.state == "stale":
             console.print(f"[yellow]{stage.name}[/]: stale ({state.reason}), rerunning")
         options = {"resume": resume} if stage.name == "federate" else {}
         pipeline.execute(loaded, folder, stage, console, **options)
+
+
+def _damage(workdir, stage: str) -> str | None:
+    """Why a done stage's files no longer match its manifest (a file changed, truncated or gone), or None.
+    Status compares only hashes of specs and inputs; before skipping a stage, its outputs are hashed too."""
+    try:
+        artifacts.verify(workdir, artifacts.read_manifest(workdir, stage))
+    except ArtifactError as exc:
+        return str(exc).split(";")[0]
+    return None
 
 
 def _select(stages, first: str | None, last: str | None):

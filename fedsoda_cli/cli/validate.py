@@ -12,6 +12,6 @@ def validate(spec: SpecArg, set: SetOpt = None, workdir: WorkdirOpt = None) -> N
     """Validate the spec and the plugins it names; exit 0 when it is runnable."""
     loaded, folder = open_spec(spec, set, workdir)
     pruners.get(loaded.prune.strategy)
-    aggregators.get(loaded.federate.aggregator)
+    aggregators.create(loaded.federate.aggregator, seed=loaded.run.seed, **loaded.federate.aggregator_options)  # options too
     stages = ", ".join(s.name for s in pipeline.stages_for(loaded))
     console.print(f"[green]ok[/] {spec}: method {loaded.run.method}, stages {stages}, workdir {folder}")

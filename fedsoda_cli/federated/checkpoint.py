@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedsoda_cli.errors import FedsodaError, PluginError
+from fedsoda_cli.errors import ArtifactError, PluginError
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -78,14 +78,14 @@ class CheckpointStore:
         return target
 
     def latest(self) -> Checkpoint | None:
-        """The newest complete checkpoint, or None; a FedsodaError if it belongs to another run."""
+        """The newest complete checkpoint, or None; an ArtifactError if it belongs to another run."""
         rounds = self._rounds()
         if not rounds:
             return None
         folder = rounds[-1]
         state = json.loads((folder / "state.json").read_text())
         if state["identity"] != self.identity:
-            raise FedsodaError(f"checkpoint {folder} came from a different spec or quantize output "
+            raise ArtifactError(f"checkpoint {folder} came from a different spec or quantize output "
                                f"(spec hash {state['identity'].get('spec_hash')} vs {self.identity.get('spec_hash')}, "
                                f"input {state['identity'].get('quantize')} vs {self.identity.get('quantize')}); rerun without --resume to start over")
         return _read(folder, state)

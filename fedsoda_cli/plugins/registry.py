@@ -55,7 +55,8 @@ class Registry(Generic[T]):
         try:
             return cls(**kwargs)
         except Exception as exc:  # a plugin's constructor is third-party code
-            raise PluginError(f"{self.kind} '{name}' ({cls.__module__}) failed to start: {type(exc).__name__}: {exc}") from None
+            raise PluginError(f"{self.kind} '{name}' ({cls.__module__}) failed to start: {type(exc).__name__}: {exc}; "
+                              "fix the options the spec gives it (e.g. federate.aggregator_options) or the plugin") from None
 
     def names(self) -> list[str]:
         self._load_entry_points()

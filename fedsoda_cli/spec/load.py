@@ -29,20 +29,22 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}; fix the syntax at that line") from None
+    overridden = {}
     for override in overrides:
-        _apply_override(raw, override, path)
-    spec = validate(raw, path, text)
+        overridden[_apply_override(raw, override, path)] = override
+    spec = validate(raw, path, text, overridden)
     spec._source = path.resolve()
     return spec
 
 
-def validate(raw: dict[str, Any], path: Path, text: str = "") -> Spec:
-    """Turn a parsed TOML dict into a Spec, or raise a SpecError naming the first bad key."""
+def validate(raw: dict[str, Any], path: Path, text: str = "", overridden: dict[tuple[str, ...], str] | None = None) -> Spec:
+    """Turn a parsed TOML dict into a Spec, or raise a SpecError naming the first bad key (and the
+    `--set` that gave it, when `overridden` maps its key path to an override)."""
     try:
         return Spec.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
-        first = _describe(errors[0], raw, path, text)
+        first = _describe(errors[0], raw, path, text, overridden or {})
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
         raise SpecError(first + more) from None
 
@@ -85,8 +87,9 @@ def _read_text(path: Path) -> str:
         raise SpecError(f"{path}: not a UTF-8 text file; a spec is a TOML file") from None
 
 
-def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
-    """Apply one `section.key=value`; the value is read as a TOML value, else taken as a string."""
+def _apply_override(raw: dict[str, Any], override: str, path: Path) -> tuple[str, ...]:
+    """Apply one `section.key=value` (the value is read as a TOML value, else taken as a string);
+    returns the key path it set."""
     key_path, sep, value_text = override.partition("=")
     keys = key_path.strip().split(".")
     if not sep or not all(keys) or len(keys) < 2 and keys[0] != "plugins":
@@ -101,6 +104,7 @@ def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
             raise SpecError(f"--set {override!r}: '{key}' in {path} is a value, not a section")
         node = child
     node[keys[-1]] = value
+    return tuple(keys)
 
 
 def _parse_value(text: str) -> Any:
@@ -110,11 +114,17 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _describe(error: dict[str, Any], raw: dict[str, Any], path: Path, text: str) -> str:
+def _describe(error: dict[str, Any], raw: dict[str, Any], path: Path, text: str, overridden: dict[tuple[str, ...], str]) -> str:
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc)
-    where = _line_of(text, loc)
-    prefix = f"{path}{f':{where}' if where else ''}: "
+    override = next((o for keys, o in overridden.items() if tuple(loc[: len(keys)]) == keys), None)
+    within = [o for keys, o in overridden.items() if keys[: len(loc)] == tuple(loc)]
+    if override is not None:  # the bad value came from the command line, not from the file
+        prefix = f"--set {override!r}: "
+    else:
+        where = _line_of(text, loc)
+        also = f" with --set {', '.join(repr(o) for o in within)}" if within else ""  # a check across keys of a section
+        prefix = f"{path}{f':{where}' if where else ''}{also}: "
     if error["type"] == "extra_forbidden":
         choices = _known_keys(loc[:-1])
         return f"{prefix}unknown key '{key}'{_suggest(loc[-1], choices)}"
