@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from fedsoda_cli.errors import ModelError
+from fedsoda_cli.models.load import replace_dir
 from fedsoda_cli.spec.schema import QuantizeSpec
 
 WEIGHTS = "model.safetensors"
@@ -169,7 +170,7 @@ def save_client_model(model, tokenizer, out_dir: str | os.PathLike, *, embedding
         tokenizer.save_pretrained(tmp)
         meta.update(embeddings=embeddings, embedding_keys=sorted(k for k in int8 if not k.endswith(SCALE_SUFFIX)))
         (tmp / CLIENT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -197,17 +198,6 @@ def client_state_dict(model) -> dict[str, torch.Tensor]:
         tensor = tensor.detach()
         state[key] = (tensor.to(torch.bfloat16) if key in to_bf16 else tensor).contiguous().clone()
     return state
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` onto `target`, an existing `target` moved aside first (never half a folder)."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.rename(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(new, target)
 
 
 # ---- load -------------------------------------------------------------------------------------
