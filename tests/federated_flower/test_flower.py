@@ -11,8 +11,11 @@ sub-LLM, and the same spec as a local-backend run.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -26,7 +29,8 @@ from fedsoda_cli.federated.flower.shards import write_shards
 from fedsoda_cli.spec import load_spec
 from tests.federated.conftest import prepare_run
 
-pytestmark = pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="flwr is not installed")
+pytestmark = pytest.mark.skipif(shutil.which("flower-superlink", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])) is None,
+                                reason="flwr is not installed")
 
 # Two clients, both sampled every round, realignment after every round (so realigned layers reach the sites).
 OVERRIDES = ["federate.clients=2", "federate.clients_per_round=2", "federate.rounds=2", "federate.realign_every=1"]

@@ -9,6 +9,7 @@ same version on every machine), and runtime dependency installation stays off.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import fedsoda_cli
@@ -20,8 +21,11 @@ OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 def offline_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """This process's environment, with Flower's phoning home off (and FLWR_HOME if given)."""
+    """This process's environment, with Flower's phoning home off (and FLWR_HOME if given). Flower's
+    commands (flower-superlink, flwr, and the flwr-*app processes Flower itself starts) are looked up
+    first beside this Python, so an un-activated virtual environment works."""
     env = {**os.environ, **OFFLINE_ENV}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
