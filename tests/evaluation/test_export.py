@@ -10,24 +10,19 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from fedsoda_cli import artifacts, pipeline
+from fedsoda_cli import artifacts
 from fedsoda_cli.errors import ArtifactError
 from fedsoda_cli.export import PROVENANCE, export_merged
 from fedsoda_cli.federated.client import lora_config
 from fedsoda_cli.models.layers import drop_layers
 from fedsoda_cli.models.load import load_causal_lm
-from fedsoda_cli.spec import Spec, sections_hash
+from fedsoda_cli.spec import Spec
+
+from tests.stage_folders import write_stage_folder
 
 
 def _spec() -> Spec:
     return Spec.model_validate({"model": {"name": "tiny-random-llama"}, "lora": {"r": 4, "alpha": 8}})
-
-
-def _write(workdir, spec, name, fill=lambda out: None):
-    stage = pipeline.stage_named(spec, name)
-    inputs = {i: artifacts.read_manifest(workdir, i).digest() for i in stage.inputs}
-    with artifacts.write_stage(workdir, name, sections_hash(spec, stage.sections), inputs) as writer:
-        fill(writer.path)
 
 
 def _federated_run(workdir, spec):
@@ -48,9 +43,9 @@ def _federated_run(workdir, spec):
         peft.save_pretrained(out / "adapter")
 
     for name in ("profile", "prune", "align"):
-        _write(workdir, spec, name)
-    _write(workdir, spec, "quantize", quantize)
-    _write(workdir, spec, "federate", federate)
+        write_stage_folder(workdir, spec, name)
+    write_stage_folder(workdir, spec, "quantize", quantize)
+    write_stage_folder(workdir, spec, "federate", federate)
 
 
 def test_merged_export_loads_with_stock_transformers_and_matches_peft(tmp_path):

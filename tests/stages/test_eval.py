@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from rich.console import Console
 
-from fedsoda_cli import artifacts, pipeline
+from fedsoda_cli import pipeline
 from fedsoda_cli.data.paths import resolve_data_dir
 from fedsoda_cli.data.tasks import load_task
 from fedsoda_cli.errors import ArtifactError
@@ -20,8 +20,10 @@ from fedsoda_cli.federated.client import lora_config
 from fedsoda_cli.models.layers import drop_layers
 from fedsoda_cli.models.load import load_causal_lm, save_checkpoint
 from fedsoda_cli.models.quantized import quantize_checkpoint, save_client_model
-from fedsoda_cli.spec import Spec, sections_hash
+from fedsoda_cli.spec import Spec
 from fedsoda_cli.stages.eval import PREDICTIONS, RESULTS, evaluate_adapter_on_full
+
+from tests.stage_folders import write_stage_folder
 
 REMOVED = [2, 3]
 
@@ -49,14 +51,6 @@ def _spec(**task) -> Spec:
     })
 
 
-def _write(workdir, spec, name, fill=lambda out: None):
-    """A stage folder with a manifest that pipeline.status accepts as done."""
-    stage = pipeline.stage_named(spec, name)
-    inputs = {i: artifacts.read_manifest(workdir, i).digest() for i in stage.inputs}
-    with artifacts.write_stage(workdir, name, sections_hash(spec, stage.sections), inputs) as writer:
-        fill(writer.path)
-
-
 def _fake_run(workdir, spec):
     """profile/prune/align placeholders, a real quantize folder and a real federate adapter."""
     sub, tokenizer = load_causal_lm(spec.model)
@@ -80,9 +74,9 @@ def _fake_run(workdir, spec):
         (out / "summary.json").write_text("{}")
 
     for name in ("profile", "prune", "align"):
-        _write(workdir, spec, name)
-    _write(workdir, spec, "quantize", quantize)
-    _write(workdir, spec, "federate", federate)
+        write_stage_folder(workdir, spec, name)
+    write_stage_folder(workdir, spec, "quantize", quantize)
+    write_stage_folder(workdir, spec, "federate", federate)
     return kept
 
 
