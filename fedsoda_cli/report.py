@@ -1,23 +1,33 @@
 """`fedsoda report RUN_DIR... --out DIR`: the paper-style comparison of finished runs.
 
-In: run workdirs. From each it reads `spec.json` (method, model, task, name; written there by every
-run), every stage's manifest.json (wall time per stage), `federate/summary.json` and
-`federate/metrics.jsonl` (communication by kind and per round, per-round accuracy when recorded)
-and `eval/results.json` (accuracy of the plugin, sub and zero-shot targets).
-Out (in DIR): report.md (main table, change vs FedPETuning, wall time per stage, plots),
-report.csv (one row per run), communication_per_round.png and, when some run recorded accuracy
-per round, accuracy_per_round.png.
+In: run workdirs. From each it reads `spec.json` (the resolved spec, written there by every run),
+every stage's manifest.json (wall time per stage; the quantize/model/ and federate/adapter/ files
+give the client storage), `federate/summary.json` ("bytes": communication by kind),
+`federate/metrics.jsonl` (per round: bytes, step time, worker RSS and, on rounds where the server
+evaluated, "eval") and `eval/results.json` (accuracy of the plugin, sub and zero-shot targets;
+for run.method "local" also the minimum and the accuracy of each client).
+Out (in DIR): report.md (main table, change vs FedPETuning, across seeds, step time and RSS vs the
+fair control, wall time per stage, plots), report.csv (one row per run),
+communication_per_round.png and, when some run evaluated during federate, accuracy_per_round.png
+and accuracy_vs_communication.png.
+
+Runs are labelled by run.name; runs that share a name get their seed ("seed 1") or, when the seeds
+do not tell them apart either, their workdir's folder name.
 
 Change vs FedPETuning: each run is compared with the `fedpetuning` run of the same model and task
 (the first one given). Communication and storage as a signed relative change in % (the paper's
 -70.6 % and -75.6 %), accuracy as the difference in percentage points of the plugin target.
 Communication includes each client's one-time model download (METHOD.md, "What is counted").
+
+Across seeds: runs whose spec.json are equal except for run.seed and run.workdir form a group
+(`fedsoda run SPEC --seeds 0,1,2` makes one); each accuracy is given as mean ± sample std over n.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +43,10 @@ STAGE_ORDER = ("profile", "prune", "align", "quantize", "federate", "eval")
 TARGETS = ("plugin", "sub", "zero-shot")
 ROUND_KINDS = {"adapter_down": "bytes_down", "adapter_up": "bytes_up", "realign": "bytes_realign"}
 ACCURACY_PNG = "accuracy_per_round.png"
+ACCURACY_BYTES_PNG = "accuracy_vs_communication.png"
 COMMUNICATION_PNG = "communication_per_round.png"
+CONTROL_QUANT = "nf4"  # fedpetuning on the NF4 full model: the control that saves by quantizing alone
+SEED_FREE_KEYS = (("run", "seed"), ("run", "workdir"))  # what may differ between the runs of one seed group
 
 
 @dataclass
@@ -45,13 +58,50 @@ class RunSummary:
     method: str
     model: str
     task: str
-    accuracy: dict[str, float] = field(default_factory=dict)  # target -> accuracy in [0, 1]
+    spec: dict[str, Any] = field(default_factory=dict)  # spec.json ({} when the run kept none)
+    label: str = ""  # set by label_runs: the name, told apart from other runs of the same name
+    accuracy: dict[str, float] = field(default_factory=dict)  # target -> accuracy in [0, 1] (local: mean over clients)
     ci95: dict[str, list[float]] = field(default_factory=dict)
+    min_accuracy: dict[str, float] = field(default_factory=dict)  # local: target -> worst client
+    per_client: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # local: target -> [{client, accuracy, ci95}]
     perplexity: dict[str, float] = field(default_factory=dict)
     communication: dict[str, int] = field(default_factory=dict)  # kind -> bytes
     client_storage_bytes: int | None = None
     wall_time_s: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     rounds: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl lines
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
+
+    @property
+    def seed(self) -> int | None:
+        seed = self.spec.get("run", {}).get("seed")
+        return None if seed is None else int(seed)
+
+    @property
+    def quant_type(self) -> str | None:
+        return self.spec.get("quantize", {}).get("quant_type")
+
+    @property
+    def step_seconds(self) -> float | None:
+        """Mean seconds per client optimizer step, over the rounds that measured it."""
+        steps = [float(r["step_seconds"]) for r in self.rounds if r.get("step_seconds") is not None]
+        return statistics.fmean(steps) if steps else None
+
+    @property
+    def peak_rss_mb(self) -> float | None:
+        """The largest worker RSS of any round."""
+        rss = [float(r["worker_rss_mb"]) for r in self.rounds if r.get("worker_rss_mb") is not None]
+        return max(rss) if rss else None
+
+    def eval_rounds(self) -> dict[str, list[tuple[int, float, int]]]:
+        """target -> [(round, accuracy, cumulative bytes after that round)] from the rounds that evaluated."""
+        cumulative = dict(self.cumulative_communication())
+        curves: dict[str, list[tuple[int, float, int]]] = {}
+        for record in self.rounds:
+            for target, entry in (record.get("eval") or {}).items():
+                curves.setdefault(target, []).append((int(record["round"]), float(entry["accuracy"]), cumulative[int(record["round"])]))
+        return curves
 
     @property
     def communication_total(self) -> int | None:
@@ -75,13 +125,85 @@ def read_run(workdir: Path) -> RunSummary:
     manifests = {name: m for name in _stage_names(workdir) if (m := artifacts.read_manifest(workdir, name)) is not None}
     if not manifests:
         raise ArtifactError(f"{workdir}: no finished stage (no */manifest.json); run `fedsoda run SPEC` first or pass another folder")
-    identity = _identity(workdir)
-    run = RunSummary(name=identity["name"], workdir=workdir, method=identity["method"], model=identity["model"], task=identity["task"])
+    spec = _spec(workdir)
+    identity = _identity(workdir, spec)
+    run = RunSummary(name=identity["name"], workdir=workdir, method=identity["method"], model=identity["model"], task=identity["task"], spec=spec)
     run.wall_time_s = {name: m.wall_time_s for name, m in manifests.items()}
     _read_eval(run, workdir / "eval" / "results.json")
-    _read_federate(run, workdir / "federate", manifests)
-    run.client_storage_bytes = _client_storage(workdir, manifests)
+    _read_federate(run, workdir / "federate")
+    run.client_storage_bytes = _client_storage(manifests)
     return run
+
+
+def label_runs(runs: list[RunSummary]) -> None:
+    """Give every run a distinct label: its name, and where names collide the seed, else the folder."""
+    by_name: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        by_name.setdefault(run.name, []).append(run)
+    for name, same in by_name.items():
+        if len(same) == 1:
+            same[0].label = name
+            continue
+        seeds = [r.seed for r in same]
+        folders = [r.workdir.name for r in same]
+        if None not in seeds and len(set(seeds)) == len(seeds):
+            labels = [f"{name} seed {seed}" for seed in seeds]
+        elif len(set(folders)) == len(folders):
+            labels = [f"{name} ({folder})" for folder in folders]
+        else:  # same name, seed and folder name (e.g. a/run and b/run): only the position tells them apart
+            labels = [f"{name} #{i + 1}" for i in range(len(same))]
+        for run, label in zip(same, labels):
+            run.label = label
+
+
+@dataclass
+class SeedGroup:
+    """Runs of one spec that differ only in run.seed (and run.workdir)."""
+
+    label: str
+    runs: list[RunSummary]
+
+    @property
+    def method(self) -> str:
+        return self.runs[0].method
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [r.seed for r in self.runs]
+
+    def accuracy(self, target: str) -> tuple[float, float | None, int] | None:
+        """(mean, sample std or None for one run, n) of the target's accuracy over the runs that have it."""
+        return _mean_std([r.accuracy[target] for r in self.runs if target in r.accuracy])
+
+    def min_accuracy(self, target: str) -> tuple[float, float | None, int] | None:
+        """local runs: (mean, std, n) over the seeds of the worst client's accuracy."""
+        return _mean_std([r.min_accuracy[target] for r in self.runs if target in r.min_accuracy])
+
+
+def seed_groups(runs: list[RunSummary]) -> list[SeedGroup]:
+    """Runs grouped by their spec without run.seed and run.workdir, in order of first appearance.
+    A run without spec.json is a group of its own (nothing says what else it shares)."""
+    groups: dict[str, list[RunSummary]] = {}
+    for i, run in enumerate(runs):
+        key = _seed_free_key(run.spec) if run.spec else f"no-spec-{i}"
+        groups.setdefault(key, []).append(run)
+    names = [members[0].name for members in groups.values()]
+    return [SeedGroup(members[0].name if names.count(members[0].name) == 1 else f"{members[0].name} ({members[0].workdir.name})", members)
+            for members in groups.values()]
+
+
+def step_time_control(runs: list[RunSummary]) -> tuple[RunSummary | None, str]:
+    """The run that step time and RSS are divided by, and why it was chosen: the first fedpetuning run
+    on the NF4 full model (quantization alone, so the ratio shows what pruning adds), else the first
+    fedpetuning run."""
+    baselines = [r for r in runs if r.method == BASELINE]
+    for run in baselines:
+        if run.quant_type == CONTROL_QUANT:
+            return run, f"{run.label} (fedpetuning, {CONTROL_QUANT} full model)"
+    if baselines:
+        run = baselines[0]
+        return run, f"{run.label} (fedpetuning, quantize.quant_type = {run.quant_type or '?'}: no {CONTROL_QUANT} fedpetuning run was given)"
+    return None, ""
 
 
 def change_vs(run: RunSummary, baseline: RunSummary) -> dict[str, float | None]:
@@ -122,12 +244,13 @@ def write_report(workdirs: list[Path], out_dir: Path) -> list[Path]:
     if not workdirs:
         raise ArtifactError("fedsoda report needs at least one run folder")
     runs = [read_run(Path(w)) for w in workdirs]
+    label_runs(runs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [_write_csv(runs, out_dir / "report.csv")]
     plots = _plot_communication(runs, out_dir / COMMUNICATION_PNG)
-    if any(_accuracy_rounds(r) for r in runs):
-        plots += _plot_accuracy(runs, out_dir / ACCURACY_PNG)
+    if any(r.eval_rounds() for r in runs):
+        plots += _plot_accuracy(runs, out_dir / ACCURACY_PNG) + _plot_accuracy_vs_bytes(runs, out_dir / ACCURACY_BYTES_PNG)
     (out_dir / "report.md").write_text(render_markdown(runs, [p.name for p in plots]))
     return [out_dir / "report.md", *files, *plots]
 
@@ -141,20 +264,33 @@ def _stage_names(workdir: Path) -> list[str]:
     return [s for s in STAGE_ORDER if s in found] + sorted(found - set(STAGE_ORDER))
 
 
-def _identity(workdir: Path) -> dict[str, str]:
-    """name, method, model, task from the resolved spec that every run keeps in `spec.json`.
-    Missing: the folder name and "?"."""
+def _spec(workdir: Path) -> dict[str, Any]:
+    """The resolved spec that every run keeps in `spec.json`; {} when the folder has none."""
     path = workdir / "spec.json"
     if not path.is_file():
-        return {"name": workdir.name, "method": "?", "model": "?", "task": "?"}
+        return {}
     try:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc}); rerun any stage of that run to rewrite it") from None
+    return spec if isinstance(spec, dict) else {}
+
+
+def _identity(workdir: Path, spec: dict[str, Any]) -> dict[str, str]:
+    """name, method, model, task from the spec. Missing: the folder name and "?"."""
+    if not spec:
+        return {"name": workdir.name, "method": "?", "model": "?", "task": "?"}
     model = spec.get("model", {})
     model_name = model.get("path") or model.get("hub_id") or model.get("name") or "?"
     return {"name": str(spec.get("run", {}).get("name", workdir.name)), "method": str(spec.get("run", {}).get("method", "?")),
             "model": str(model_name), "task": str(spec.get("task", {}).get("name", "?"))}
+
+
+def _seed_free_key(spec: dict[str, Any]) -> str:
+    spec = json.loads(json.dumps(spec))  # a deep copy
+    for section, key in SEED_FREE_KEYS:
+        spec.get(section, {}).pop(key, None)
+    return json.dumps(spec, sort_keys=True)
 
 
 def _read_eval(run: RunSummary, path: Path) -> None:
@@ -165,46 +301,29 @@ def _read_eval(run: RunSummary, path: Path) -> None:
         if isinstance(entry, dict) and "accuracy" in entry:
             run.accuracy[target] = float(entry["accuracy"])
             run.ci95[target] = list(entry.get("ci95", []))
+            if entry.get("min_accuracy") is not None:
+                run.min_accuracy[target] = float(entry["min_accuracy"])
+            if entry.get("per_client"):
+                run.per_client[target] = list(entry["per_client"])
             if entry.get("perplexity") is not None:
                 run.perplexity[target] = float(entry["perplexity"])
             if run.task == "?":
                 run.task = str(entry.get("task", "?"))
 
 
-def _read_federate(run: RunSummary, folder: Path, manifests: dict) -> None:
-    """Communication totals by kind (summary.json, else summed from metrics.jsonl) and the rounds."""
+def _read_federate(run: RunSummary, folder: Path) -> None:
+    """The rounds (metrics.jsonl) and the communication totals by kind (summary.json's "bytes")."""
     metrics = folder / "metrics.jsonl"
     if metrics.is_file():
         run.rounds = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    summary = _json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
-    totals = _kind_totals(summary) or _kind_totals(getattr(manifests.get("federate"), "metrics", {}) or {})
-    if totals is None and run.rounds:
-        totals = {kind: sum(int(r.get(key, 0) or 0) for r in run.rounds) for kind, key in ROUND_KINDS.items()}
-    run.communication = totals or {}
-    storage = summary.get("client_storage_bytes")
-    if storage is not None:
-        run.client_storage_bytes = int(storage)
+    if (folder / "summary.json").is_file():
+        totals = _json(folder / "summary.json").get("bytes") or {}
+        run.communication = {kind: int(totals.get(kind, 0) or 0) for kind in KINDS}
 
 
-def _kind_totals(data: dict) -> dict[str, int] | None:
-    """Bytes by kind from a summary: {"bytes": {kind: n}} (federate's summary.json), {"totals": ...}
-    (the ledger's state), possibly nested under "communication" or "ledger", or the kinds as keys."""
-    for candidate in (data.get("bytes"), data, data.get("communication"), data.get("ledger")):
-        if not isinstance(candidate, dict):
-            continue
-        totals = candidate.get("totals") if isinstance(candidate.get("totals"), dict) else candidate
-        if any(kind in totals for kind in KINDS):
-            return {kind: int(totals.get(kind, 0) or 0) for kind in KINDS}
-    return None
-
-
-def _client_storage(workdir: Path, manifests: dict) -> int | None:
-    """Bytes a client keeps on disk to train: summary.json's `client_storage_bytes` when the run
-    recorded it, else the client model files (quantize/model/) plus the adapter (federate/adapter/),
-    as listed in the manifests."""
-    summary = workdir / "federate" / "summary.json"
-    if summary.is_file() and _json(summary).get("client_storage_bytes") is not None:
-        return int(_json(summary)["client_storage_bytes"])
+def _client_storage(manifests: dict) -> int | None:
+    """Bytes a client keeps on disk to train: the client model files (quantize/model/) plus the
+    adapter (federate/adapter/), as listed in the manifests."""
     model = _listed_bytes(manifests.get("quantize"), "model/")
     if model is None:
         return None
@@ -228,15 +347,18 @@ def _json(path: Path) -> dict:
     return data
 
 
-def _accuracy_rounds(run: RunSummary) -> list[tuple[int, float]]:
-    return [(int(r["round"]), float(r["accuracy"])) for r in run.rounds if r.get("accuracy") is not None]
+def _mean_std(values: list[float]) -> tuple[float, float | None, int] | None:
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
 
 
 # ---- writing --------------------------------------------------------------------------------------
 
-CSV_FIELDS = ["run", "method", "model", "task", "workdir",
-              *(f"accuracy_{t}" for t in TARGETS), *(f"perplexity_{t}" for t in TARGETS),
+CSV_FIELDS = ["run", "label", "method", "model", "task", "seed", "workdir",
+              *(f"accuracy_{t}" for t in TARGETS), *(f"min_accuracy_{t}" for t in TARGETS), *(f"perplexity_{t}" for t in TARGETS),
               "communication_bytes", *(f"communication_{k}_bytes" for k in KINDS), "client_storage_bytes",
+              "step_seconds", "peak_worker_rss_mb",
               *(f"wall_time_{s}_s" for s in STAGE_ORDER), "wall_time_total_s", "baseline",
               "communication_pct", "communication_rounds_pct", "storage_pct", "accuracy_plugin_pts", "accuracy_sub_pts"]
 
@@ -247,10 +369,12 @@ def _write_csv(runs: list[RunSummary], path: Path) -> Path:
         writer.writeheader()
         for run in runs:
             base = baseline_for(run, runs)
-            row = {"run": run.name, "method": run.method, "model": run.model, "task": run.task, "workdir": str(run.workdir),
-                   "communication_bytes": run.communication_total, "client_storage_bytes": run.client_storage_bytes,
-                   "wall_time_total_s": round(sum(run.wall_time_s.values()), 3), "baseline": base.name if base else ""}
+            row = {"run": run.name, "label": run.label, "method": run.method, "model": run.model, "task": run.task, "seed": run.seed,
+                   "workdir": str(run.workdir), "communication_bytes": run.communication_total, "client_storage_bytes": run.client_storage_bytes,
+                   "step_seconds": run.step_seconds, "peak_worker_rss_mb": run.peak_rss_mb,
+                   "wall_time_total_s": round(sum(run.wall_time_s.values()), 3), "baseline": base.label if base else ""}
             row.update({f"accuracy_{t}": run.accuracy.get(t) for t in TARGETS})
+            row.update({f"min_accuracy_{t}": run.min_accuracy.get(t) for t in TARGETS})
             row.update({f"perplexity_{t}": run.perplexity.get(t) for t in TARGETS})
             row.update({f"communication_{k}_bytes": run.communication.get(k) for k in KINDS})
             row.update({f"wall_time_{s}_s": run.wall_time_s.get(s) for s in STAGE_ORDER})
@@ -261,32 +385,92 @@ def _write_csv(runs: list[RunSummary], path: Path) -> Path:
 
 
 def render_markdown(runs: list[RunSummary], plots: list[str]) -> str:
-    """report.md: main table, change vs FedPETuning, communication by kind, wall time, plots."""
+    """report.md: main table, change vs FedPETuning, across seeds, step time and RSS, communication
+    by kind, wall time, plots. Expects labelled runs (label_runs)."""
     lines = ["# fedsoda report", "",
-             "Accuracy: task metric of each target on the eval split, with its 95 % Wilson interval. "
+             "Accuracy: task metric of each target on the eval split, with its 95 % Wilson interval "
+             "(run.method local: the mean over clients, the worst client in parentheses). "
              "Communication: every byte between server and clients, the one-time model download included. "
              "Storage: what a client keeps on disk to train (client model + adapter).", "",
              "## Main table", "",
              _table(["run", "method", "model", "task", "plugin", "sub", "zero-shot", "communication", "client storage", "wall time"],
-                    [[r.name, r.method, r.model, r.task, *(_accuracy(r, t) for t in TARGETS), _bytes(r.communication_total),
+                    [[r.label, r.method, r.model, r.task, *(_accuracy(r, t) for t in TARGETS), _bytes(r.communication_total),
                       _bytes(r.client_storage_bytes), _seconds(sum(r.wall_time_s.values()))] for r in runs])]
     compared = [(r, b) for r in runs if (b := baseline_for(r, runs)) is not None]
     lines += ["", "## Change vs FedPETuning", ""]
     if compared:
         lines.append(_table(["run", "baseline", "communication", "communication w/o model download", "client storage", "accuracy plugin", "accuracy sub"],
-                            [[r.name, b.name, *_changes(change_vs(r, b))] for r, b in compared]))
+                            [[r.label, b.label, *_changes(change_vs(r, b))] for r, b in compared]))
     else:
         lines.append("No `fedpetuning` run of the same model and task was given, so no change is computed.")
+    lines += _across_seeds(runs)
+    lines += _step_time(runs)
     lines += ["", "## Communication by kind", "",
-              _table(["run", *KINDS, "total"], [[r.name, *(_bytes(r.communication.get(k)) for k in KINDS), _bytes(r.communication_total)] for r in runs]),
+              _table(["run", *KINDS, "total"], [[r.label, *(_bytes(r.communication.get(k)) for k in KINDS), _bytes(r.communication_total)] for r in runs]),
               "", "## Wall time per stage", "",
-              _table(["run", *STAGE_ORDER, "total"], [[r.name, *(_seconds(r.wall_time_s.get(s)) for s in STAGE_ORDER), _seconds(sum(r.wall_time_s.values()))] for r in runs])]
+              _table(["run", *STAGE_ORDER, "total"], [[r.label, *(_seconds(r.wall_time_s.get(s)) for s in STAGE_ORDER), _seconds(sum(r.wall_time_s.values()))] for r in runs])]
     perplexities = [r for r in runs if r.perplexity]
     if perplexities:
-        lines += ["", "## Held-out perplexity", "", _table(["run", *TARGETS], [[r.name, *(_number(r.perplexity.get(t)) for t in TARGETS)] for r in perplexities])]
+        lines += ["", "## Held-out perplexity", "", _table(["run", *TARGETS], [[r.label, *(_number(r.perplexity.get(t)) for t in TARGETS)] for r in perplexities])]
     if plots:
-        lines += ["", "## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in plots]
+        lines += ["", "## Plots"]
+        for name in plots:  # a paragraph each, so every image sits on its own line
+            lines += ["", _image(name)]
     return "\n".join(lines) + "\n"
+
+
+def _image(file_name: str) -> str:
+    """A markdown image that renders: `![alt](file)` with a non-empty alt text."""
+    alt = Path(file_name).stem.replace("_", " ")
+    return f"![{alt}]({file_name})"
+
+
+def _across_seeds(runs: list[RunSummary]) -> list[str]:
+    """The seed-group table, when some spec was run on more than one seed."""
+    groups = seed_groups(runs)
+    if all(len(g.runs) < 2 for g in groups):
+        return []
+    local = any(g.method == "local" for g in groups)
+    header = ["group", "method", "seeds", "n", *TARGETS, *(["worst client (local)"] if local else [])]
+    rows = []
+    for g in groups:
+        row = [g.label, g.method, ", ".join("?" if s is None else str(s) for s in g.seeds), str(len(g.runs)),
+               *(_mean_std_text(g.accuracy(t)) for t in TARGETS)]
+        if local:
+            worst = [f"{t} {_mean_std_text(m)}" for t in TARGETS if (m := g.min_accuracy(t)) is not None]
+            row.append("; ".join(worst) or "-")
+        rows.append(row)
+    return ["", "## Across seeds", "",
+            "Runs whose spec.json are equal except for run.seed and run.workdir. Accuracy in %: mean ± sample std over n runs "
+            "(run.method local: of the mean over clients; the worst client's accuracy in its own column).", "",
+            _table(header, rows)]
+
+
+def _step_time(runs: list[RunSummary]) -> list[str]:
+    """Client step time and peak worker RSS, as ratios to the fair control."""
+    measured = [r for r in runs if r.step_seconds is not None or r.peak_rss_mb is not None]
+    if not measured:
+        return []
+    control, why = step_time_control(runs)
+    intro = (f"Measured in the client workers during federate: mean seconds per optimizer step and the largest RSS of any round. "
+             + (f"Ratios to {why}." if control else "No `fedpetuning` run was given, so no ratio is computed."))
+
+    def ratio(ours, theirs):
+        return "-" if ours is None or not theirs else f"{ours / theirs:.2f}x"
+
+    rows = [[r.label, r.method, r.quant_type or "-", "-" if r.step_seconds is None else f"{1000 * r.step_seconds:.1f} ms",
+             ratio(r.step_seconds, control.step_seconds if control else None),
+             "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f} MB", ratio(r.peak_rss_mb, control.peak_rss_mb if control else None)]
+            for r in measured]
+    return ["", "## Client step time and peak RSS", "", intro, "",
+            _table(["run", "method", "quant_type", "step time", "step time ratio", "peak worker RSS", "RSS ratio"], rows)]
+
+
+def _mean_std_text(stats: tuple[float, float | None, int] | None) -> str:
+    if stats is None:
+        return "-"
+    mean, std, n = stats
+    return f"{100 * mean:.1f} ± {100 * std:.1f} (n={n})" if std is not None else f"{100 * mean:.1f} (n={n})"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -300,7 +484,8 @@ def _accuracy(run: RunSummary, target: str) -> str:
         return "-"
     ci = run.ci95.get(target)
     interval = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci and len(ci) == 2 else ""
-    return f"{100 * run.accuracy[target]:.1f}{interval}"
+    worst = f" (min {100 * run.min_accuracy[target]:.1f})" if target in run.min_accuracy else ""
+    return f"{100 * run.accuracy[target]:.1f}{interval}{worst}"
 
 
 def _changes(change: dict[str, float | None]) -> list[str]:
@@ -347,7 +532,7 @@ def _plot_communication(runs: list[RunSummary], path: Path) -> list[Path]:
     for run in runs:
         if run.communication or run.rounds:
             points = run.cumulative_communication()
-            ax.plot([p[0] for p in points], [p[1] / 2**20 for p in points], marker="o", label=f"{run.name} ({run.method})")
+            ax.plot([p[0] for p in points], [p[1] / 2**20 for p in points], marker="o", label=f"{run.label} ({run.method})")
     ax.set_xlabel("round (0 = one-time model download)")
     ax.set_ylabel("cumulative communication (MiB)")
     ax.set_ylim(bottom=0)
@@ -361,16 +546,39 @@ def _plot_communication(runs: list[RunSummary], path: Path) -> list[Path]:
 
 
 def _plot_accuracy(runs: list[RunSummary], path: Path) -> list[Path]:
+    """One line per run and evaluated target, e.g. "quickstart seed 1 sub"."""
     figure, ax = _figure()
     for run in runs:
-        points = _accuracy_rounds(run)
-        if points:
-            ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=f"{run.name} ({run.method})")
+        for target, points in run.eval_rounds().items():
+            ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=f"{run.label} {target}")
     ax.set_xlabel("round")
-    ax.set_ylabel("plugin accuracy (%)")
+    ax.set_ylabel("accuracy on the validation slice (%)")
     ax.set_title("accuracy per round")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path)
     return [path]
+
+
+def _plot_accuracy_vs_bytes(runs: list[RunSummary], path: Path) -> list[Path]:
+    """Accuracy against the bytes spent to reach it: the model download plus every round so far."""
+    figure, ax = _figure()
+    ax.xaxis.set_major_locator(_auto_locator())
+    for run in runs:
+        for target, points in run.eval_rounds().items():
+            ax.plot([p[2] / 2**20 for p in points], [100 * p[1] for p in points], marker="o", label=f"{run.label} {target}")
+    ax.set_xlabel("cumulative communication (MiB, model download included)")
+    ax.set_ylabel("accuracy on the validation slice (%)")
+    ax.set_title("accuracy vs communication")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    return [path]
+
+
+def _auto_locator():
+    from matplotlib.ticker import AutoLocator
+
+    return AutoLocator()
