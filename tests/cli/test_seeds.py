@@ -94,6 +94,12 @@ def test_seeds_run_the_tiny_model_into_sibling_workdirs_and_reuse_profile_and_pr
     again = runner.invoke(app, ["run", str(spec_path), "--seeds", "0,1", "--to", "prune"])
     assert again.exit_code == 0, again.output
     assert "seed 1: reused from work-seed0: nothing" in again.output and "up to date, skipped" in again.output
+    # the report tells the two seeds apart and groups them
+    report = runner.invoke(app, ["report", str(first), str(second), "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| seeds seed 0 |" in md and "| seeds seed 1 |" in md
+    assert "| seeds | fedsoda | 0, 1 | 2 |" in md.split("## Across seeds")[1]
 
 
 @pytest.fixture
