@@ -8,11 +8,13 @@ interrupted stage leaves the previous good output untouched.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import resource
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -25,6 +27,7 @@ from fedsoda_cli.errors import ArtifactError
 MANIFEST = "manifest.json"
 _SCRATCH = ".incomplete"
 _RETIRED = ".retired"
+LOCK = ".fedsoda.lock"
 
 
 @dataclass
@@ -66,6 +69,7 @@ def inside(root: Path, path: Path) -> Path:
 def write_stage(workdir: Path, stage: str, spec_hash: str, inputs: dict[str, str]) -> Iterator["StageWriter"]:
     """Yield a writer whose `.path` is a scratch folder; on clean exit it becomes `<workdir>/<stage>`."""
     ensure_workdir(workdir)
+    check_replaceable(workdir, stage)
     _remove_abandoned_scratch(workdir, stage)
     scratch = workdir / _SCRATCH / f"{stage}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     scratch.mkdir(parents=True)
@@ -114,6 +118,55 @@ def _finish(writer: StageWriter, target: Path) -> None:
     _swap_into_place(writer.path, target)
 
 
+def check_replaceable(workdir: Path, stage: str) -> None:
+    """An ArtifactError unless `<workdir>/<stage>` is absent, an empty folder, or a folder holding
+    this stage's own manifest: fedsoda only ever replaces what it wrote."""
+    recover(workdir, stage)
+    target = workdir / stage
+    how = "move it out of the way, or choose another --workdir"
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ArtifactError(f"{target}: a file or link sits where the '{stage}' stage writes its folder, and fedsoda replaces only folders it wrote; {how}")
+    if not target.exists() or not any(target.iterdir()):
+        return
+    if not _owned_by(target, stage):
+        raise ArtifactError(f"{target}: {_foreign(stage)}")
+
+
+def _foreign(stage: str) -> str:
+    return (f"this folder has no fedsoda '{stage}' manifest, and fedsoda replaces only folders it wrote; "
+            "move it out of the way, or choose another --workdir")
+
+
+def _owned_by(folder: Path, stage: str) -> bool:
+    """Whether `folder` carries a manifest of `stage`. An unreadable manifest.json counts as ours: a
+    damaged stage output must stay replaceable by rerunning the stage (its errors say so), and a
+    user's own manifest.json (a web app's, say) is valid JSON of another shape."""
+    data = _manifest_data(folder)
+    return data is _UNREADABLE or (isinstance(data, dict) and data.get("stage") == stage and "spec_hash" in data)
+
+
+def is_stage_folder(folder: Path) -> bool:
+    """Whether `folder` looks like any run's stage output (its manifest.json is fedsoda's)."""
+    data = _manifest_data(folder)
+    return data is _UNREADABLE or (isinstance(data, dict) and isinstance(data.get("stage"), str) and "spec_hash" in data)
+
+
+_UNREADABLE = object()
+
+
+def _manifest_data(folder: Path) -> Any:
+    """The parsed manifest.json of `folder`, None without one, _UNREADABLE when it is not JSON."""
+    path = folder / MANIFEST
+    try:
+        if not path.is_file():
+            return None
+        return json.loads(path.read_bytes())
+    except OSError:
+        return None
+    except (ValueError, RecursionError):
+        return _UNREADABLE
+
+
 def _swap_into_place(new: Path, target: Path) -> None:
     """Replace `target` by `new`; a crash between the two renames is healed by `recover`."""
     retired = None
@@ -147,6 +200,8 @@ def read_manifest(workdir: Path, stage: str) -> Manifest | None:
         return None
     try:
         data = json.loads(path.read_text())
+        if isinstance(data, dict) and "stage" not in data and "spec_hash" not in data:
+            raise ArtifactError(f"{path.parent}: {_foreign(stage)}")  # another program's manifest.json
         return Manifest(**data)
     except (json.JSONDecodeError, TypeError) as exc:
         raise ArtifactError(f"{path}: corrupt manifest ({exc}); rerun the '{stage}' stage with --force") from None
@@ -211,3 +266,76 @@ def ensure_workdir(workdir: Path) -> None:
         raise ArtifactError(f"{workdir}: cannot create the workdir ({exc.strerror}{at}); choose a writable folder with --workdir or run.workdir") from None
     if not os.access(workdir, os.W_OK):
         raise ArtifactError(f"{workdir}: workdir is not writable; choose another with --workdir or run.workdir")
+
+
+# workdir (resolved) -> [open lock file descriptor, nesting depth] of the locks this process holds
+_HELD: dict[Path, list[int]] = {}
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the workdir for the duration: a second fedsoda process on the same
+    workdir would replace stage folders and delete round checkpoints under the first. Re-entrant
+    within one process, so `fedsoda run` holds it across all stages it executes."""
+    key = Path(workdir).resolve()
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    ensure_workdir(key)
+    fd = _acquire(key / LOCK)
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        _release(key / LOCK, fd)
+
+
+def _acquire(path: Path) -> int:
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ArtifactError(f"{path}: cannot create the workdir lock ({exc.strerror}); choose a writable folder with --workdir or run.workdir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise ArtifactError(f"{path.parent}: in use by another fedsoda process ({holder}); wait for it to finish, "
+                                "or choose another --workdir") from None
+        # The holder before us unlinks the file as it lets go; a lock on that unlinked file guards nothing.
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (current.st_dev, current.st_ino):
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1].isalpha() else ""
+        os.write(fd, json.dumps({"pid": os.getpid(), "command": f"fedsoda {command}".strip()}).encode())
+        return fd
+
+
+def _holder(fd: int) -> str:
+    """'pid N, fedsoda run' from the lock file, as far as its holder has written it yet."""
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        pid, command = int(data["pid"]), str(data.get("command", "fedsoda"))
+    except (ValueError, KeyError, TypeError):
+        return "pid not yet recorded"
+    return f"pid {pid}, {command}"
+
+
+def _release(path: Path, fd: int) -> None:
+    # Unlinked while still locked, so the folder is left as it was found and nobody can lock a stale file.
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    os.close(fd)

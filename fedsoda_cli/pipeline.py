@@ -148,15 +148,16 @@ def execute(spec: Spec, workdir: Path, stage: Stage, console: Console, **options
     """Run one stage: check its inputs, run it into a scratch folder, swap it in, print its summary."""
     from fedsoda_cli import reporting, seeding
 
-    inputs, digests = input_folders(spec, workdir, stage)
-    seeding.prepare(spec)
-    reporting.quiet_third_party()
-    with artifacts.write_stage(workdir, stage.name, sections_hash(spec, stage.sections), digests) as writer:
-        ctx = StageContext(spec=spec, workdir=workdir, out=writer.path, inputs=inputs, console=console, options=options)
-        result = stage.function()(ctx)
-        writer.manifest.metrics = result.metrics
-    record_spec(spec, workdir)  # only once the stage succeeded: a failed attempt must not relabel the run
-    manifest = artifacts.read_manifest(workdir, stage.name)
+    with artifacts.workdir_lock(workdir):  # the CLI already holds it for the whole command; this guards library callers
+        inputs, digests = input_folders(spec, workdir, stage)
+        seeding.prepare(spec)
+        reporting.quiet_third_party()
+        with artifacts.write_stage(workdir, stage.name, sections_hash(spec, stage.sections), digests) as writer:
+            ctx = StageContext(spec=spec, workdir=workdir, out=writer.path, inputs=inputs, console=console, options=options)
+            result = stage.function()(ctx)
+            writer.manifest.metrics = result.metrics
+        record_spec(spec, workdir)  # only once the stage succeeded: a failed attempt must not relabel the run
+        manifest = artifacts.read_manifest(workdir, stage.name)
     reporting.stage_summary(console, stage.name, result.summary, manifest)
     return manifest
 

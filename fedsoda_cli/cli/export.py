@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from fedsoda_cli import artifacts
 from fedsoda_cli.cli.common import SetOpt, SpecArg, WorkdirOpt, console, handles_errors, open_spec
 
 
@@ -25,5 +26,6 @@ def export(
     if dtype not in ("float32", "bfloat16"):
         raise SpecError(f"--dtype {dtype!r}: choose float32 or bfloat16")
     loaded, folder = open_spec(spec, set, workdir)
-    path = export_merged(loaded, folder, out, dtype=dtype)
+    with artifacts.workdir_lock(folder):  # a run replacing federate/ mid-merge would mix two results
+        path = export_merged(loaded, folder, out, dtype=dtype)
     console.print(f"[green]exported[/] {path}")

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from fedsoda_cli import pipeline
+from fedsoda_cli import artifacts, pipeline
 from fedsoda_cli.cli.common import SetOpt, SpecArg, WorkdirOpt, console, handles_errors, open_spec
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue after the last complete round (checkpoints in <workdir>/federate.checkpoints).")]
@@ -16,4 +16,5 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue after the la
 def federate(spec: SpecArg, set: SetOpt = None, workdir: WorkdirOpt = None, resume: ResumeOpt = False) -> None:
     """Federated LoRA fine-tuning with client workers as processes; realigns every r rounds."""
     loaded, folder = open_spec(spec, set, workdir)
-    pipeline.execute(loaded, folder, pipeline.stage_named(loaded, "federate"), console, resume=resume)
+    with artifacts.workdir_lock(folder):
+        pipeline.execute(loaded, folder, pipeline.stage_named(loaded, "federate"), console, resume=resume)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from fedsoda_cli import artifacts
 from fedsoda_cli.cli.common import SetOpt, SpecArg, WorkdirOpt, console, handles_errors, open_spec
 from fedsoda_cli.errors import ArtifactError
 
@@ -24,4 +25,5 @@ def realign(
     if not (adapter / "adapter_config.json").is_file():
         raise ArtifactError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json); pass e.g. <workdir>/federate/adapter")
     loaded, folder = open_spec(spec, set, workdir)
-    run_standalone(loaded, folder, adapter, console)
+    with artifacts.workdir_lock(folder):
+        run_standalone(loaded, folder, adapter, console)

@@ -39,7 +39,8 @@ def run(
     """Run the pipeline end to end (or the range --from..--to), for one seed or several (--seeds)."""
     if seeds is None:
         loaded, folder = open_spec(spec, set, workdir)
-        _run_stages(loaded, folder, from_stage, to_stage, force, resume)
+        with artifacts.workdir_lock(folder):  # held across all stages: no other fedsoda process may swap folders in between
+            _run_stages(loaded, folder, from_stage, to_stage, force, resume)
         return
     values = parse_seeds(seeds)
     _, base = open_spec(spec, set, workdir)
@@ -51,10 +52,11 @@ def run(
         folder = seed_workdir(base, seed)
         folders.append(folder)
         reused: list[str] = []
-        if first is not None:
-            reused = reuse_seed_free_stages(loaded, first, folder, _select(pipeline.stages_for(loaded), None, to_stage), force)
-            reused_by_seed[seed] = reused
-        _run_stages(loaded, folder, from_stage, to_stage, force, resume, reused=frozenset(reused))  # `set` is the --set option here
+        with artifacts.workdir_lock(folder):
+            if first is not None:
+                reused = reuse_seed_free_stages(loaded, first, folder, _select(pipeline.stages_for(loaded), None, to_stage), force)
+                reused_by_seed[seed] = reused
+            _run_stages(loaded, folder, from_stage, to_stage, force, resume, reused=frozenset(reused))  # `set` is the --set option here
         first = first or folder
     for seed, reused in reused_by_seed.items():
         console.print(f"seed {seed}: reused from {first.name}: {', '.join(reused) or 'nothing'}", highlight=False)

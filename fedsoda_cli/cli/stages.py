@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from fedsoda_cli import pipeline
+from fedsoda_cli import artifacts, pipeline
 from fedsoda_cli.cli.common import SetOpt, SpecArg, WorkdirOpt, console, handles_errors, open_spec
 
 HELP = {
@@ -23,7 +23,8 @@ def stage_command(name: str) -> Callable:
     @handles_errors
     def command(spec: SpecArg, set: SetOpt = None, workdir: WorkdirOpt = None) -> None:
         loaded, folder = open_spec(spec, set, workdir)
-        pipeline.execute(loaded, folder, pipeline.stage_named(loaded, name), console)
+        with artifacts.workdir_lock(folder):
+            pipeline.execute(loaded, folder, pipeline.stage_named(loaded, name), console)
 
     command.__name__ = name
     command.__doc__ = HELP[name]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from fedsoda_cli.errors import ModelError
+from fedsoda_cli.errors import ArtifactError, ModelError
 from fedsoda_cli.models import builtin, tiny
 from fedsoda_cli.spec.schema import ModelSpec
 
@@ -56,7 +56,10 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 def replace_dir(new: Path, target: Path) -> None:
     """Rename `new` onto `target`. A folder cannot be renamed over a non-empty one: an existing
-    `target` is moved aside first and deleted after, so `target` is never a mix of old and new files."""
+    `target` is moved aside first and deleted after, so `target` is never a mix of old and new files.
+    Callers decide whether an existing folder is theirs to replace; a file or link never is."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ArtifactError(f"{target}: a file or link is in the way of the folder fedsoda writes there; move it away or write elsewhere")
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         os.replace(target, old / target.name)
