@@ -24,23 +24,68 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def export_merged(spec, workdir: Path, out_dir: Path, *, dtype: str = "float32") -> Path:
     """Merge the run's plugin adapter into the full model and save it to `out_dir` (replaced
-    atomically if it exists) in `dtype` (float32 or bfloat16). Returns `out_dir`."""
-    from fedsoda_cli.models.load import save_checkpoint
+    atomically if it holds an earlier fedsoda export) in `dtype` (float32 or bfloat16). Returns `out_dir`."""
+    from fedsoda_cli import artifacts
+    from fedsoda_cli.models.load import replace_dir, save_checkpoint
 
     if dtype not in DTYPES:
         raise SpecError(f"export dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}")
-    workdir = Path(workdir)
+    workdir, out = Path(workdir), Path(out_dir)
+    check_out_dir(out, workdir, spec)  # before the merge, so a refusal costs nothing
     federate = _current_stage(spec, workdir, "federate")
     quantize = _current_stage(spec, workdir, "quantize")
-    with tempfile.TemporaryDirectory(prefix="fedsoda-export-") as scratch:
-        merged, tokenizer = merge_plugin(spec, federate / "adapter", quantize / "layer_map.json", Path(scratch) / "plugin")
-        out = save_checkpoint(merged.to(DTYPES[dtype]), tokenizer, Path(out_dir))
-    from fedsoda_cli import artifacts
-
     provenance = {"workdir": str(workdir.resolve()), "method": spec.run.method, "run": spec.run.name,
                   "federate_digest": artifacts.read_manifest(workdir, "federate").digest(), "dtype": dtype}
-    (out / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True))
+    _make_parent(out)
+    # Beside `out`, so the finished folder is renamed into place: a half export never sits at `out`,
+    # and the marker is inside before it gets there.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as scratch:
+        merged, tokenizer = merge_plugin(spec, federate / "adapter", quantize / "layer_map.json", Path(scratch) / "plugin")
+        staged = save_checkpoint(merged.to(DTYPES[dtype]), tokenizer, Path(scratch) / "export")
+        (staged / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True))
+        check_out_dir(out, workdir, spec)  # again: `out` may have been filled while the merge ran
+        replace_dir(staged, out)
     return out
+
+
+def check_out_dir(out: Path, workdir: Path, spec) -> None:
+    """An ArtifactError unless `out` may receive an export: absent, an empty folder, or an earlier
+    fedsoda export (it carries fedsoda_export.json), and clear of every run's stage folders."""
+    from fedsoda_cli import artifacts, pipeline
+
+    resolved, run = out.resolve(), workdir.resolve()
+    stage_names = {*pipeline.ALL_STAGE_NAMES, "realign", *(stage.name for stage in pipeline.stages_for(spec))}
+    how = "choose another --out (a new folder, or an earlier fedsoda export to replace)"
+    if resolved == run or resolved in run.parents:
+        raise ArtifactError(f"{out}: is or contains the run's workdir {run}, which the export would replace; {how}")
+    if run in resolved.parents:
+        first = run / resolved.relative_to(run).parts[0]
+        if first.name.startswith(".") or first.name in stage_names or first.name.endswith(".checkpoints"):
+            raise ArtifactError(f"{out}: {'is' if first == resolved else 'lies inside'} {first}, which fedsoda stages write; {how}")
+    for folder in (resolved, *resolved.parents):
+        if artifacts.is_stage_folder(folder):
+            raise ArtifactError(f"{out}: {'is' if folder == resolved else 'lies inside'} the fedsoda stage folder {folder}; {how}")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ArtifactError(f"{out}: exists and is not a folder, and export replaces only its own folders; {how}")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        raise ArtifactError(f"{out}: this folder holds files but no {PROVENANCE}, so it is not an earlier fedsoda export "
+                            f"and will not be replaced; {how}")
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` is a fedsoda export: its provenance file is there and reads as one."""
+    try:
+        data = json.loads((folder / PROVENANCE).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "federate_digest" in data
+
+
+def _make_parent(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ArtifactError(f"{out}: a file is in the way of its parent folder; choose another --out") from None
 
 
 def merge_plugin(spec, sub_adapter: Path, layer_map_path: Path, plugin_dir: Path):
