@@ -7,17 +7,23 @@ A checkpoint folder `round-NNNN/` holds
   realign/state.safetensors|.json  the realigner's state_dict
   rng.safetensors                  torch's global RNG state
   state.json                       round, identity (spec hash, input digest), metrics so far,
-                                   communication totals, python/numpy RNG states
+                                   communication totals, python/numpy RNG states, the sha256 of
+                                   every other file and of its own content
 It is written into a temporary folder and renamed into place, so a run killed at any moment
-leaves only complete checkpoints. Client training never draws from a global RNG stream (every
-seed derives from (run.seed, round, client)); the RNG states are kept for aggregator plugins.
+leaves only complete checkpoints. A resume verifies every hash first: a checkpoint changed on disk
+would otherwise continue into a different result with exit 0. Client training never draws from a
+global RNG stream (every seed derives from (run.seed, round, client)); the RNG states are kept for
+aggregator plugins.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -32,6 +38,9 @@ if TYPE_CHECKING:
     from fedsoda_cli.plugins.contracts import AdapterState
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+STATE = "state.json"
+_ROUND = re.compile(r"round-\d{4,}")
+_RERUN = "rerun without --resume to start over"
 
 
 @dataclass
@@ -56,6 +65,7 @@ class CheckpointStore:
 
     def save(self, checkpoint: Checkpoint, aggregator: str) -> Path:
         """Write `checkpoint` atomically as round-NNNN/; keep only the newest `keep` ones."""
+        self._check_folder()
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.folder / f"round-{checkpoint.round:04d}"
         tmp = self.folder / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
@@ -83,29 +93,45 @@ class CheckpointStore:
         if not rounds:
             return None
         folder = rounds[-1]
-        state = json.loads((folder / "state.json").read_text())
+        state = _verified_state(folder)
         if state["identity"] != self.identity:
             raise ArtifactError(f"checkpoint {folder} came from a different spec or quantize output "
                                f"(spec hash {state['identity'].get('spec_hash')} vs {self.identity.get('spec_hash')}, "
                                f"input {state['identity'].get('quantize')} vs {self.identity.get('quantize')}); rerun without --resume to start over")
-        return _read(folder, state)
+        try:
+            return _read(folder, state)
+        except (KeyError, TypeError, ValueError, OSError) as exc:  # hashes matched, so written so by another version
+            raise ArtifactError(f"checkpoint {folder} cannot be read ({type(exc).__name__}: {exc}); {_RERUN}") from None
 
     def clear(self) -> int:
-        """Delete every checkpoint (a fresh run); returns how many there were."""
+        """Delete every checkpoint (a fresh run); returns how many there were. Only round folders and
+        write leftovers go: anything else a user put into the folder stays, and so does the folder."""
+        self._check_folder()
         count = len(self._rounds())
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder.is_dir():
+            for path in self.folder.iterdir():
+                if path.is_dir() and not path.is_symlink() and (_ROUND.fullmatch(path.name) or _is_leftover(path.name)):
+                    shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
         return count
+
+    def _check_folder(self) -> None:
+        if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
+            raise ArtifactError(f"{self.folder}: a file or link sits where round checkpoints go, and fedsoda replaces only "
+                                "folders it wrote; move it out of the way, or choose another --workdir")
 
     def _rounds(self) -> list[Path]:
         if not self.folder.is_dir():
             return []
-        return sorted(p for p in self.folder.glob("round-*") if (p / "state.json").is_file())
+        return sorted(p for p in self.folder.glob("round-*") if _ROUND.fullmatch(p.name) and (p / STATE).is_file())
 
     def _prune(self) -> None:
         for old in self._rounds()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.folder.glob(".round-*.tmp"):  # left by a run killed mid-write
-            shutil.rmtree(stale, ignore_errors=True)
+            if _is_leftover(stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def _write_state(self, folder: Path, checkpoint: Checkpoint) -> None:
         """state.json (written last: its presence marks a complete checkpoint) and rng.safetensors."""
@@ -116,8 +142,51 @@ class CheckpointStore:
         if torch_state is not None:
             save_file({"torch": torch_state}, folder / "rng.safetensors")
         state = {"round": checkpoint.round, "identity": self.identity, "history": checkpoint.history,
-                 "ledger": checkpoint.ledger, "rng": rng}
-        (folder / "state.json").write_text(json.dumps(state, sort_keys=True))
+                 "ledger": checkpoint.ledger, "rng": rng, "files": _file_hashes(folder)}
+        state = json.loads(json.dumps(state, sort_keys=True))  # hashed as it will read back: int keys become strings
+        state["state_sha256"] = _content_hash(state)
+        (folder / STATE).write_text(json.dumps(state, sort_keys=True))
+
+
+def _is_leftover(name: str) -> bool:
+    return re.fullmatch(r"\.round-\d{4,}\.[0-9a-f]{8}\.tmp", name) is not None
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file in a checkpoint folder except state.json."""
+    from fedsoda_cli.artifacts import sha256_file
+
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() != STATE}
+
+
+def _content_hash(state: dict[str, Any]) -> str:
+    """sha256 of state.json's content (without this hash), independent of its formatting."""
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _verified_state(folder: Path) -> dict[str, Any]:
+    """state.json of a checkpoint, after checking it and every file it lists against their sha256."""
+    path = folder / STATE
+    try:
+        state = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{path}: corrupt checkpoint state ({type(exc).__name__}); {_RERUN}") from None
+    files = state.get("files") if isinstance(state, dict) else None
+    if not isinstance(files, dict) or not isinstance(state.get("state_sha256"), str) or not isinstance(state.get("identity"), dict):
+        raise ArtifactError(f"{path}: checkpoint state without its integrity record (damaged, or written by an older fedsoda); {_RERUN}")
+    if _content_hash(state) != state["state_sha256"]:
+        raise ArtifactError(f"{path}: checkpoint state no longer matches its sha256 (modified or corrupt); {_RERUN}")
+    found = _file_hashes(folder)
+    for rel in sorted(set(files) | set(found)):
+        if rel not in found:
+            raise ArtifactError(f"{folder / rel}: listed in checkpoint {folder.name} but missing; {_RERUN}")
+        if rel not in files:
+            raise ArtifactError(f"{folder / rel}: not part of checkpoint {folder.name} as written; remove it, or {_RERUN}")
+        if found[rel] != files[rel]:
+            raise ArtifactError(f"{folder / rel}: content no longer matches checkpoint {folder.name}'s sha256 (modified or corrupt); {_RERUN}")
+    return state
 
 
 def write_peft_adapter(folder: Path, adapter: "AdapterState", lora: "LoraConfig") -> Path:
