@@ -56,11 +56,18 @@ def spec_dir(spec: Spec) -> Path:
 
 
 def resolve_workdir(spec: Spec, override: str | Path | None = None) -> Path:
-    """The run's artifact folder: `--workdir` if given, else run.workdir relative to the spec."""
+    """The run's artifact folder: `--workdir` if given, else run.workdir relative to the spec.
+    run.name is a single folder name (RunSpec checks it), so '{name}' cannot lead out of run.workdir."""
     if override is not None:
-        return Path(override).resolve()
+        return _own_folder(Path(override).resolve(), f"--workdir {override}")
     workdir = Path(spec.run.workdir.replace("{name}", spec.run.name))
-    return workdir if workdir.is_absolute() else (spec_dir(spec) / workdir).resolve()
+    return _own_folder((spec_dir(spec) / workdir).resolve(), f"run.workdir = {spec.run.workdir!r}")
+
+
+def _own_folder(workdir: Path, given: str) -> Path:
+    if workdir.parent == workdir:  # stage folders would land in /profile, /eval, ... beside system folders
+        raise SpecError(f"{given} resolves to the filesystem root {workdir}; give the run a folder of its own")
+    return workdir
 
 
 def sections_hash(spec: Spec, sections: Iterable[str]) -> str:

@@ -24,6 +24,24 @@ class RunSpec(Section):
     method: Literal["fedsoda", "fedpetuning", "fedot"] = Field("fedsoda", description="fedsoda (prune+align+QLoRA), or a baseline: fedpetuning (full model, LoRA on all layers), fedot (offsite-tuning emulator).")
     threads: int = Field(0, ge=0, description="Torch threads for the main process; 0 = all cores.")
 
+    @model_validator(mode="after")
+    def _name_is_one_folder(self):
+        # run.workdir expands '{name}' into a path, so a name must not step out of (or away from) it.
+        name, why = self.name, None
+        if not name.strip():
+            why = "is empty"
+        elif len(name) > 100:
+            why = f"is {len(name)} characters long (at most 100)"
+        elif "/" in name or "\\" in name:
+            why = "contains a path separator"
+        elif ".." in name or name == ".":
+            why = "contains '..' or is '.'"
+        elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+            why = "contains a NUL or another control character"
+        if why:
+            raise ValueError(f"run.name {why}; a run name becomes a folder name in run.workdir: use letters, digits, '-', '_' or '.'")
+        return self
+
 
 class ModelSpec(Section):
     name: str | None = Field("smollm2-135m", description="Built-in model: smollm2-135m (embedded default), qwen2.5-coder-0.5b, tiny-random-llama, tiny-random-qwen2. Ignored when path or hub_id is set.")
