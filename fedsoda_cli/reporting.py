@@ -57,3 +57,14 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
+
+
+def format_eval(entry: dict) -> str:
+    """One per-round evaluation entry: accuracy [95 % CI], the predicted-label shares, the eval loss."""
+    lo, hi = entry["ci95"]
+    text = f"{100 * entry['accuracy']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
+    if entry.get("label_shares"):
+        text += " (" + ", ".join(f"{label} {100 * share:.0f} %" for label, share in entry["label_shares"].items()) + ")"
+    if entry.get("loss") is not None:
+        text += f", loss {entry['loss']:.3f}"
+    return text

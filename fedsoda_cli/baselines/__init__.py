@@ -4,13 +4,14 @@
   quantizes) and exchange LoRA adapters of all layers.
 - fedot (offsite-tuning): the emulator is a uniform drop of middle layers, distilled once; the bottom
   and top `fedot.adapter_layers` layers carry the trainable adapter; no realignment.
+- central: the upper bound, fedsoda's client model trained on all clients' data pooled (bounds.py).
 
 Everything else (data, LoRA rank, clients, rounds, local steps, learning rate) comes from the same
 spec keys as fedsoda, so one spec switch changes only the method.
 """
 
 from fedsoda_cli import pipeline
-from fedsoda_cli.baselines import fedot, fedpetuning
+from fedsoda_cli.baselines import bounds, fedot, fedpetuning
 
 _SOURCES = ("model", "data")
 
@@ -29,4 +30,10 @@ pipeline.register_pipeline("fedot", (
     pipeline.EVAL,
 ))
 
-__all__ = ["fedot", "fedpetuning"]
+pipeline.register_pipeline("central", (
+    pipeline.PROFILE, pipeline.PRUNE, pipeline.ALIGN, pipeline.QUANTIZE,
+    pipeline.Stage("federate", ("quantize",), pipeline.FEDERATE.sections, "fedsoda_cli.baselines.bounds:central"),
+    pipeline.EVAL,
+))
+
+__all__ = ["bounds", "fedot", "fedpetuning"]

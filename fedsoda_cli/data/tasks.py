@@ -16,6 +16,10 @@ depend on where the data came from.
 
 Limits (`task.train_examples` / `task.eval_examples`, 0 = all) take a seeded subset, stratified by
 label for classification tasks (label shares as in the source), returned in source order.
+
+The "val" split (federate's per-round evaluation) is drawn, stratified and seeded, from the
+training split's examples that the train subset left unused: disjoint from what any client trains
+on and from the reported eval split, and taking it never changes the training examples.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from fedsoda_cli.spec.schema import TaskSpec
 
 log = logging.getLogger(__name__)
 
-Split = Literal["train", "eval"]
+Split = Literal["train", "val", "eval"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ BUILTIN: dict[str, _Builtin] = {
 }
 
 # Independent random streams per purpose, so e.g. changing eval_examples never moves the train subset.
-_STREAM_BOOLQ_SPLIT, _STREAM_SUBSET = 1, {"train": 2, "eval": 3}
+_STREAM_BOOLQ_SPLIT, _STREAM_SUBSET = 1, {"train": 2, "eval": 3, "val": 4}
 
 
 def load_task(task: TaskSpec, data_dir: Path | None, split: Split, seed: int, *, spec_dir: Path | None = None) -> list[Example]:
@@ -108,16 +112,23 @@ def load_task(task: TaskSpec, data_dir: Path | None, split: Split, seed: int, *,
     `task.train_file` / `task.eval_file` (jsonl task; default: the working directory).
     Raises DataError for missing files, malformed records, bad templates and empty datasets.
     """
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if split not in ("train", "val", "eval"):
+        raise ValueError(f"split must be 'train', 'val' or 'eval', got {split!r}")
+    source_split = "eval" if split == "eval" else "train"
     if task.name == "jsonl":
-        records, source = _user_records(task, split, spec_dir)
+        records, source = _user_records(task, source_split, spec_dir)
         examples = _user_examples(task, records, source)
     else:
-        records, source = _builtin_records(task, data_dir, split, seed)
-        examples = _builtin_examples(task, records, source, split)
-    limit = task.train_examples if split == "train" else task.eval_examples
-    return _limit(examples, limit, seed, split)
+        records, source = _builtin_records(task, data_dir, source_split, seed)
+        examples = _builtin_examples(task, records, source, source_split)
+    if split == "eval":
+        return _limit(examples, task.eval_examples, seed, "eval")
+    train = _limit(examples, task.train_examples, seed, "train")
+    if split == "train":
+        return train
+    used = {e.id for e in train}
+    unused = [e for e in examples if e.id not in used]
+    return _limit(unused, task.val_examples, seed, "val") if task.val_examples else []
 
 
 # ---- reading records ---------------------------------------------------------------------------
@@ -293,13 +304,21 @@ def _user_examples(task: TaskSpec, records: list[Record], source: str) -> list[E
     needed = {task.input_field: " (task.input_field)", task.output_field: " (task.output_field)"}
     needed |= {f: " (used by task.prompt)" for f in template_fields(template, records[0].fields, source) if f not in needed}
     stem = Path(source).stem
+    choices = [c if c[:1].isspace() else " " + c for c in task.choices] if task.choices else None
     examples = []
     for rec in records:
         _check_fields(rec, needed)
         output = str(rec.fields[task.output_field])
         # The answer follows the prompt directly: a separating space unless the output brings its own.
         answer = output if output[:1].isspace() else " " + output
-        examples.append(Example(f"{stem}-{rec.index}", template.format(**rec.fields), answer, None, None))
+        label = None
+        if choices is not None:
+            words = [c.strip() for c in choices]
+            if answer.strip() not in words:
+                raise DataError(f"{rec.where}: {task.output_field!r} is {output!r}, not one of task.choices {task.choices}; fix the record or task.choices")
+            label = words.index(answer.strip())
+            answer = choices[label]
+        examples.append(Example(f"{stem}-{rec.index}", template.format(**rec.fields), answer, label, choices))
     return examples
 
 

@@ -103,8 +103,9 @@ def train_client(model, tokenizer, global_adapter: "AdapterState", shard: Sequen
     the batch order (numpy) and dropout (torch), so a retried or resumed client repeats exactly.
     Every LoRA tensor is overwritten from `global_adapter` and the optimizer is new, so nothing of
     an earlier client survives. `slots` = `lora_slots(model)`, passed by callers that train often.
-    `num_samples` is the shard size: FedAvg's n_k (with a fixed number of local steps every
-    client sees the same number of examples, so that count would not weight anything).
+    `num_samples` is the number of examples the client trained on this round (local_steps x
+    batch_size draws), the work FedAvg weights by default; the shard size goes into
+    `metrics["shard_size"]` for `federate.weighting = "shard"`.
     """
     import numpy as np
     import torch
@@ -134,9 +135,10 @@ def train_client(model, tokenizer, global_adapter: "AdapterState", shard: Sequen
         losses.append(float(sft_loss.detach()))
     seconds = time.perf_counter() - started
     model.eval()
-    metrics = {"train_loss": float(np.mean(losses)), "last_loss": losses[-1], "steps": config.local_steps}
+    metrics = {"train_loss": float(np.mean(losses)), "last_loss": losses[-1], "steps": config.local_steps,
+               "shard_size": len(shard), "step_seconds": seconds / config.local_steps}
     trained = {name: p.detach().clone() for name, p in slots.items()}
-    return LocalResult(trained, len(shard), metrics, start_digest, seconds)
+    return LocalResult(trained, len(order), metrics, start_digest, seconds)
 
 
 def _load_into(slots: dict[str, Any], adapter: "AdapterState") -> None:

@@ -59,6 +59,8 @@ class ConsoleReporter(RoundReporter):
         parts += [f"loss {record['train_loss']:.4f}", f"down {fmt(record['bytes_down'])}", f"up {fmt(record['bytes_up'])}"]
         if record["bytes_realign"]:
             parts.append(f"realign {fmt(record['bytes_realign'])}")
+        for target, entry in record.get("eval", {}).items():
+            parts.append(f"{target} acc {reporting.format_eval(entry)}")
         self.console.print(f"round {record['round']}: " + ", ".join(parts) + f", {record['seconds']:.1f} s", highlight=False)
 
     def stop(self) -> None:

@@ -1,8 +1,9 @@
 """The federated round loop, as a template: one concrete `run()`, small overridable steps.
 
 A round: seeded sampling -> one task per sampled client through the transport (retried once if
-its worker dies) -> validation of every update -> the aggregator plugin -> (every r rounds) the
-server realigns and broadcasts the partial layers -> accounting -> an atomic checkpoint.
+its worker dies) -> validation of every update -> the aggregator plugin -> (every k rounds) the
+server evaluates the global adapter -> (every r rounds, unless it is the last) the server realigns
+and broadcasts the partial layers -> accounting -> an atomic checkpoint.
 
 Nothing here knows how a task reaches a client (transport.py), what a client does (client.py) or
 what realignment computes (the `Realigner` it is given). Reproducibility does not depend on an RNG
@@ -40,6 +41,8 @@ class RoundPlan:
     min_clients: int = 1
     max_update_norm: float = 1e3
     realign_every: int = 0
+    weighting: str = "examples"  # n_k of each update: "examples" trained this round, "shard" size, "uniform"
+    eval_every: int = 0
     retries: int = 1  # a client whose worker died is tried again this many times in the same round
 
 
@@ -53,6 +56,14 @@ class Realigner(Protocol):
         """State carried between realignments (e.g. the float master copy of the partial layers)."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Evaluator(Protocol):
+    """Server-side per-round evaluation of the global adapter on validation examples."""
+
+    def evaluate(self, round: int, global_adapter: "AdapterState", realign_layers: bytes | None) -> dict[str, Any]:
+        """{target: {accuracy, ci95, correct, count, label_shares, loss}} for the adapter as clients hold it
+        (on the client model with `realign_layers`, the latest realigned partial layers, swapped in)."""
 
 
 class RoundReporter:
@@ -98,9 +109,10 @@ class FederatedServer:
 
     def __init__(self, plan: RoundPlan, transport: "ClientTransport", aggregator: Aggregator, aggregator_name: str,
                  store: CheckpointStore, *, realigner: Realigner | None = None, reporter: RoundReporter | None = None,
-                 model_bytes: int = 0):
+                 model_bytes: int = 0, evaluator: Evaluator | None = None):
         self.plan, self.transport, self.aggregator, self.aggregator_name = plan, transport, aggregator, aggregator_name
         self.store, self.realigner, self.reporter, self.model_bytes = store, realigner, reporter or RoundReporter(), model_bytes
+        self.evaluator = evaluator
         self.global_adapter: AdapterState = {}
         self.history: list[dict[str, Any]] = []
         self.ledger = Ledger()
@@ -133,7 +145,10 @@ class FederatedServer:
         self.global_adapter = self.aggregate(round, collected.updates)
         record = self.record(round, clients, collected)
         self._plugin("on_round_end", round, self.global_adapter, record)
-        if self.realigner is not None and self.plan.realign_every and round % self.plan.realign_every == 0:
+        if self.evaluates(round):
+            # before any realignment: the adapter is scored on the client model it was trained on
+            record["eval"] = self.evaluator.evaluate(round, self.global_adapter, self.realign_layers)
+        if self.realigns(round):
             self.realign(round)
         traffic = self.ledger.take_round()
         record.update(bytes_down=traffic["adapter_down"], bytes_up=traffic["adapter_up"], bytes_realign=traffic["realign"],
@@ -143,6 +158,17 @@ class FederatedServer:
         self.reporter.round_finished(record)
 
     # ---- steps --------------------------------------------------------------------------------
+
+    def realigns(self, round: int) -> bool:
+        """Every r rounds, and only when another round follows: new base weights under an adapter
+        that no client trains on again would only change what the clients hold, and cost bytes."""
+        every = self.plan.realign_every
+        return self.realigner is not None and bool(every) and round % every == 0 and round < self.plan.rounds
+
+    def evaluates(self, round: int) -> bool:
+        """Every `eval_every` rounds, and after the last one."""
+        every = self.plan.eval_every
+        return self.evaluator is not None and bool(every) and (round % every == 0 or round == self.plan.rounds)
 
     def begin(self) -> int:
         """A fresh run: the clients' initial adapter, and every client's one-time model download."""
@@ -205,7 +231,7 @@ class FederatedServer:
             collected.excluded.append({"client": result.client, "reason": reason})
             self.reporter.client_excluded(round, result.client, reason)
             return
-        collected.updates.append(ClientUpdate(result.client, adapter, int(result.num_samples), dict(result.metrics)))
+        collected.updates.append(ClientUpdate(result.client, adapter, self.weight(result), dict(result.metrics)))
         self.reporter.client_finished(round, result.client, result.metrics.get("train_loss"))
 
     def screen(self, round: int, result: ClientResult, global_digest: str, collected: _Collected) -> tuple["AdapterState | None", str | None]:
@@ -221,6 +247,14 @@ class FederatedServer:
         except ValueError as exc:
             return None, f"unreadable upload: {exc}"
         return adapter, self.validate(adapter)
+
+    def weight(self, result: ClientResult) -> int:
+        """The update's n_k for the aggregator, as `plan.weighting` says."""
+        if self.plan.weighting == "uniform":
+            return 1
+        if self.plan.weighting == "shard":
+            return int(result.metrics.get("shard_size", result.num_samples))
+        return int(result.num_samples)
 
     def validate(self, adapter: "AdapterState") -> str | None:
         return check_update(self.global_adapter, adapter, self.plan.max_update_norm)
@@ -245,8 +279,10 @@ class FederatedServer:
         """The round's line of metrics.jsonl (bytes and seconds are added by run_round)."""
         weights = sum(u.num_samples for u in collected.updates)
         loss = sum(u.metrics.get("train_loss", 0.0) * u.num_samples for u in collected.updates) / weights
+        steps = [u.metrics["step_seconds"] for u in collected.updates if "step_seconds" in u.metrics]
         return {"round": round, "clients": clients, "updated": [u.client for u in collected.updates],
                 "excluded": collected.excluded, "failed": collected.failed, "train_loss": loss,
+                "step_seconds": round_(sum(steps) / len(steps)) if steps else None,
                 "train_seconds": round_(sum(collected.train_seconds.values())),
                 "train_seconds_by_worker": {str(w): round_(t) for w, t in sorted(collected.train_seconds.items())},
                 "worker_rss_mb": round_(collected.rss_mb),

@@ -3,7 +3,8 @@
 In: `quantize/` (model/ = the client model, layer_map.json) and the spec's [task], [lora],
 [federate] (and [realign]) sections. Out, in the stage folder:
   adapter/          the final global adapter (PEFT format, for the sub-LLM)
-  metrics.jsonl     one line per round: clients, exclusions, loss, bytes, seconds
+  metrics.jsonl     one line per round: clients, exclusions, loss, bytes, seconds, step time, and
+                    on evaluation rounds (federate.eval_every) the validation scores per target
   summary.json      totals: bytes by kind and per client, rounds, final loss, wall time, model loads
   partition.json    which examples each client holds (sizes, label histograms, indices)
   aggregator.*      the aggregator's state after the last round
@@ -51,7 +52,8 @@ def run(ctx: pipeline.StageContext) -> pipeline.StageResult:
     transport = client_transport(worker_setup(spec, model_dir, shards, lora_layers), spec, ctx.console)
     reporter = ConsoleReporter(ctx.console)
     server = FederatedServer(plan_of(spec), transport, aggregator, fed.aggregator, store,
-                             realigner=realigner_for(ctx, layer_map), reporter=reporter, model_bytes=model_download_bytes(model_dir))
+                             realigner=realigner_for(ctx, layer_map), reporter=reporter, model_bytes=model_download_bytes(model_dir),
+                             evaluator=evaluator_for(ctx, model_dir, peft_config, lora_layers))
     try:
         result = server.run(resume)
     finally:
@@ -118,6 +120,33 @@ def client_shards(spec: Spec, out: Path) -> tuple[dict[int, list[tuple[str, str]
     return shards, stats
 
 
+def validation_examples(spec: Spec) -> list:
+    """The per-round evaluation examples (task.val_examples of the training split's unused ones)."""
+    from fedsoda_cli.data.paths import resolve_data_dir
+    from fedsoda_cli.data.tasks import load_task
+
+    folder = spec_dir(spec)
+    return load_task(spec.task, resolve_data_dir(spec.data, folder), "val", spec.run.seed, spec_dir=folder)
+
+
+def evaluator_for(ctx: pipeline.StageContext, model_dir: Path, peft_config, lora_layers: list[int] | None):
+    """The server's per-round evaluator when federate.eval_every asks for one, else None."""
+    spec = ctx.spec
+    if not spec.federate.eval_every:
+        return None
+    examples = validation_examples(spec)
+    if not examples:
+        raise SpecError(f"federate.eval_every = {spec.federate.eval_every} needs validation examples, but task.train_examples = "
+                        f"{spec.task.train_examples} leaves none of the training split unused (task.val_examples = {spec.task.val_examples}); "
+                        "lower task.train_examples, raise task.val_examples, or set federate.eval_every = 0")
+    from fedsoda_cli.federated.evaluator import ServerEvaluator
+
+    ctx.console.print(f"per-round evaluation every {spec.federate.eval_every} round(s) on {len(examples)} validation examples: "
+                      f"{', '.join(spec.federate.eval_targets)}", highlight=False)
+    return ServerEvaluator(spec, model_dir, ctx.inputs["quantize"] / "layer_map.json", peft_config, lora_layers, examples,
+                           spec.federate.eval_targets)
+
+
 def run_identity(ctx: pipeline.StageContext) -> dict[str, str]:
     """What a checkpoint must match to be resumed: the federate spec sections and the inputs."""
     stage = pipeline.stage_named(ctx.spec, "federate")
@@ -145,7 +174,8 @@ def resume_point(ctx: pipeline.StageContext, store: CheckpointStore):
 def plan_of(spec: Spec) -> RoundPlan:
     fed = spec.federate
     return RoundPlan(seed=spec.run.seed, clients=fed.clients, clients_per_round=fed.clients_per_round, rounds=fed.rounds,
-                     min_clients=fed.min_clients, max_update_norm=fed.max_update_norm, realign_every=fed.realign_every)
+                     min_clients=fed.min_clients, max_update_norm=fed.max_update_norm, realign_every=fed.realign_every,
+                     weighting=fed.weighting, eval_every=fed.eval_every)
 
 
 def worker_setup(spec: Spec, model_dir: Path, shards: dict[int, list[tuple[str, str]]], lora_layers: list[int] | None) -> WorkerSetup:
@@ -179,8 +209,8 @@ def local_transport(setup: WorkerSetup, spec: Spec, console):
 
 
 def realigns(spec: Spec) -> bool:
-    """Whether this run reaches a realignment round at all."""
-    return 0 < spec.federate.realign_every <= spec.federate.rounds
+    """Whether this run reaches a realignment round at all (one that another round follows)."""
+    return 0 < spec.federate.realign_every < spec.federate.rounds
 
 
 def realigner_for(ctx: pipeline.StageContext, layer_map: dict[str, Any]):
@@ -214,6 +244,9 @@ def summarize(spec: Spec, result: RunResult, wall_s: float) -> dict[str, Any]:
         "rounds": len(history),
         "resumed_after": result.resumed_after,
         "aggregator": spec.federate.aggregator,
+        "weighting": spec.federate.weighting,
+        "eval_every": spec.federate.eval_every,
+        "final_eval": next((h["eval"] for h in reversed(history) if "eval" in h), None),
         "final_train_loss": history[-1]["train_loss"] if history else None,
         "bytes": {**ledger["totals"], "total": ledger["total"]},
         "bytes_per_client": ledger["per_client"],
@@ -234,6 +267,8 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("rounds", f"{summary['rounds']}" + (f" (resumed after {summary['resumed_after']})" if summary["resumed_after"] else "")),
         ("final train loss", f"{loss:.4f}" if loss is not None else "-"),
+        ("aggregation weights", summary["weighting"]),
+        *((f"validation accuracy ({target})", reporting.format_eval(entry)) for target, entry in (summary["final_eval"] or {}).items()),
         ("model download (all clients)", fmt(bytes_["model"])),
         ("adapters down / up", f"{fmt(bytes_['adapter_down'])} / {fmt(bytes_['adapter_up'])}"),
         ("realigned layers", fmt(bytes_["realign"])),

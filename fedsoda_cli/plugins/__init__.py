@@ -11,7 +11,7 @@ import fedsoda_cli.plugins.pruners  # noqa: E402,F401  (isort: skip)
 
 aggregators: Registry = Registry(
     "aggregator", "fedsoda.aggregators", Aggregator,
-    {"fedavg": "fedsoda_cli.plugins.aggregators.fedavg:FedAvg"},
+    {"fedavg": "fedsoda_cli.plugins.aggregators.fedavg:FedAvg", "fedavgm": "fedsoda_cli.plugins.aggregators.fedavgm:FedAvgM"},
 )
 pruners: Registry = Registry(
     "pruner", "fedsoda.pruners", Pruner,

@@ -21,7 +21,7 @@ class RunSpec(Section):
     name: str = Field("fedsoda-run", description="Name of the experiment, shown in summaries and reports.")
     workdir: str = Field("runs/{name}", description="Where stage artifacts go; '{name}' expands to run.name. Relative paths are relative to the spec file's folder.")
     seed: int = Field(0, ge=0, description="Seed for every random choice (data order, sampling, init); same seed, same numbers.")
-    method: Literal["fedsoda", "fedpetuning", "fedot"] = Field("fedsoda", description="fedsoda (prune+align+QLoRA), or a baseline: fedpetuning (full model, LoRA on all layers), fedot (offsite-tuning emulator).")
+    method: Literal["fedsoda", "fedpetuning", "fedot", "central", "local"] = Field("fedsoda", description="fedsoda (prune+align+QLoRA), a baseline: fedpetuning (full model, LoRA on all layers), fedot (offsite-tuning emulator), or a reference bound on fedsoda's client model: central (all clients' data pooled, same steps and examples: the upper bound), local (each client trains alone: the lower bound).")
     threads: int = Field(0, ge=0, description="Torch threads for the main process; 0 = all cores.")
 
     @model_validator(mode="after")
@@ -131,6 +131,8 @@ class TaskSpec(Section):
     eval_file: str | None = Field(None, description="jsonl task: evaluation file.")
     input_field: str = Field("input", description="jsonl task: field with the input text.")
     output_field: str = Field("output", description="jsonl task: field with the target text.")
+    choices: list[str] | None = Field(None, description="jsonl task: label words (e.g. [\" yes\", \" no\"]); the output field must be one of them, and eval scores each word's log-likelihood (accuracy) instead of generating.")
+    val_examples: int = Field(200, ge=0, description="Validation examples for federate's per-round eval, drawn from the training split's examples that task.train_examples left unused (never trained on, never the reported eval split).")
     boolq_eval_size: int = Field(1000, ge=1, description="BoolQ has no public train split here: this many dev examples form the derived eval split, the rest train.")
 
 
@@ -146,7 +148,7 @@ class FederateSpec(Section):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Client optimizer.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping on the client.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal term weight mu: (mu/2)||theta - theta_global||^2.")
-    aggregator: str = Field("fedavg", description="Aggregator plugin: fedavg or a registered third-party name (fedadam, fedyogi, trimmed_mean, median from plugins/).")
+    aggregator: str = Field("fedavg", description="Aggregator plugin: fedavg, fedavgm (server momentum; options server_lr, momentum) or a registered third-party name (fedadam, fedyogi, trimmed_mean, median from plugins/).")
     aggregator_options: dict[str, float | int | bool | str] = Field(default_factory=dict, description="Keyword arguments for the aggregator plugin's constructor, e.g. {trim = 0.2} for trimmed_mean or {server_lr = 0.001} for fedadam.")
     realign_every: int = Field(5, ge=0, description="r: the server realigns every r rounds (0 = never).")
     min_clients: int = Field(1, ge=1, description="A round needs at least this many valid updates, else the run stops at the last good round.")
@@ -154,7 +156,9 @@ class FederateSpec(Section):
     partition: Literal["iid", "dirichlet", "shards"] = Field("iid", description="How task data is split over clients.")
     dirichlet_alpha: float = Field(0.5, gt=0, description="Label-skew concentration for partition = dirichlet.")
     shards_per_client: int = Field(2, ge=1, description="Label-sorted shards per client for partition = shards.")
-    eval_every: int = Field(0, ge=0, description="Evaluate the plugin target every k rounds (0 = only at the end, in eval).")
+    weighting: Literal["examples", "shard", "uniform"] = Field("examples", description="Aggregation weight n_k of each client update: the examples it trained on this round, its shard size, or equal weights.")
+    eval_every: int = Field(0, ge=0, description="The server evaluates the global adapter on task.val_examples validation examples every k rounds and after the last (0 = only at the end, in eval); results go into metrics.jsonl.")
+    eval_targets: list[Literal["sub", "plugin"]] = Field(default_factory=lambda: ["sub"], description="What per-round evaluation scores: sub (the client model the adapter trains on) and/or plugin (the full LLM with the mapped adapter).")
     task_timeout_s: float = Field(1800.0, gt=0, description="Seconds a client task may take before its worker is considered dead.")
     flower_superlink: str = Field("127.0.0.1:9093", description="backend = flower: host:port of the SuperLink (SuperNodes, `flwr run` and the ServerApp share it); fedsoda federate runs on the SuperLink's machine.")
     flower_root_certificates: str | None = Field(None, description="backend = flower: the CA certificate (PEM, relative to the spec) of the SuperLink's TLS; required unless the SuperLink is on 127.0.0.1/localhost.")

@@ -150,19 +150,23 @@ def _realign_spec():
     })
 
 
-def _run(tmp_path, setup, sub_llm, rounds, *, realign=True, resume=False):
+def _run(tmp_path, setup, sub_llm, rounds, *, realign=True, resume=False, stop_in=None):
+    """A realigning run; `stop_in` = a round whose every upload is poisoned, so the run stops after the one before."""
     from fedsoda_cli.federated.realigner import ServerRealigner
 
     realigner = ServerRealigner(_realign_spec(), sub_llm["float"], LAYER_MAP) if realign else None
-    run = server(tmp_path, setup, realigner=realigner, rounds=rounds, clients=4, clients_per_round=2, realign_every=1 if realign else 0)
+    poison = {c: (lambda result: POISON[1](result) if result.round == stop_in else None) for c in range(4)}
+    run = server(tmp_path, setup, realigner=realigner, rounds=rounds, clients=4, clients_per_round=2, realign_every=1 if realign else 0,
+                 transport=Tampering(setup, poison) if stop_in else None)
     return run.run(run.store.latest() if resume else None)
 
 
 def test_realign_broadcasts_layers_and_a_resumed_run_repeats_it_exactly(tmp_path, setup, sub_llm):
-    whole = _run(tmp_path / "whole", setup, sub_llm, rounds=2)  # realigns after rounds 1 and 2
-    _run(tmp_path / "split", setup, sub_llm, rounds=1)
-    resumed = _run(tmp_path / "split", setup, sub_llm, rounds=2, resume=True)  # restores layers + master copy
-    plain = _run(tmp_path / "plain", setup, sub_llm, rounds=2, realign=False)
+    whole = _run(tmp_path / "whole", setup, sub_llm, rounds=3)  # realigns after rounds 1 and 2, not after the last
+    with pytest.raises(FedsodaError, match="round 2: only 0 valid"):
+        _run(tmp_path / "split", setup, sub_llm, rounds=3, stop_in=2)
+    resumed = _run(tmp_path / "split", setup, sub_llm, rounds=3, resume=True)  # restores layers + master copy
+    plain = _run(tmp_path / "plain", setup, sub_llm, rounds=3, realign=False)
 
     assert resumed.resumed_after == 1
     assert adapter_digest(resumed.adapter) == adapter_digest(whole.adapter)
@@ -171,6 +175,7 @@ def test_realign_broadcasts_layers_and_a_resumed_run_repeats_it_exactly(tmp_path
     realign_bytes = [h["bytes_realign"] for h in whole.history]
     assert realign_bytes[0] > 0 and realign_bytes[0] % 4 == 0  # every one of the K = 4 clients downloads it
     assert realign_bytes[1] == 4 * len(whole.realign_layers)
+    assert realign_bytes[2] == 0  # no round follows the last: realigning then would only cost bytes
     assert whole.ledger.totals["realign"] == sum(realign_bytes)
     from safetensors.torch import load
 

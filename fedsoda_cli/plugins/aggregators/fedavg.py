@@ -1,7 +1,8 @@
 """FedAvg (McMahan et al. 2017): the new global adapter is the sample-weighted mean of the clients'.
 
-theta = sum_k n_k * theta_k / sum_k n_k, with n_k = `ClientUpdate.num_samples` (the client's shard
-size). Sums run in float64 over the updates in the order given (the round loop sorts them by
+theta = sum_k n_k * theta_k / sum_k n_k, with n_k = `ClientUpdate.num_samples` (the weight
+`federate.weighting` gives the update: by default the examples the client trained on this
+round). Sums run in float64 over the updates in the order given (the round loop sorts them by
 client), so the result is the same bits wherever and whenever the round runs.
 """
 

@@ -1,0 +1,102 @@
+"""Per-round evaluation on the server (`federate.eval_every`): is the global adapter learning?
+
+The server scores the global adapter on `task.val_examples` validation examples, carved from the
+training split's unused examples (so never trained on, and never the split `eval` reports), on the
+targets of `federate.eval_targets`:
+  sub     the client model the adapter is trained on, with the partial layers the clients hold now
+  plugin  the full LLM with the adapter mapped onto it through the layer map
+Each target records accuracy with its 95 % interval, the share of each predicted label (a model
+that predicts one label for everything shows it here before the final eval does) and the eval loss:
+the mean negative log-likelihood of the gold label word (classification), None for generation.
+
+The models load once, on first use; each evaluation only swaps adapter tensors in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedsoda_cli.plugins.contracts import AdapterState
+    from fedsoda_cli.spec import Spec
+
+
+class ServerEvaluator:
+    def __init__(self, spec: "Spec", client_model_dir: Path, layer_map_path: Path, peft_config, lora_layers: list[int] | None,
+                 examples: list, targets: list[str]):
+        if not examples:
+            raise ValueError("no validation examples")
+        self.spec, self.client_model_dir, self.layer_map_path = spec, client_model_dir, layer_map_path
+        self.peft_config, self.lora_layers, self.examples, self.targets = peft_config, lora_layers, examples, list(targets)
+        self._sub = None  # (peft model, tokenizer, LoRA slots)
+        self._full = None  # (full model, tokenizer, layer map)
+        self._layers_applied: bytes | None = None
+
+    def evaluate(self, round: int, global_adapter: "AdapterState", realign_layers: bytes | None) -> dict[str, Any]:
+        results = {}
+        for target in self.targets:
+            started = time.perf_counter()
+            score = self._score_sub(global_adapter, realign_layers) if target == "sub" else self._score_plugin(global_adapter)
+            results[target] = {**summarize(score, self.examples), "seconds": round_s(time.perf_counter() - started)}
+        return results
+
+    def _score_sub(self, adapter: "AdapterState", realign_layers: bytes | None):
+        from fedsoda_cli.federated.client import _load_into, apply_realigned_layers, load_client, lora_slots
+        from fedsoda_cli.spec.schema import LoraSpec
+
+        if self._sub is None:
+            model, tokenizer = load_client(self.client_model_dir, LoraSpec(**self.spec.lora.model_dump()), 0, self.lora_layers)
+            self._sub = (model, tokenizer, lora_slots(model))
+        model, tokenizer, slots = self._sub
+        if realign_layers is not None and realign_layers is not self._layers_applied:
+            apply_realigned_layers(model, realign_layers)
+            self._layers_applied = realign_layers
+        _load_into(slots, adapter)
+        model.eval()
+        return self._score(model, tokenizer)
+
+    def _score_plugin(self, adapter: "AdapterState"):
+        from fedsoda_cli.evaluation.targets import load_full, plugin_model
+
+        if self._full is None:
+            model, tokenizer = load_full(self.spec)
+            self._full = (model, tokenizer, self._layer_map(model))
+        model, tokenizer, layer_map = self._full
+        with plugin_model(model, adapter, self.peft_config, layer_map) as plugged:
+            return self._score(plugged, tokenizer)
+
+    def _layer_map(self, full_model):
+        from fedsoda_cli.evaluation.targets import LayerMap, read_layer_map
+        from fedsoda_cli.models.layers import decoder_layers
+
+        if self.layer_map_path.is_file():
+            return read_layer_map(self.layer_map_path)
+        n = len(decoder_layers(full_model))  # a method that prunes nothing keeps every layer
+        return LayerMap(list(range(n)), n)
+
+    def _score(self, model, tokenizer):
+        from fedsoda_cli.evaluation.task import evaluate_task
+
+        spec = self.spec
+        return evaluate_task(model, tokenizer, spec.task.name, self.examples, batch_size=spec.eval.batch_size,
+                             max_len=spec.task.max_len, max_new_tokens=spec.eval.max_new_tokens)
+
+
+def summarize(score, examples: list) -> dict[str, Any]:
+    """accuracy, ci95, correct, count, label_shares and loss of a TaskScore over `examples` (its
+    predictions are in example order); label_shares and loss are None for generation tasks."""
+    entry = {k: score.summary()[k] for k in ("accuracy", "ci95", "correct", "count")}
+    pairs = [(e, p) for e, p in zip(examples, score.predictions) if p.scores is not None and e.label is not None]
+    if not pairs:
+        return {**entry, "label_shares": None, "loss": None}
+    counts = Counter(p.prediction for _, p in pairs)
+    entry["label_shares"] = {label: counts[label] / len(pairs) for label in sorted(counts)}
+    entry["loss"] = -sum(p.scores[e.label] for e, p in pairs) / len(pairs)
+    return entry
+
+
+def round_s(seconds: float) -> float:
+    return float(f"{seconds:.4g}")
