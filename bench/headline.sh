@@ -1,10 +1,55 @@
 #!/usr/bin/env bash
-# The headline benchmark: FedSODA against FedPETuning and FedOT with equal budgets, then the report.
-# Usage: bash bench/headline.sh sst2   (or boolq, gsm8k); results in runs/<task>-report/
+# The headline benchmark on SST-2 (SmolLM2-135M, full dev set): every method with equal budgets, on
+# IID data and on Dirichlet-0.5 label skew, then `fedsoda report` (tables, curves, seeds).
+#
+#   bash bench/headline.sh          the core set, sized for about 100 minutes on 2 CPU cores:
+#                                   zero-shot, central, fedsoda and fedpetuning-NF4 (the fair control),
+#                                   IID and Dirichlet 0.5, seed 0
+#   FULL=1 bash bench/headline.sh   adds fedpetuning in bf16, fedot, and seeds 1 and 2 of fedsoda and
+#                                   fedpetuning-NF4 (about 4 hours more on 2 cores)
+#
+# Stages that do not depend on the partition (profile, prune, align, quantize; fedpetuning's base)
+# are computed once per method and copied into the sibling workdirs, exactly as `fedsoda run --seeds`
+# reuses them: their manifests stay valid, so `fedsoda run` finds them up to date.
+# Results: runs/sst2-report/report.md; /usr/bin/time -v output of each run in runs/<name>.time.
 set -euo pipefail
-task=${1:-sst2}
 cd "$(dirname "$0")/.."
-for method in fedsoda fedpetuning fedot; do
-  /usr/bin/time -v fedsoda run "specs/${task}-${method}.toml" 2> "runs/${task}-${method}.time" || { cat "runs/${task}-${method}.time"; exit 1; }
-done
-fedsoda report "runs/${task}-fedsoda" "runs/${task}-fedpetuning" "runs/${task}-fedot" --out "runs/${task}-report"
+fedsoda=${FEDSODA:-.venv/bin/fedsoda}
+mkdir -p runs
+DIR='--set federate.partition=dirichlet --set federate.dirichlet_alpha=0.5'
+
+run() {  # run NAME SPEC [fedsoda run options...]
+  local name=$1; shift
+  echo "== $name ($(date +%T))"
+  /usr/bin/time -v "$fedsoda" run "$@" --set "run.name=$name" 2> "runs/$name.time" || { tail -20 "runs/$name.time"; exit 1; }
+}
+
+reuse() {  # reuse FROM TO STAGE...: copy finished upstream stage folders into a sibling workdir
+  local from=$1 to=$2; shift 2
+  mkdir -p "runs/$to"
+  for stage in "$@"; do [ -d "runs/$to/$stage" ] || cp -a "runs/$from/$stage" "runs/$to/$stage"; done
+}
+
+run sst2-fedsoda specs/sst2-fedsoda.toml
+reuse sst2-fedsoda sst2-central profile prune align quantize
+run sst2-central specs/sst2-central.toml
+reuse sst2-fedsoda sst2-fedsoda-dir05 profile prune align quantize
+run sst2-fedsoda-dir05 specs/sst2-fedsoda.toml $DIR --set 'eval.targets=["plugin","sub"]'
+run sst2-fedpetuning-nf4 specs/sst2-fedpetuning-nf4.toml
+reuse sst2-fedpetuning-nf4 sst2-fedpetuning-nf4-dir05 base quantize
+run sst2-fedpetuning-nf4-dir05 specs/sst2-fedpetuning-nf4.toml $DIR
+runs=(sst2-fedsoda sst2-central sst2-fedpetuning-nf4 sst2-fedsoda-dir05 sst2-fedpetuning-nf4-dir05)
+
+if [ "${FULL:-0}" = 1 ]; then
+  run sst2-fedpetuning specs/sst2-fedpetuning.toml
+  run sst2-fedot specs/sst2-fedot.toml
+  for seed in 1 2; do
+    reuse sst2-fedsoda "sst2-fedsoda-seed$seed" profile prune
+    run "sst2-fedsoda-seed$seed" specs/sst2-fedsoda.toml --set "run.seed=$seed" --set 'eval.targets=["plugin","sub"]'
+    reuse sst2-fedpetuning-nf4 "sst2-fedpetuning-nf4-seed$seed" base quantize
+    run "sst2-fedpetuning-nf4-seed$seed" specs/sst2-fedpetuning-nf4.toml --set "run.seed=$seed"
+  done
+  runs+=(sst2-fedpetuning sst2-fedot sst2-fedsoda-seed1 sst2-fedsoda-seed2 sst2-fedpetuning-nf4-seed1 sst2-fedpetuning-nf4-seed2)
+fi
+
+"$fedsoda" report "${runs[@]/#/runs/}" --out runs/sst2-report
