@@ -71,3 +71,35 @@ def test_too_many_windows_says_how_many(data_dir, tokenizer):
 def test_missing_file(tmp_path, tokenizer):
     with pytest.raises(DataError, match="wiki.test.raw"):
         public_sequences(tmp_path, "test", tokenizer, n=1, seq_len=8)
+
+
+def _with_bos(tokenizer):
+    """The same tokenizer, but putting a BOS (<|endoftext|>) in front of every text, as Llama-3,
+    Gemma and Mistral tokenizers do."""
+    import copy
+
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    bos = tokenizer.convert_ids_to_tokens(0)
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=bos)
+
+
+def test_every_window_starts_with_the_leading_special_ids(data_dir, tokenizer):
+    from fedsoda_cli.data.sft import leading_special_ids
+
+    bos_tokenizer = _with_bos(tokenizer)
+    assert leading_special_ids(bos_tokenizer) == [0] and leading_special_ids(tokenizer) == []
+    windows = public_sequences(data_dir, "valid", bos_tokenizer, n=3, seq_len=16)
+    plain = public_sequences(data_dir, "valid", tokenizer, n=3, seq_len=15)
+    assert windows.shape == (3, 16)
+    assert windows[:, 0].tolist() == [0, 0, 0]
+    assert torch.equal(windows[:, 1:], plain)  # the text continues window to window as before
+    assert torch.equal(public_sequences(data_dir, "valid", bos_tokenizer, n=1, seq_len=16), windows[:1])
+
+
+def test_no_room_for_text_after_the_lead_is_an_error(data_dir, tokenizer):
+    with pytest.raises(DataError, match="seq_len = 1 leaves no room"):
+        public_sequences(data_dir, "valid", _with_bos(tokenizer), n=1, seq_len=1)
