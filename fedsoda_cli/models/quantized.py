@@ -73,16 +73,24 @@ def bnb_config(quant: QuantizeSpec, skip: list[str], compute_dtype: torch.dtype 
                               bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
 
 
-def quantize_checkpoint(float_dir: str | os.PathLike, quant: QuantizeSpec, *, compute_dtype: torch.dtype = torch.float32):
+def quantize_checkpoint(float_dir: str | os.PathLike, quant: QuantizeSpec, *, compute_dtype: torch.dtype = torch.float32,
+                        bf16_layers: list[int] = ()):
     """Load the float checkpoint `float_dir` with its decoder layers' linear weights quantized to
-    `quant.quant_type`; every other float tensor is rounded to bf16 (what will be stored) and held
-    in `compute_dtype`; with `quant.embeddings = "int8"` the embeddings are rounded through int8.
-    Returns the model as `load_client_model` will give it back after `save_client_model`."""
+    `quant.quant_type`, except the decoder layers `bf16_layers` (sub-LLM indices: partial layers
+    the client keeps in bf16); every other float tensor is rounded to bf16 (what will be stored)
+    and held in `compute_dtype`; with `quant.embeddings = "int8"` the embeddings are rounded
+    through int8. Returns the model as `load_client_model` will give it back after
+    `save_client_model` (the skipped layers are recorded in its quantization_config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedsoda_cli.models.fakequant import bf16_layer_patterns
 
     _bnb()
     float_dir = Path(float_dir)
-    skip = linear_modules_outside_layers(AutoConfig.from_pretrained(float_dir))
+    config = AutoConfig.from_pretrained(float_dir)
+    skip = linear_modules_outside_layers(config)
+    if bf16_layers:
+        skip += bf16_layer_patterns(_layers_path_of(config), bf16_layers)
     model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32, device_map="cpu",
                                                  quantization_config=bnb_config(quant, skip, compute_dtype))
     _fp32_path(model)
@@ -109,6 +117,15 @@ def linear_modules_outside_layers(config) -> list[str]:
     inside = decoder_layers_path(skeleton) + "."
     return [name for name, module in skeleton.named_modules()
             if isinstance(module, torch.nn.Linear) and not name.startswith(inside)]
+
+
+def _layers_path_of(config) -> str:
+    from transformers import AutoModelForCausalLM
+
+    from fedsoda_cli.models.layers import decoder_layers_path
+
+    with torch.device("meta"):
+        return decoder_layers_path(AutoModelForCausalLM.from_config(config))
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
