@@ -57,7 +57,7 @@ class StageResult:
 
 PROFILE = Stage("profile", (), (*_SOURCES, "public_data", "profile"), "fedsoda_cli.stages.profile:run")
 PRUNE = Stage("prune", ("profile",), (*_SOURCES, "public_data", "profile", "prune", "plugins"), "fedsoda_cli.stages.prune:run")
-ALIGN = Stage("align", ("prune",), (*_SOURCES, "public_data", "align", "run.seed"), "fedsoda_cli.stages.align:run")
+ALIGN = Stage("align", ("prune",), (*_SOURCES, "public_data", "align", "quantize", "run.seed"), "fedsoda_cli.stages.align:run")
 QUANTIZE = Stage("quantize", ("align",), (*_SOURCES, "public_data", "quantize"), "fedsoda_cli.stages.quantize:run")
 FEDERATE = Stage("federate", ("quantize",), (*_SOURCES, "public_data", "task", "lora", "federate", "align", "realign", "run.seed", "plugins"), "fedsoda_cli.federated.stage:run")
 EVAL = Stage("eval", ("federate", "quantize"), (*_SOURCES, "public_data", "task", "eval", "run.seed"), "fedsoda_cli.stages.eval:run")

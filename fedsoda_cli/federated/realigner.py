@@ -8,6 +8,11 @@ from one realignment to the next: they are this object's state, saved in each ch
 
 The teacher, the master copy and the public text are loaded on the first realignment (or resume),
 so a run that never reaches round r never pays for them.
+
+Like align, realignment is quantization-aware (`align.quant_aware`: the frozen layers as clients
+hold them) and measured on the held-out windows before and after, in bf16 and as deployed (adapter
+attached). Each realignment's measurements go into `history` and, with `log_path`, one JSON line
+each; a number that got worse is listed under "warnings" there and logged as a warning.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ if TYPE_CHECKING:
 class ServerRealigner:
     """Realigns with the full LLM of `spec.model` and the float sub-LLM in `align_model_dir`."""
 
-    def __init__(self, spec: "Spec", align_model_dir: Path, layer_map: dict[str, Any]):
+    def __init__(self, spec: "Spec", align_model_dir: Path, layer_map: dict[str, Any], log_path: Path | None = None):
         if not (Path(align_model_dir) / "config.json").is_file():
             raise ArtifactError(f"{align_model_dir}: realignment needs the align stage's float sub-LLM; rerun `fedsoda align SPEC`")
         self.spec, self.align_model_dir = spec, Path(align_model_dir)
         self.kept, self.removed_groups = layer_map["kept"], layer_map["removed_groups"]
-        self.teacher = self.student = self.public_ids = None
+        self.teacher = self.student = self.public_ids = self.heldout_ids = None
+        self.log_path = Path(log_path) if log_path is not None else None
         self.partial_state: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -42,7 +48,7 @@ class ServerRealigner:
         from safetensors.torch import save
 
         from fedsoda_cli.stages.distill import seeded_batches
-        from fedsoda_cli.stages.realign import partial_layer_artifact, realign
+        from fedsoda_cli.stages.realign import broadcast_format, partial_layer_artifact, realign
 
         self._load()
         seed = stable_seed(self.spec.run.seed, "realign", round)
@@ -50,11 +56,24 @@ class ServerRealigner:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             result = realign(self.teacher, self.student, global_adapter, self.kept, self.removed_groups, batches,
-                             config=self.spec.align, lora=self.spec.lora, steps=self.spec.realign.steps)
+                             config=self.spec.align, lora=self.spec.lora, steps=self.spec.realign.steps,
+                             heldout_ids=self.heldout_ids, quant=self.spec.quantize)
         self.partial_state = result.partial_layer_state
-        self.history.append({"round": round, "steps": result.metrics["steps"], "partial_layers": result.metrics["partial_layers"]})
+        entry = {"round": round, **{k: result.metrics[k] for k in ("steps", "partial_layers", "measured", "warnings")}}
+        self.history.append(entry)
+        self._log(entry)
         # No metadata: safetensors writes it in hash order, and the same layers must be the same bytes.
-        return save(partial_layer_artifact(self.partial_state, self.spec.quantize))
+        return save(partial_layer_artifact(self.partial_state, broadcast_format(self.spec.align, self.spec.quantize)))
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        import json
+        import logging
+
+        if entry["warnings"]:
+            logging.getLogger("fedsoda.realign").warning("realignment in round %d made numbers worse: %s", entry["round"], "; ".join(entry["warnings"]))
+        if self.log_path is not None:
+            with self.log_path.open("a") as lines:
+                lines.write(json.dumps(entry, sort_keys=True) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
         """The master copy's partial layers after the last realignment (float32 tensors)."""
@@ -78,4 +97,4 @@ class ServerRealigner:
 
         self.teacher, tokenizer = load_causal_lm(self.spec.model)
         self.student, _ = load_checkpoint(self.align_model_dir, dtype=torch.float32)
-        self.public_ids, _ = public_text(self.spec, tokenizer)
+        self.public_ids, self.heldout_ids = public_text(self.spec, tokenizer)

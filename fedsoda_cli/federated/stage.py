@@ -219,7 +219,7 @@ def realigner_for(ctx: pipeline.StageContext, layer_map: dict[str, Any]):
         return None
     from fedsoda_cli.federated.realigner import ServerRealigner
 
-    return ServerRealigner(ctx.spec, artifacts.stage_dir(ctx.workdir, "align") / "model", layer_map)
+    return ServerRealigner(ctx.spec, artifacts.stage_dir(ctx.workdir, "align") / "model", layer_map, log_path=ctx.out / "realign.jsonl")
 
 
 def write_outputs(ctx: pipeline.StageContext, store: CheckpointStore, result: RunResult, peft_config, wall_s: float) -> dict[str, Any]:

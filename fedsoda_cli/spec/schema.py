@@ -96,7 +96,9 @@ PartialLayers = Literal["after_gap", "both_neighbours", "all_kept"] | list[int]
 class AlignSpec(Section):
     partial: PartialLayers = Field("after_gap", description="Student layers that train: after_gap (kept layer right after each removed group), both_neighbours, all_kept, or a list of original layer indices.")
     alpha: float = Field(1.0, ge=0, description="Weight of the temperature-scaled KL(teacher || student) over all non-pad tokens.")
-    beta: float = Field(1.0, ge=0, description="Weight of the normalised hidden-state error at every gap.")
+    beta: float = Field(1.0, ge=0, description="Weight of the normalised hidden-state error (see hidden_at).")
+    hidden_at: Literal["output", "gap"] = Field("output", description="Where the hidden-state term compares residual streams: output (the output of every trained layer against the teacher's at the same original depth) or gap (the input of the first kept layer after each gap; that layer cannot change its own input).")
+    quant_aware: Literal["ste", "frozen_rest", "bf16_partial", "off"] = Field("ste", description="Align the client model as deployed: the frozen layers in [quantize]'s format, and the partial layers fake-quantized with a straight-through gradient (ste), trained in float and re-quantized by quantize (frozen_rest), or trained in float and kept in bf16 on the client (bf16_partial, their bytes count in storage); off = align in float.")
     gamma: float = Field(0.0, ge=0, description="Weight of the student's LM cross-entropy.")
     tau: float = Field(1.0, gt=0, description="Distillation temperature.")
     steps: int = Field(20, ge=0, description="Optimizer steps.")

@@ -1,13 +1,20 @@
 """Stage 3, align (ODA pre-alignment): distil the sub-LLM's partial layers toward the full LLM.
 
 In: `prune/model` (the sub-LLM, float32) and `prune/layer_map.json`; the full LLM of [model];
+[quantize] (the client format the student is aligned in, `align.quant_aware`);
 `public_data.sequences` windows of `public_data.split` to train on, `public_data.heldout_sequences`
 windows of `public_data.heldout_split` to measure before and after (never the training text).
 Out (in the stage folder):
-  model/           the aligned sub-LLM, float32 safetensors (the server's master copy)
-  layer_map.json   copied from prune
-  metrics.jsonl    one line per optimizer step: loss, kl, hidden_nmse per gap, ce, seconds
-The loss and loop live in `distill.py`.
+  model/           the aligned sub-LLM, float32 safetensors (the server's master copy; its frozen
+                   layers are the prune stage's float weights, quantize quantizes them)
+  layer_map.json   prune's, plus "partial_layers" and "bf16_layers" (original indices of the
+                   layers the client keeps in bf16: the partial layers for quant_aware =
+                   "bf16_partial", else none), which quantize and the realigner read
+  metrics.jsonl    one line per optimizer step: loss, kl, hidden_nmse per loss point, ce, seconds
+Metrics: held-out KL, hidden NMSE per gap and perplexity of the pruned model in bf16, the aligned
+model in bf16, the deployed (client-format, emulated) aligned model and the deployed unaligned
+model (the control). A number that got worse is named in a warning row of the summary.
+The loss and loop live in `distill.py`, the client-format emulation in `models/fakequant.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from fedsoda_cli.pipeline import StageContext, StageResult
 LAYER_MAP = "layer_map.json"
 MODEL_DIR = "model"
 STEP_METRICS = "metrics.jsonl"
+VARIANTS = ("pruned_bf16", "aligned_bf16", "deployed_unaligned", "deployed_aligned")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -29,19 +37,20 @@ def run(ctx: StageContext) -> StageResult:
 
     from fedsoda_cli import reporting, seeding
     from fedsoda_cli.models.load import load_causal_lm, load_checkpoint, save_checkpoint
-    from fedsoda_cli.stages.distill import align_partial_layers, evaluate_alignment, partial_layers, seeded_batches
+    from fedsoda_cli.stages.distill import align_partial_layers, check_trainable, measure, partial_layers, seeded_batches
 
     spec, config = ctx.spec, ctx.spec.align
     layer_map = read_layer_map(ctx.inputs["prune"])
     kept, groups = layer_map["kept"], layer_map["removed_groups"]
     partial = partial_layers(config.partial, kept, groups)  # SpecError before any model is loaded
+    check_trainable(config, kept, groups, partial)
     teacher, tokenizer = load_causal_lm(spec.model)
     student, _ = load_checkpoint(ctx.inputs["prune"] / MODEL_DIR, dtype=torch.float32)
     train_ids, heldout_ids = public_text(spec, tokenizer)
 
     with reporting.progress(ctx.console) as bar:
-        task = bar.add_task("measure (before)", total=len(heldout_ids), status="")
-        before = evaluate_alignment(teacher, student, kept, groups, heldout_ids, config, advance=lambda k: bar.advance(task, k))
+        task = bar.add_task("measure (before)", total=2 * len(heldout_ids), status="bf16 and deployed")
+        before = measure(teacher, student, kept, groups, heldout_ids, config, spec.quantize, partial, advance=lambda k: bar.advance(task, k))
         steps = bar.add_task("align", total=config.steps, status="")
         lines = (ctx.out / STEP_METRICS).open("w")
 
@@ -51,22 +60,53 @@ def run(ctx: StageContext) -> StageResult:
 
         batches = seeded_batches(train_ids, config.batch_size, seeding.stable_seed(spec.run.seed, "align"))
         with lines:
-            history = align_partial_layers(teacher, student, kept, groups, config.partial, batches, config, config.steps, progress=on_step)
-        task = bar.add_task("measure (after)", total=len(heldout_ids), status="")
-        after = evaluate_alignment(teacher, student, kept, groups, heldout_ids, config, advance=lambda k: bar.advance(task, k))
+            history = align_partial_layers(teacher, student, kept, groups, config.partial, batches, config, config.steps,
+                                           quant=spec.quantize, progress=on_step)
+        task = bar.add_task("measure (after)", total=2 * len(heldout_ids), status="bf16 and deployed")
+        after = measure(teacher, student, kept, groups, heldout_ids, config, spec.quantize, partial, advance=lambda k: bar.advance(task, k))
 
     save_checkpoint(student, tokenizer, ctx.out / MODEL_DIR)
-    shutil.copyfile(ctx.inputs["prune"] / LAYER_MAP, ctx.out / LAYER_MAP)
+    partial_original = [kept[k] for k in partial]
+    write_layer_map(ctx.out / LAYER_MAP, layer_map, partial_original, partial_original if config.quant_aware == "bf16_partial" else [])
     seconds = sum(row["seconds"] for row in history)
+    measured = {"pruned_bf16": before["bf16"], "aligned_bf16": after["bf16"],
+                "deployed_unaligned": before["deployed"], "deployed_aligned": after["deployed"]}
+    warnings = regressions([("bf16", measured["pruned_bf16"], measured["aligned_bf16"]),
+                            ("deployed", measured["deployed_unaligned"], measured["deployed_aligned"])])
     metrics = {
-        "partial_layers": [kept[k] for k in partial],
+        "partial_layers": partial_original,
+        "quant_aware": config.quant_aware,
+        "hidden_at": config.hidden_at,
         "steps": len(history),
         "steps_per_s": round(len(history) / seconds, 3) if seconds else None,
-        "before": before,
-        "after": after,
+        "measured": measured,
+        "before": measured["pruned_bf16"],
+        "after": measured["aligned_bf16"],
         "final_loss": history[-1]["loss"] if history else None,
+        "warnings": warnings,
     }
-    return StageResult(metrics=metrics, summary=summary_rows(before, after, [kept[k] for k in partial], len(history)))
+    rows = summary_rows(measured, partial_original, len(history), config, warnings)
+    return StageResult(metrics=metrics, summary=rows)
+
+
+def write_layer_map(path, layer_map: dict, partial_original: list[int], bf16_original: list[int]) -> None:
+    """prune's layer map plus the partial layers and the layers the client keeps in bf16."""
+    path.write_text(json.dumps({**layer_map, "partial_layers": partial_original, "bf16_layers": bf16_original}, indent=2))
+
+
+def regressions(pairs) -> list[str]:
+    """One text per number that got worse from before to after, for (name, before, after)
+    measurement dicts: KL, perplexity, hidden NMSE per gap."""
+    found = []
+    for name, b, a in pairs:
+        if a["kl"] > b["kl"]:
+            found.append(f"{name} KL {b['kl']:.4f} -> {a['kl']:.4f}")
+        if a["ppl_student"] > b["ppl_student"]:
+            found.append(f"{name} perplexity {b['ppl_student']:.2f} -> {a['ppl_student']:.2f}")
+        for gap, value in b["hidden_nmse"].items():
+            if a["hidden_nmse"].get(gap, value) > value:
+                found.append(f"{name} hidden NMSE gap {gap} {value:.4f} -> {a['hidden_nmse'][gap]:.4f}")
+    return found
 
 
 def read_layer_map(folder) -> dict:
@@ -95,13 +135,24 @@ def public_text(spec, tokenizer):
     return train, heldout
 
 
-def summary_rows(before: dict, after: dict, partial_original: list[int], steps: int) -> list[tuple[str, str]]:
-    rows = [
+def summary_rows(measured: dict, partial_original: list[int], steps: int, config, warnings: list[str]) -> list[tuple[str, str]]:
+    """The summary table: a warning first when a number got worse, then before -> after in bf16
+    and as deployed (the unaligned deployed model is the control)."""
+    rows = []
+    if warnings:
+        rows.append(("WARNING", "got worse: " + "; ".join(warnings) + " (the aligned model was written anyway)"))
+    rows += [
         ("partial layers", ", ".join(map(str, partial_original))),
-        ("steps", str(steps)),
-        ("KL (held-out)", f"{before['kl']:.4f} -> {after['kl']:.4f}"),
+        ("steps", f"{steps} (quant_aware {config.quant_aware}, hidden at {config.hidden_at})"),
     ]
-    for gap, value in before["hidden_nmse"].items():
-        rows.append((f"hidden NMSE gap {gap}", f"{value:.4f} -> {after['hidden_nmse'][gap]:.4f}"))
-    rows.append(("perplexity sub-LLM", f"{before['ppl_student']:.2f} -> {after['ppl_student']:.2f} (full LLM {after['ppl_teacher']:.2f})"))
+    pairs = [("bf16", measured["pruned_bf16"], measured["aligned_bf16"]),
+             ("deployed", measured["deployed_unaligned"], measured["deployed_aligned"])]
+    for name, b, a in pairs:
+        rows.append((f"KL (held-out, {name})", f"{b['kl']:.4f} -> {a['kl']:.4f}"))
+    for name, b, a in pairs:
+        for gap, value in b["hidden_nmse"].items():
+            rows.append((f"hidden NMSE gap {gap} ({name})", f"{value:.4f} -> {a['hidden_nmse'][gap]:.4f}"))
+    for name, b, a in pairs:
+        rows.append((f"perplexity sub-LLM ({name})", f"{b['ppl_student']:.2f} -> {a['ppl_student']:.2f}"))
+    rows.append(("perplexity full LLM", f"{measured['aligned_bf16']['ppl_teacher']:.2f}"))
     return rows

@@ -5,10 +5,21 @@ Loss on a batch of public text (teacher = full LLM, frozen; student = sub-LLM):
     L = alpha * tau^2 * KL(p_T^tau || p_S^tau)           mean over all non-pad tokens
       + beta  * sum over gaps g of ||h_T(g) - h_S(g)||^2 / ||h_T(g)||^2
       + gamma * CE(student, next token)                  mean over predicted non-pad tokens
-h(g) is the residual stream right after gap g: for the teacher the input of original layer kept[k],
-for the student the input of its layer k, where k is the first kept layer after the gap; a gap at
-the very end compares the last layer's output before the final norm. Norms run over all non-pad
-tokens of the batch. Groups that touch each other share one alignment point and count once.
+With `align.hidden_at = "output"` (default) the sum runs over the trained layers k: h_S is the
+output of student layer k, h_T the output of original layer kept[k] (the same original depth), so
+every trained layer has a hidden-state signal of its own. With "gap" (the older variant), g runs
+over the gaps: h(g) is the input of the first kept layer after the gap (teacher: original layer
+kept[k]); a gap at the very end compares the last layer's output before the final norm. That
+comparison point lies before the layer after the gap, so with `partial = "after_gap"` the first
+gap's term cannot train. Norms run over all non-pad tokens of the batch. Groups that touch each
+other share one gap and count once.
+
+Measurements (`evaluate_alignment`) report the hidden NMSE per gap: at the output of the first kept
+layer after it ("output") or at its input ("gap").
+
+Quantization-aware alignment (`align.quant_aware`, `fedsoda_cli.models.fakequant`): with a
+`quant` given, the student trains as the client will run it: frozen layers in that format,
+partial layers float (and, for "ste", fake-quantized in the forward pass).
 
 Memory: the vocabulary is large (49k for SmolLM2), so B*T*V logits for teacher and student plus
 their gradients would dominate. Both trunks run only to their final (normed) hidden states, the
@@ -35,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fedsoda_cli.errors import SpecError
-from fedsoda_cli.spec.schema import AlignSpec
+from fedsoda_cli.spec.schema import AlignSpec, QuantizeSpec
 
 IGNORE = -100
 
@@ -56,6 +67,16 @@ class Gap:
     @property
     def label(self) -> str:
         return f"{self.removed[0]}-{self.removed[-1]}" if len(self.removed) > 1 else str(self.removed[0])
+
+
+@dataclass(frozen=True)
+class Point:
+    """A residual-stream comparison point that is not a gap's: the output of trained layer
+    `kept[k]` (teacher boundary kept[k] + 1, student boundary k + 1)."""
+
+    label: str
+    teacher_boundary: int
+    student_boundary: int
 
 
 def gaps(kept: list[int], removed_groups: list[list[int]], num_layers: int) -> list[Gap]:
@@ -90,6 +111,46 @@ def partial_layers(partial: str | list[int], kept: list[int], removed_groups: li
         if partial == "both_neighbours" and before:
             chosen.add(before[-1])
     return sorted(chosen)
+
+
+def output_point(kept: list[int], k: int, num_layers: int) -> tuple[int, int]:
+    """(teacher, student) boundaries of the output of student layer k: the input of the next layer,
+    or the final output (before the norm) for the last one."""
+    teacher = kept[k] + 1 if k + 1 < len(kept) else num_layers
+    return teacher, k + 1
+
+
+def loss_points(kept: list[int], removed_groups: list[list[int]], num_layers: int, partial: list[int],
+                hidden_at: str) -> list:
+    """The comparison points of the hidden-state term: the gaps ("gap"), or the output of every
+    trained layer `partial` (sub-LLM indices) labelled "out<original index>" ("output")."""
+    if hidden_at == "gap":
+        return gaps(kept, removed_groups, num_layers)
+    return [Point(f"out{kept[k]}", *output_point(kept, k, num_layers)) for k in sorted(partial)]
+
+
+def gap_points(kept: list[int], removed_groups: list[list[int]], num_layers: int, hidden_at: str) -> list[Gap]:
+    """One measuring point per gap, labelled by the gap: its input-of-the-next-layer point ("gap"),
+    or the output of the first kept layer after it ("output"; a gap at the end: the final output)."""
+    plan = gaps(kept, removed_groups, num_layers)
+    if hidden_at == "gap":
+        return plan
+    return [Gap(g.removed, *output_point(kept, g.student_boundary, num_layers)) if g.student_boundary < len(kept) else g
+            for g in plan]
+
+
+def check_trainable(config: AlignSpec, kept: list[int], removed_groups: list[list[int]], partial: list[int]) -> None:
+    """SpecError when the configured loss has no term that depends on a trained layer (it would
+    fail in backward with "element 0 of tensors does not require grad")."""
+    if config.alpha > 0 or config.gamma > 0 or not partial:
+        return
+    if config.beta > 0 and config.hidden_at == "output":
+        return
+    reachable = config.beta > 0 and any(g.student_boundary > min(partial) for g in gaps(kept, removed_groups, max(kept) + 1))
+    if not reachable:
+        raise SpecError(f"align: alpha = gamma = 0 and beta = {config.beta} with hidden_at = {config.hidden_at!r}: no loss term "
+                        f"depends on the trained layers {[kept[k] for k in partial]}; set align.hidden_at = \"output\", "
+                        "or alpha > 0, or train a layer before a gap (align.partial = \"both_neighbours\")")
 
 
 # ---- the loss -------------------------------------------------------------------------------------
@@ -218,23 +279,31 @@ def seeded_batches(sequences: torch.Tensor, batch_size: int, seed: int) -> Itera
 
 def align_partial_layers(teacher, student, kept: list[int], removed_groups: list[list[int]], partial: str | list[int],
                          batches: Iterable[dict[str, torch.Tensor]], config: AlignSpec, steps: int, *,
+                         quant: QuantizeSpec | None = None,
                          progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train the student's partial layers (only their base weights; LoRA modules stay frozen) for
     `steps` optimizer steps of the ODA loss on `batches`; the teacher stays frozen. The student is
-    updated in place. Returns one metrics dict per step; `progress(metrics)` after each step."""
+    updated in place. With `quant` and `config.quant_aware` not "off", the student trains as the
+    client model of `quant` (module doc); its frozen weights come back unchanged either way.
+    Returns one metrics dict per step; `progress(metrics)` after each step."""
     from fedsoda_cli.models.layers import decoder_layers
 
-    plan = gaps(kept, removed_groups, len(decoder_layers(unwrap(teacher))))
-    trainable = partial_parameters(student, partial_layers(partial, kept, removed_groups))
+    num_layers = len(decoder_layers(unwrap(teacher)))
+    chosen = partial_layers(partial, kept, removed_groups)
+    check_trainable(config, kept, removed_groups, chosen)
+    plan = loss_points(kept, removed_groups, num_layers, chosen, config.hidden_at)
+    trainable = partial_parameters(student, chosen)
     history: list[dict[str, Any]] = []
     if steps <= 0:
         return history
     optimizer = _optimizer(trainable, config)
     stream = iter(batches)
-    with _only_training(teacher, student, trainable):
+    with _only_training(teacher, student, trainable), training_view(student, quant, config, chosen):
         for step in range(1, steps + 1):
             started = time.perf_counter()
             parts = oda_loss(teacher, student, next(stream), plan, config)
+            if not parts.loss.requires_grad:
+                raise SpecError("align: the loss does not depend on the trained layers (all its weights are 0?); raise align.alpha, beta or gamma")
             optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()
             optimizer.step()
@@ -243,6 +312,33 @@ def align_partial_layers(teacher, student, kept: list[int], removed_groups: list
             if progress:
                 progress(row)
     return history
+
+
+def training_view(student, quant: QuantizeSpec | None, config: AlignSpec, partial: list[int]):
+    """The student as `config.quant_aware` trains it: the client model of `quant` around float
+    partial layers (fake-quantized with a straight-through gradient for "ste"), or as it is."""
+    from contextlib import nullcontext
+
+    from fedsoda_cli.models.fakequant import deployed
+
+    if quant is None or config.quant_aware == "off":
+        return nullcontext()
+    return deployed(student, quant, trainable=partial, ste=config.quant_aware == "ste")
+
+
+def deployed_view(student, quant: QuantizeSpec, config: AlignSpec, partial: list[int]):
+    """The student exactly as a client will hold it after `quantize` (partial layers in bf16 for
+    `quant_aware = "bf16_partial"`), for measuring."""
+    from fedsoda_cli.models.fakequant import deployed
+
+    return deployed(student, quant, bf16=partial if config.quant_aware == "bf16_partial" else ())
+
+
+def bf16_view(student):
+    """The student with every weight rounded to bf16 (the float model as stored)."""
+    from fedsoda_cli.models.fakequant import deployed
+
+    return deployed(student, QuantizeSpec(quant_type="none"))
 
 
 def partial_parameters(student, partial: list[int]) -> list[torch.nn.Parameter]:
@@ -305,7 +401,7 @@ def evaluate_alignment(teacher, student, kept: list[int], removed_groups: list[l
     "ppl_student", "ppl_teacher": exp of mean next-token NLL}."""
     from fedsoda_cli.models.layers import decoder_layers
 
-    plan = gaps(kept, removed_groups, len(decoder_layers(unwrap(teacher))))
+    plan = gap_points(kept, removed_groups, len(decoder_layers(unwrap(teacher))), config.hidden_at)
     probe = config.model_copy(update={"alpha": 1.0, "gamma": 0.0})
     kl = tokens = predicted = 0.0
     ce_s = ce_t = 0.0
@@ -337,3 +433,15 @@ def evaluate_alignment(teacher, student, kept: list[int], removed_groups: list[l
         "ppl_teacher": math.exp(ce_t / max(predicted, 1)),
         "tokens": int(tokens),
     }
+
+
+def measure(teacher, student, kept: list[int], removed_groups: list[list[int]], heldout_ids: torch.Tensor,
+            config: AlignSpec, quant: QuantizeSpec | None, partial: list[int], *,
+            advance: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
+    """`evaluate_alignment` of the student in bf16 ("bf16") and as a client of `quant` holds it
+    ("deployed", emulated; see `deployed_view`), against the float teacher."""
+    with bf16_view(student):
+        bf16 = evaluate_alignment(teacher, student, kept, removed_groups, heldout_ids, config, advance=advance)
+    with deployed_view(student, quant or QuantizeSpec(), config, partial):
+        deployed = evaluate_alignment(teacher, student, kept, removed_groups, heldout_ids, config, advance=advance)
+    return {"bf16": bf16, "deployed": deployed}

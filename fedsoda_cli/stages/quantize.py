@@ -7,9 +7,13 @@ Out (in the stage folder):
                    quantization by default), embeddings/norms/lm_head bf16 (or int8 embeddings);
                    load it with `fedsoda_cli.models.quantized.load_client_model`
   layer_map.json   copied from align
+Layers listed in the layer map's "bf16_layers" (align.quant_aware = "bf16_partial") stay bf16.
 Metrics: bytes on disk of the client model (all files in model/, and weights alone), the full LLM
 and the unquantized sub-LLM in bf16 (parameter count x 2 bytes, computed, not saved), the saving,
-and the held-out perplexity of the quantized sub-LLM beside the bf16 sub-LLM.
+the held-out perplexity of the quantized sub-LLM beside the bf16 sub-LLM, and the held-out KL,
+hidden NMSE per gap and perplexity against the full LLM of the bf16 sub-LLM and of the real client
+model (bitsandbytes, as saved), beside align's deployed-unaligned control: a deployed model that is
+no better than the control gets a warning row.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ def run(ctx: StageContext) -> StageResult:
     import torch
 
     from fedsoda_cli import reporting
-    from fedsoda_cli.evaluation.perplexity import perplexity
     from fedsoda_cli.models import quantized
-    from fedsoda_cli.models.load import load_checkpoint
+    from fedsoda_cli.models.load import load_causal_lm, load_checkpoint
+    from fedsoda_cli.stages.distill import evaluate_alignment
     from fedsoda_cli.stages.align import read_layer_map
 
     spec, quant = ctx.spec, ctx.spec.quantize
@@ -41,16 +45,26 @@ def run(ctx: StageContext) -> StageResult:
     float_model, tokenizer = load_checkpoint(source, dtype=torch.float32)
     params_sub, params_full = parameter_counts(float_model, layer_map["num_layers"])
 
-    client = quantized.quantize_checkpoint(source, quant)
+    kept, groups = layer_map["kept"], layer_map["removed_groups"]
+    bf16_layers = [kept.index(l) for l in layer_map.get("bf16_layers", [])]
+    client = quantized.quantize_checkpoint(source, quant, bf16_layers=bf16_layers)
     quantized.save_client_model(client, tokenizer, ctx.out / MODEL_DIR)
     shutil.copyfile(upstream / LAYER_MAP, ctx.out / LAYER_MAP)
 
     heldout = heldout_text(spec, tokenizer)
     round_to_bf16(float_model)
+    teacher, _ = load_causal_lm(spec.model)
     with reporting.progress(ctx.console) as bar:
-        task = bar.add_task("perplexity", total=2 * len(heldout), status="bf16 and quantized sub-LLM")
-        ppl_bf16 = perplexity(float_model, heldout, batch_size=PPL_BATCH, advance=lambda k: bar.advance(task, k))
-        ppl_quant = perplexity(client, heldout, batch_size=PPL_BATCH, advance=lambda k: bar.advance(task, k))
+        task = bar.add_task("perplexity", total=2 * len(heldout), status="bf16 and quantized sub-LLM vs the full LLM")
+        bf16 = evaluate_alignment(teacher, float_model, kept, groups, heldout, spec.align, batch_size=PPL_BATCH, advance=lambda k: bar.advance(task, k))
+        deployed = evaluate_alignment(teacher, client, kept, groups, heldout, spec.align, batch_size=PPL_BATCH, advance=lambda k: bar.advance(task, k))
+    del teacher
+    control = upstream_measurement(upstream, "deployed_unaligned")
+    warnings = []
+    if control is not None:
+        from fedsoda_cli.stages.align import regressions
+
+        warnings = regressions([("deployed vs unaligned control", control, deployed)])
 
     client_bytes = quantized.folder_bytes(ctx.out / MODEL_DIR)
     weight_bytes = quantized.weight_file_bytes(ctx.out / MODEL_DIR)
@@ -68,9 +82,12 @@ def run(ctx: StageContext) -> StageResult:
         "params_sub": params_sub,
         "saving_vs_full_pct": round(100 * (1 - client_bytes / full_bf16), 2),
         "saving_weights_vs_full_pct": round(100 * (1 - weight_bytes / full_bf16), 2),
-        "heldout_ppl_sub_bf16": ppl_bf16.perplexity,
-        "heldout_ppl_sub_quantized": ppl_quant.perplexity,
-        "heldout_tokens": ppl_quant.tokens,
+        "heldout_ppl_sub_bf16": bf16["ppl_student"],
+        "heldout_ppl_sub_quantized": deployed["ppl_student"],
+        "heldout_tokens": deployed["tokens"],
+        "bf16_layers": layer_map.get("bf16_layers", []),
+        "measured": {"aligned_bf16": bf16, "deployed_aligned": deployed, "deployed_unaligned": control},
+        "warnings": warnings,
     }
     fmt = reporting.format_bytes
     summary = [
@@ -79,9 +96,28 @@ def run(ctx: StageContext) -> StageResult:
         ("full LLM bf16 (computed)", fmt(full_bf16)),
         ("sub-LLM bf16 (computed)", fmt(sub_bf16)),
         ("storage saving vs full", f"{metrics['saving_vs_full_pct']:.1f} % (weights only {metrics['saving_weights_vs_full_pct']:.1f} %)"),
-        ("held-out perplexity", f"bf16 sub-LLM {ppl_bf16.perplexity:.2f}, quantized {ppl_quant.perplexity:.2f}"),
+        ("held-out perplexity", f"bf16 sub-LLM {bf16['ppl_student']:.2f}, quantized {deployed['ppl_student']:.2f}"),
+        ("held-out KL to the full LLM", f"bf16 sub-LLM {bf16['kl']:.4f}, quantized {deployed['kl']:.4f}"
+         + (f" (unaligned control {control['kl']:.4f})" if control else "")),
     ]
+    for gap, value in deployed["hidden_nmse"].items():
+        summary.append((f"hidden NMSE gap {gap}", f"bf16 {bf16['hidden_nmse'][gap]:.4f}, quantized {value:.4f}"
+                        + (f" (control {control['hidden_nmse'][gap]:.4f})" if control and gap in control["hidden_nmse"] else "")))
+    if bf16_layers:
+        summary.append(("kept in bf16", "layers " + ", ".join(map(str, layer_map["bf16_layers"])) + " (align.quant_aware = bf16_partial)"))
+    if warnings:
+        summary.insert(0, ("WARNING", "the client model is not better than the unaligned control: " + "; ".join(warnings)))
     return StageResult(metrics=metrics, summary=summary)
+
+
+def upstream_measurement(upstream, name: str) -> dict | None:
+    """align's recorded measurement `name` (e.g. the deployed unaligned control), if any."""
+    import json
+
+    try:
+        return json.loads((upstream / "manifest.json").read_text())["metrics"]["measured"][name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def parameter_counts(sub_model, num_layers: int) -> tuple[int, int]:

@@ -50,16 +50,18 @@ class RealignResult:
 
 def realign(teacher_full, student_sub, adapter_state_sub: dict[str, torch.Tensor], kept: list[int],
             removed_groups: list[list[int]], batches: Iterable[dict[str, torch.Tensor]], *, config: AlignSpec,
-            lora: LoraSpec, steps: int, heldout_ids: torch.Tensor | None = None,
+            lora: LoraSpec, steps: int, heldout_ids: torch.Tensor | None = None, quant: QuantizeSpec | None = None,
             progress: Callable[[dict[str, Any]], None] | None = None) -> RealignResult:
     """Attach the global adapter to the student and, mapped through `kept`, to the teacher (as
     frozen LoRA modules, not merged), train the partial layers' base weights with the ODA loss for
     `steps` steps, detach the adapters again and return the partial layers' new weights. Both
-    models come back without LoRA; the student's partial layers are updated in place. With
-    `heldout_ids`, KL/NMSE/perplexity (adapter attached) are measured before and after."""
+    models come back without LoRA; the student's partial layers are updated in place. With `quant`
+    the student trains as the client model of that format (`align.quant_aware`, as in align). With
+    `heldout_ids`, KL/NMSE/perplexity (adapter attached) are measured before and after, in bf16 and
+    as deployed: metrics "before"/"after" (bf16), "measured" (the four variants), "warnings"."""
     from fedsoda_cli.models.adapters import attach_lora, load_adapter_state, sub_to_full_adapter
     from fedsoda_cli.models.layers import decoder_layers_path
-    from fedsoda_cli.stages.distill import align_partial_layers, evaluate_alignment, partial_layers
+    from fedsoda_cli.stages.distill import align_partial_layers, measure, partial_layers
 
     partial = partial_layers(config.partial, kept, removed_groups)
     layers_path = decoder_layers_path(student_sub)
@@ -69,10 +71,15 @@ def realign(teacher_full, student_sub, adapter_state_sub: dict[str, torch.Tensor
         try:
             load_adapter_state(student, adapter_state_sub)
             load_adapter_state(teacher, sub_to_full_adapter(adapter_state_sub, kept, layers_path=decoder_layers_path(teacher_full)))
-            measure = (lambda: evaluate_alignment(teacher, student, kept, removed_groups, heldout_ids, config)) if heldout_ids is not None else dict
-            before = measure()
-            history = align_partial_layers(teacher, student, kept, removed_groups, config.partial, batches, config, steps, progress=progress)
-            after = measure()
+            def measured():
+                if heldout_ids is None:
+                    return None
+                return measure(teacher, student, kept, removed_groups, heldout_ids, config, quant, partial)
+
+            before = measured()
+            history = align_partial_layers(teacher, student, kept, removed_groups, config.partial, batches, config, steps,
+                                           quant=quant, progress=progress)
+            after = measured()
         finally:
             teacher.unload()
     finally:
@@ -80,8 +87,20 @@ def realign(teacher_full, student_sub, adapter_state_sub: dict[str, torch.Tensor
     state = partial_layer_state(student_sub, partial, layers_path)
     metrics = {"steps": len(history), "partial_layers": [kept[k] for k in partial], "history": history}
     if heldout_ids is not None:
-        metrics.update(before=before, after=after)
+        from fedsoda_cli.stages.align import regressions
+
+        variants = {"before_bf16": before["bf16"], "after_bf16": after["bf16"],
+                    "deployed_before": before["deployed"], "deployed_after": after["deployed"]}
+        metrics.update(before=before["bf16"], after=after["bf16"], measured=variants,
+                       warnings=regressions([("bf16", before["bf16"], after["bf16"]),
+                                             ("deployed", before["deployed"], after["deployed"])]))
     return RealignResult(state, metrics)
+
+
+def broadcast_format(align: AlignSpec, quant: QuantizeSpec) -> QuantizeSpec:
+    """The format the partial layers travel and live in on the client: `quant`, or bf16 when the
+    client keeps them in bf16 (quant_aware = "bf16_partial")."""
+    return quant.model_copy(update={"quant_type": "none"}) if align.quant_aware == "bf16_partial" else quant
 
 
 def partial_layer_state(model, partial: list[int], layers_path: str) -> dict[str, torch.Tensor]:
@@ -169,8 +188,8 @@ def run_standalone(spec, workdir: Path, adapter_dir: str | os.PathLike, console)
                 bar.update(task, advance=1, status=f"loss {row['loss']:.4f}")
 
             result = realign(teacher, student, adapter_state, kept, groups, batches, config=spec.align, lora=lora,
-                             steps=spec.realign.steps, heldout_ids=heldout_ids, progress=on_step)
-        artifact_bytes = write_partial_layers(result.partial_layer_state, spec.quantize, out / PARTIAL_LAYERS)
+                             steps=spec.realign.steps, heldout_ids=heldout_ids, quant=spec.quantize, progress=on_step)
+        artifact_bytes = write_partial_layers(result.partial_layer_state, broadcast_format(spec.align, spec.quantize), out / PARTIAL_LAYERS)
         save_file({k: v.contiguous() for k, v in result.partial_layer_state.items()}, out / PARTIAL_LAYERS_FLOAT, metadata={"format": "pt"})
         client, client_tokenizer = load_client_model(inputs["quantize"] / MODEL_DIR, prepare_for_training=False)
         apply_partial_layers(client, out / PARTIAL_LAYERS)
@@ -185,13 +204,21 @@ def run_standalone(spec, workdir: Path, adapter_dir: str | os.PathLike, console)
             "client_model_bytes": folder_bytes(out / MODEL_DIR),
             "before": before,
             "after": after,
+            "measured": result.metrics["measured"],
+            "warnings": result.metrics["warnings"],
         }
     manifest = artifacts.read_manifest(workdir, "realign")
-    rows = [
+    measured = result.metrics["measured"]
+    rows = [("WARNING", "got worse: " + "; ".join(result.metrics["warnings"]) + " (the realigned model was written anyway)")] if result.metrics["warnings"] else []
+    rows += [
         ("adapter", str(adapter_dir)),
         ("partial layers", ", ".join(map(str, result.metrics["partial_layers"]))),
         ("steps", str(result.metrics["steps"])),
-        ("KL (held-out, adapter on)", f"{before['kl']:.4f} -> {after['kl']:.4f}"),
+        ("KL (held-out, adapter on)", f"bf16 {before['kl']:.4f} -> {after['kl']:.4f}, deployed "
+                                      f"{measured['deployed_before']['kl']:.4f} -> {measured['deployed_after']['kl']:.4f}"),
+        *[(f"hidden NMSE gap {gap} (deployed)", f"{value:.4f} -> {measured['deployed_after']['hidden_nmse'][gap]:.4f}")
+          for gap, value in measured["deployed_before"]["hidden_nmse"].items()],
+        ("perplexity (deployed, adapter on)", f"{measured['deployed_before']['ppl_student']:.2f} -> {measured['deployed_after']['ppl_student']:.2f}"),
         ("broadcast per client", reporting.format_bytes(artifact_bytes)),
         ("new client model", str(workdir / "realign" / MODEL_DIR)),
     ]

@@ -72,6 +72,26 @@ def test_partial_list_with_a_removed_layer_names_the_key():
         distill.partial_layers([1, 2], [0, 1, 3, 5], GROUPS)
 
 
+def test_output_points_compare_every_trained_layers_output_at_the_same_original_depth():
+    plan = distill.loss_points([0, 1, 3, 5], GROUPS, 6, [1, 2, 3], "output")
+    assert [(p.label, p.teacher_boundary, p.student_boundary) for p in plan] == [("out1", 2, 2), ("out3", 4, 3), ("out5", 6, 4)]
+    assert distill.loss_points([0, 1, 3, 5], GROUPS, 6, [2, 3], "gap") == distill.gaps([0, 1, 3, 5], GROUPS, 6)
+
+
+def test_gap_measuring_points_follow_hidden_at():
+    output = distill.gap_points([0, 1, 3, 5], GROUPS, 6, "output")
+    assert [(g.label, g.teacher_boundary, g.student_boundary) for g in output] == [("2", 4, 3), ("4", 6, 4)]
+    assert distill.gap_points([0, 1, 3, 5], GROUPS, 6, "gap") == distill.gaps([0, 1, 3, 5], GROUPS, 6)
+
+
+def test_a_loss_that_cannot_train_is_a_spec_error_not_a_traceback(tiny_teacher):
+    teacher, _ = tiny_teacher
+    student, kept = pruned(teacher, [[2]])
+    config = AlignSpec(alpha=0.0, beta=1.0, hidden_at="gap")
+    with pytest.raises(SpecError, match=r"hidden_at"):
+        distill.align_partial_layers(teacher, student, kept, [[2]], "after_gap", distill.seeded_batches(token_windows(2, 8, 4), 2, 0), config, steps=1)
+
+
 # ---- the loss ------------------------------------------------------------------------------------
 
 
@@ -183,6 +203,43 @@ def test_alignment_lowers_the_loss(tiny_teacher):
     assert end < 0.7 * start
 
 
+@pytest.mark.parametrize("quant_aware", ["off", "ste"])
+def test_the_hidden_term_alone_lowers_the_hidden_nmse_at_every_gap(tiny_teacher, quant_aware):
+    """alpha = 0, beta = 1 (once a crash: `element 0 of tensors does not require grad`)."""
+    from fedsoda_cli.spec.schema import QuantizeSpec
+
+    teacher, _ = tiny_teacher
+    student, kept = pruned(teacher)
+    config = AlignSpec(alpha=0.0, beta=1.0, lr=3e-3, quant_aware=quant_aware)
+    heldout = token_windows(2, 16, 6)
+    partial = distill.partial_layers("after_gap", kept, GROUPS)
+    before = distill.measure(teacher, student, kept, GROUPS, heldout, config, QuantizeSpec(), partial)
+    history = distill.align_partial_layers(teacher, student, kept, GROUPS, "after_gap", distill.seeded_batches(token_windows(8, 16, 7), 4, 0),
+                                           config, steps=15, quant=QuantizeSpec())
+    after = distill.measure(teacher, student, kept, GROUPS, heldout, config, QuantizeSpec(), partial)
+    assert set(history[0]["hidden_nmse"]) == {"out3", "out5"}
+    view = "deployed" if quant_aware == "ste" else "bf16"
+    for gap, value in before[view]["hidden_nmse"].items():
+        assert after[view]["hidden_nmse"][gap] < 0.9 * value, gap
+
+
+def test_quant_aware_alignment_changes_only_the_partial_layers_and_lowers_the_deployed_kl(tiny_teacher):
+    from fedsoda_cli.spec.schema import QuantizeSpec
+
+    teacher, _ = tiny_teacher
+    student, kept = pruned(teacher)
+    frozen = {k: v.clone() for k, v in student.state_dict().items() if not k.startswith(("model.layers.2.", "model.layers.3."))}
+    config = AlignSpec(lr=3e-3, quant_aware="ste")
+    heldout = token_windows(2, 16, 8)
+    partial = distill.partial_layers("after_gap", kept, GROUPS)
+    before = distill.measure(teacher, student, kept, GROUPS, heldout, config, QuantizeSpec(), partial)
+    distill.align_partial_layers(teacher, student, kept, GROUPS, "after_gap", distill.seeded_batches(token_windows(8, 16, 9), 4, 0),
+                                 config, steps=10, quant=QuantizeSpec())
+    after = distill.measure(teacher, student, kept, GROUPS, heldout, config, QuantizeSpec(), partial)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in frozen.items())  # back to their float values
+    assert after["deployed"]["kl"] < before["deployed"]["kl"]
+
+
 def test_seeded_batches_repeat_and_cover_every_sequence():
     seqs = torch.arange(10).view(5, 2)
     first = [b["input_ids"] for _, b in zip(range(6), distill.seeded_batches(seqs, 2, seed=7))]
@@ -241,7 +298,48 @@ def test_align_stage_writes_the_aligned_model_and_measurements(tmp_path, tiny_te
     assert m["partial_layers"] == [3, 5] and m["steps"] == 3
     assert set(m["before"]) >= {"kl", "hidden_nmse", "ppl_student", "ppl_teacher"}
     assert m["after"]["ppl_teacher"] == pytest.approx(m["before"]["ppl_teacher"])
+    assert set(m["measured"]) == {"pruned_bf16", "aligned_bf16", "deployed_unaligned", "deployed_aligned"}
+    assert all(set(v["hidden_nmse"]) == {"2", "4"} for v in m["measured"].values())
+    assert m["quant_aware"] == "ste" and m["hidden_at"] == "output"
     assert any(label.startswith("KL") for label, _ in result.summary)
+    layer_map = json.loads((ctx.out / "layer_map.json").read_text())
+    assert layer_map["partial_layers"] == [3, 5] and layer_map["bf16_layers"] == []
+
+
+def test_a_measurement_that_got_worse_is_a_warning_row():
+    from fedsoda_cli.stages import align
+
+    good = {"kl": 0.5, "ppl_student": 10.0, "ppl_teacher": 5.0, "hidden_nmse": {"2": 0.3}}
+    worse = {"kl": 0.6, "ppl_student": 9.0, "ppl_teacher": 5.0, "hidden_nmse": {"2": 0.4}}
+    warnings = align.regressions([("deployed", good, worse), ("bf16", good, good)])
+    assert warnings == ["deployed KL 0.5000 -> 0.6000", "deployed hidden NMSE gap 2 0.3000 -> 0.4000"]
+    measured = {"pruned_bf16": good, "aligned_bf16": good, "deployed_unaligned": good, "deployed_aligned": worse}
+    rows = align.summary_rows(measured, [3], 2, AlignSpec(), warnings)
+    assert rows[0][0] == "WARNING" and "deployed KL" in rows[0][1]
+    assert align.summary_rows(measured, [3], 2, AlignSpec(), [])[0][0] != "WARNING"
+
+
+def test_bf16_partial_layers_stay_bf16_in_the_client_model(tmp_path, tiny_teacher):
+    from fedsoda_cli.models import quantized
+    from fedsoda_cli.stages import align, quantize
+
+    teacher, tokenizer = tiny_teacher
+    prune_dir = write_prune_output(tmp_path / "prune", teacher, tokenizer)
+    ctx = make_ctx(tmp_path, tiny_spec(quant_aware="bf16_partial", steps=1), prune_dir)
+    align.run(ctx)
+    assert json.loads((ctx.out / "layer_map.json").read_text())["bf16_layers"] == [3, 5]
+    (tmp_path / "q").mkdir()
+    from rich.console import Console
+
+    from fedsoda_cli.pipeline import StageContext
+
+    qctx = StageContext(spec=ctx.spec, workdir=tmp_path, out=tmp_path / "q", inputs={"align": ctx.out}, console=Console(quiet=True))
+    result = quantize.run(qctx)
+    client, _ = quantized.load_client_model(tmp_path / "q" / "model", prepare_for_training=False)
+    assert type(client.model.layers[2].mlp.up_proj) is torch.nn.Linear
+    assert type(client.model.layers[1].mlp.up_proj) is not torch.nn.Linear
+    assert result.metrics["bf16_layers"] == [3, 5]
+    assert set(result.metrics["measured"]) == {"aligned_bf16", "deployed_aligned", "deployed_unaligned"}
 
 
 def test_align_stage_rejects_a_partial_layer_that_was_pruned(tmp_path, tiny_teacher):

@@ -189,3 +189,33 @@ def test_standalone_realign_writes_a_new_client_model(tmp_path):
     x = torch.randint(0, 1000, (1, 8))
     with torch.no_grad():
         assert torch.equal(new_client(input_ids=x).logits, expected(input_ids=x).logits)
+
+
+def test_quant_aware_realign_measures_bf16_and_deployed_before_and_after(setup):
+    teacher, student, _, kept, state = setup
+    heldout = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(3))
+    config = CONFIG.model_copy(update={"quant_aware": "ste"})
+    result = realign(teacher, student, state, kept, GROUPS, batches(), config=config, lora=LORA, steps=2,
+                     heldout_ids=heldout, quant=QuantizeSpec())
+    m = result.metrics
+    assert set(m["measured"]) == {"before_bf16", "after_bf16", "deployed_before", "deployed_after"}
+    assert all(set(v["hidden_nmse"]) == {"2", "4"} for v in m["measured"].values())
+    assert m["before"] == m["measured"]["before_bf16"] and isinstance(m["warnings"], list)
+    assert not any("lora_" in n for n, _ in student.named_parameters())
+
+
+def test_bf16_partial_layers_travel_in_bf16_and_swap_into_a_client_that_keeps_them(tmp_path, setup):
+    from fedsoda_cli.stages.realign import broadcast_format
+
+    teacher, student, tokenizer, kept, state = setup
+    config = CONFIG.model_copy(update={"quant_aware": "bf16_partial"})
+    fmt = broadcast_format(config, QuantizeSpec())
+    assert fmt.quant_type == "none" and broadcast_format(CONFIG, QuantizeSpec()).quant_type == "nf4"
+    save_checkpoint(student, tokenizer, tmp_path / "old")
+    client = quantized.quantize_checkpoint(tmp_path / "old", QuantizeSpec(), bf16_layers=[2, 3])
+    result = realign(teacher, student, state, kept, GROUPS, batches(), config=config, lora=LORA, steps=1, quant=QuantizeSpec())
+    artifact = partial_layer_artifact(result.partial_layer_state, fmt)
+    assert {v.dtype for v in artifact.values()} == {torch.bfloat16}
+    apply_partial_layers(client, artifact)
+    expected = result.partial_layer_state["model.layers.2.mlp.up_proj.weight"].to(torch.bfloat16).float()
+    assert torch.equal(client.model.layers[2].mlp.up_proj.weight, expected)
