@@ -5,6 +5,7 @@
 - fedot (offsite-tuning): the emulator is a uniform drop of middle layers, distilled once; the bottom
   and top `fedot.adapter_layers` layers carry the trainable adapter; no realignment.
 - central: the upper bound, fedsoda's client model trained on all clients' data pooled (bounds.py).
+- local: the lower bound, every client training alone on its shard (bounds.py).
 
 Everything else (data, LoRA rank, clients, rounds, local steps, learning rate) comes from the same
 spec keys as fedsoda, so one spec switch changes only the method.
@@ -34,6 +35,12 @@ pipeline.register_pipeline("central", (
     pipeline.PROFILE, pipeline.PRUNE, pipeline.ALIGN, pipeline.QUANTIZE,
     pipeline.Stage("federate", ("quantize",), pipeline.FEDERATE.sections, "fedsoda_cli.baselines.bounds:central"),
     pipeline.EVAL,
+))
+
+pipeline.register_pipeline("local", (
+    pipeline.PROFILE, pipeline.PRUNE, pipeline.ALIGN, pipeline.QUANTIZE,
+    pipeline.Stage("federate", ("quantize",), pipeline.FEDERATE.sections, "fedsoda_cli.baselines.bounds:local"),
+    pipeline.Stage("eval", ("federate", "quantize"), pipeline.EVAL.sections, "fedsoda_cli.baselines.bounds:local_eval"),
 ))
 
 __all__ = ["bounds", "fedot", "fedpetuning"]

@@ -38,6 +38,16 @@ CHECKPOINTS = "federate.checkpoints"
 
 
 def run(ctx: pipeline.StageContext) -> pipeline.StageResult:
+    shards, stats = client_shards(ctx.spec, ctx.out)
+    ctx.console.print(partition_table(stats))
+    summary = federate(ctx, shards, ctx.out, CHECKPOINTS)
+    metrics = {k: v for k, v in summary.items() if k != "bytes_per_client"}  # per-client bytes stay in summary.json
+    return pipeline.StageResult(metrics=metrics, summary=summary_rows(summary))
+
+
+def federate(ctx: pipeline.StageContext, shards: dict[int, list[tuple[str, str]]], out: Path, checkpoints: str) -> dict[str, Any]:
+    """The rounds over `shards` (client -> examples), outputs written into `out`, round checkpoints
+    into `<workdir>/<checkpoints>`; returns the summary."""
     spec, fed = ctx.spec, ctx.spec.federate
     started = time.perf_counter()
     aggregator = aggregators.create(fed.aggregator, seed=stable_seed(spec.run.seed, "aggregator"), **fed.aggregator_options)
@@ -45,9 +55,7 @@ def run(ctx: pipeline.StageContext) -> pipeline.StageResult:
     layer_map = read_layer_map(ctx.inputs["quantize"])
     lora_layers = client_lora_layers(spec, layer_map)
     peft_config = lora_config(spec.lora, lora_layers, decoder_layers_name(model_dir) if lora_layers is not None else "layers")
-    shards, stats = client_shards(spec, ctx.out)
-    ctx.console.print(partition_table(stats))
-    store = CheckpointStore(ctx.workdir / CHECKPOINTS, run_identity(ctx), peft_config)
+    store = CheckpointStore(ctx.workdir / checkpoints, run_identity(ctx), peft_config)
     resume = resume_point(ctx, store)
     transport = client_transport(worker_setup(spec, model_dir, shards, lora_layers), spec, ctx.console)
     reporter = ConsoleReporter(ctx.console)
@@ -58,9 +66,7 @@ def run(ctx: pipeline.StageContext) -> pipeline.StageResult:
         result = server.run(resume)
     finally:
         reporter.stop()
-    summary = write_outputs(ctx, store, result, peft_config, time.perf_counter() - started)
-    metrics = {k: v for k, v in summary.items() if k != "bytes_per_client"}  # per-client bytes stay in summary.json
-    return pipeline.StageResult(metrics=metrics, summary=summary_rows(summary))
+    return write_outputs(ctx, out, store, result, peft_config, time.perf_counter() - started)
 
 
 def client_model_dir(ctx: pipeline.StageContext) -> Path:
@@ -222,9 +228,8 @@ def realigner_for(ctx: pipeline.StageContext, layer_map: dict[str, Any]):
     return ServerRealigner(ctx.spec, artifacts.stage_dir(ctx.workdir, "align") / "model", layer_map, log_path=ctx.out / "realign.jsonl")
 
 
-def write_outputs(ctx: pipeline.StageContext, store: CheckpointStore, result: RunResult, peft_config, wall_s: float) -> dict[str, Any]:
+def write_outputs(ctx: pipeline.StageContext, out: Path, store: CheckpointStore, result: RunResult, peft_config, wall_s: float) -> dict[str, Any]:
     """adapter/, metrics.jsonl, summary.json, aggregator state, the last checkpoint; returns the summary."""
-    out = ctx.out
     write_peft_adapter(out / "adapter", result.adapter, peft_config)
     (out / "metrics.jsonl").write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in result.history))
     write_state(out, "aggregator", result.aggregator_state, f"aggregator '{ctx.spec.federate.aggregator}' state_dict()")

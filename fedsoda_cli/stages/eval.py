@@ -33,14 +33,14 @@ def run(ctx: StageContext) -> StageResult:
     from fedsoda_cli.spec import spec_dir
 
     spec = ctx.spec
-    folders = _run_folders(ctx)
+    folders = run_folders(ctx)
     examples = load_task(spec.task, resolve_data_dir(spec.data, spec_dir(spec)), "eval", spec.run.seed, spec_dir=spec_dir(spec))
     results: dict[str, dict] = {}
     with open(ctx.out / PREDICTIONS, "w") as lines, reporting.progress(ctx.console) as bar:
         for target in spec.eval.targets:
             started = time.perf_counter()
-            model, tokenizer = _build_target(target, spec, folders, ctx.out / PLUGIN_ADAPTER)
-            results[target] = _evaluate(target, model, tokenizer, examples, spec, bar, lines)
+            model, tokenizer = build_target(target, spec, folders, ctx.out / PLUGIN_ADAPTER)
+            results[target] = evaluate_target(target, model, tokenizer, examples, spec, bar, lines)
             results[target]["seconds"] = round(time.perf_counter() - started, 2)
             del model
             gc.collect()  # one target's model at a time in memory
@@ -65,7 +65,7 @@ def evaluate_adapter_on_full(full_model, tokenizer, adapter, adapter_config, lay
                              max_len=spec.task.max_len, max_new_tokens=spec.eval.max_new_tokens)
 
 
-def _run_folders(ctx: StageContext) -> dict[str, Path]:
+def run_folders(ctx: StageContext) -> dict[str, Path]:
     """federate's adapter, and quantize's client model and layer map (quantize is checked intact)."""
     quantize = ctx.inputs["quantize"]
     return {"adapter": ctx.inputs["federate"] / "adapter", "client_model": quantize / "model",
@@ -73,7 +73,7 @@ def _run_folders(ctx: StageContext) -> dict[str, Path]:
             "layer_map": quantize / "layer_map.json"}
 
 
-def _build_target(target: str, spec, folders: dict[str, Path], plugin_dir: Path):
+def build_target(target: str, spec, folders: dict[str, Path], plugin_dir: Path):
     """(model, tokenizer) of one target; the plugin adapter folder is written on first use."""
     from fedsoda_cli.evaluation import targets
     from fedsoda_cli.models.layers import decoder_layers_path
@@ -101,7 +101,7 @@ def _layer_map(spec, path: Path, full_model):
     return read_layer_map(path)
 
 
-def _evaluate(target: str, model, tokenizer, examples, spec, bar, lines) -> dict:
+def evaluate_target(target: str, model, tokenizer, examples, spec, bar, lines) -> dict:
     """The results.json entry of one target; its predictions are appended to `lines`."""
     from fedsoda_cli.evaluation.task import evaluate_task
 

@@ -2,6 +2,7 @@ import json
 from collections import Counter
 
 import pytest
+from pydantic import ValidationError
 
 from fedsoda_cli.data.tasks import BUILTIN, hub_row_to_record, load_task, read_jsonl
 from fedsoda_cli.errors import DataError
@@ -88,10 +89,13 @@ def test_unknown_template_field(data_dir):
         load_task(TaskSpec(name="sst2", prompt="Review: {text}"), data_dir, "eval", seed=0)
 
 
-@pytest.mark.parametrize("template", ["Review: {}", "Review: {sentence", "Review: {0}"])
+@pytest.mark.parametrize("template", ["Review: {}", "Review: {sentence", "Review: {0}", "{sentence:d}", "{sentence!x}", "{label.real.foo}"])
 def test_malformed_template(data_dir, template):
+    with pytest.raises(ValidationError, match=r"task\.prompt"):  # refused by validate already
+        TaskSpec(name="sst2", prompt=template)
+    # a spec that skipped validation still fails with the record named, never a traceback
     with pytest.raises(DataError, match=r"task\.prompt"):
-        load_task(TaskSpec(name="sst2", prompt=template), data_dir, "eval", seed=0)
+        load_task(TaskSpec.model_construct(**{**TaskSpec().model_dump(), "name": "sst2", "prompt": template}), data_dir, "eval", seed=0)
 
 
 # ---- errors on broken files ---------------------------------------------------------------------
@@ -243,3 +247,33 @@ def test_hub_failure_is_a_data_error(monkeypatch):
 
 def test_builtin_table_covers_all_builtin_tasks():
     assert set(BUILTIN) == {"sst2", "boolq", "gsm8k"}
+
+
+def test_val_split_is_disjoint_stratified_and_leaves_training_unchanged(data_dir):
+    task = TaskSpec(name="sst2", train_examples=200, val_examples=60)
+    train = load_task(task, data_dir, "train", seed=0)
+    val = load_task(task, data_dir, "val", seed=0)
+    assert len(val) == 60 and not {e.id for e in val} & {e.id for e in train}
+    assert not {e.id for e in val} & {e.id for e in load_task(task, data_dir, "eval", seed=0)}
+    assert 20 <= sum(e.label for e in val) <= 40  # label balance kept
+    no_val = TaskSpec(name="sst2", train_examples=200, val_examples=0)
+    assert [e.id for e in load_task(no_val, data_dir, "train", seed=0)] == [e.id for e in train]
+    assert load_task(no_val, data_dir, "val", seed=0) == []
+
+
+def test_val_split_is_empty_when_training_takes_every_example(tmp_path):
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"input": f"q{i}", "output": "a"}) + "\n" for i in range(5)))
+    task = TaskSpec(name="jsonl", train_file="t.jsonl")
+    assert len(load_task(task, None, "train", seed=0, spec_dir=tmp_path)) == 5
+    assert load_task(task, None, "val", seed=0, spec_dir=tmp_path) == []
+
+
+def test_user_classification_task_with_choices(tmp_path):
+    rows = [{"input": "sky", "output": "blue"}, {"input": "rose", "output": " red"}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = TaskSpec(name="jsonl", train_file="t.jsonl", choices=["red", " blue"])
+    examples = load_task(task, None, "train", seed=0, spec_dir=tmp_path)
+    assert [(e.label, e.answer, e.choices) for e in examples] == [(1, " blue", [" red", " blue"]), (0, " red", [" red", " blue"])]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"input": "x", "output": "green"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: 'output' is 'green', not one of task.choices"):
+        load_task(TaskSpec(name="jsonl", train_file="bad.jsonl", choices=["red", "blue"]), None, "train", seed=0, spec_dir=tmp_path)

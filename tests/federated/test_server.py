@@ -185,3 +185,23 @@ def test_realign_broadcasts_layers_and_a_resumed_run_repeats_it_exactly(tmp_path
     # Clients trained on the realigned layers from round 2 on: the runs part ways exactly there.
     assert plain.history[0]["global_digest"] == whole.history[0]["global_digest"]
     assert plain.history[1]["global_digest"] != whole.history[1]["global_digest"]
+
+
+@pytest.mark.parametrize("weighting, expected", [("examples", [8, 8]), ("shard", [3, 30]), ("uniform", [1, 1])])
+def test_aggregation_weight_follows_federate_weighting(weighting, expected):
+    from fedsoda_cli.federated.messages import ClientResult
+
+    plan = RoundPlan(seed=0, clients=2, clients_per_round=2, rounds=1, weighting=weighting)
+    loop = FederatedServer(plan, transport=None, aggregator=None, aggregator_name="fedavg", store=None)
+    # both clients did the same work (8 examples) on shards of very different sizes
+    results = [ClientResult(1, c, b"", num_samples=8, metrics={"shard_size": size}) for c, size in ((0, 3), (1, 30))]
+    assert [loop.weight(r) for r in results] == expected
+
+
+def test_workers_report_the_examples_they_trained_on_and_their_shard(tmp_path, setup):
+    seen = []
+    transport = Tampering(setup, {c: seen.append for c in (0, 1)})
+    record = server(tmp_path, setup, transport=transport, clients=2, clients_per_round=2).run().history[0]
+    assert record["step_seconds"] > 0
+    assert [r.num_samples for r in seen] == [2 * 4, 2 * 4]  # local_steps x batch_size, not the shard's 8
+    assert [r.metrics["shard_size"] for r in seen] == [8, 8]

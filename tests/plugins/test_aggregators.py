@@ -116,3 +116,30 @@ def test_unknown_aggregator_suggests_the_closest_name():
 def test_bad_option_names_the_aggregator():
     with pytest.raises(PluginError, match="aggregator 'fedavg'.*failed to start.*trim"):
         aggregators.create("fedavg", seed=0, trim=0.1)
+
+
+def test_fedavgm_without_momentum_is_fedavg():
+    from fedsoda_cli.plugins.aggregators.fedavgm import FedAvgM
+
+    updates = [update(0, [1.0, 2.0], n=1), update(1, [5.0, -2.0], n=3)]
+    plain = FedAvg().aggregate(1, GLOBAL, updates)
+    assert torch.equal(FedAvgM(momentum=0.0).aggregate(1, GLOBAL, updates)["w"], plain["w"])
+
+
+def test_fedavgm_carries_velocity_across_rounds_and_through_its_state():
+    from fedsoda_cli.plugins.aggregators.fedavgm import FedAvgM
+
+    agg = FedAvgM(momentum=0.5)
+    first = agg.aggregate(1, GLOBAL, [update(0, 1.0)])  # v = 1 -> theta = 1
+    assert first["w"].tolist() == [1.0, 1.0]
+    resumed = FedAvgM(momentum=0.5)
+    resumed.load_state_dict(agg.state_dict())
+    # delta = 0 (the client returns the global adapter), yet momentum keeps moving: v = 0.5
+    assert agg.aggregate(2, first, [update(0, 1.0)])["w"].tolist() == [1.5, 1.5]
+    assert resumed.aggregate(2, first, [update(0, 1.0)])["w"].tolist() == [1.5, 1.5]
+    with pytest.raises(ValueError, match="momentum"):
+        FedAvgM(momentum=1.0)
+
+
+def test_fedavgm_is_a_builtin():
+    assert aggregators.create("fedavgm", seed=0).momentum == 0.9
