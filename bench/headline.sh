@@ -3,10 +3,11 @@
 # IID data and on Dirichlet-0.5 label skew, then `fedsoda report` (tables, curves, seeds).
 #
 #   bash bench/headline.sh          the core set, sized for about 100 minutes on 2 CPU cores:
-#                                   zero-shot, central, fedsoda and fedpetuning-NF4 (the fair control),
-#                                   IID and Dirichlet 0.5, seed 0
+#                                   zero-shot, central, local, fedsoda and fedpetuning-NF4 (the fair
+#                                   control), IID and Dirichlet 0.5, seed 0
 #   FULL=1 bash bench/headline.sh   adds fedpetuning in bf16, fedot, and seeds 1 and 2 of fedsoda and
-#                                   fedpetuning-NF4 (about 4 hours more on 2 cores)
+#                                   fedpetuning-NF4, IID and Dirichlet (about 60 minutes more on a quiet
+#                                   2-core machine)
 #
 # Stages that do not depend on the partition (profile, prune, align, quantize; fedpetuning's base)
 # are computed once per method and copied into the sibling workdirs, exactly as `fedsoda run --seeds`
@@ -18,10 +19,11 @@ fedsoda=${FEDSODA:-.venv/bin/fedsoda}
 mkdir -p runs
 DIR='--set federate.partition=dirichlet --set federate.dirichlet_alpha=0.5'
 
-run() {  # run NAME SPEC [fedsoda run options...]
-  local name=$1; shift
-  echo "== $name ($(date +%T))"
-  /usr/bin/time -v "$fedsoda" run "$@" --set "run.name=$name" 2> "runs/$name.time" || { tail -20 "runs/$name.time"; exit 1; }
+run() {  # run FOLDER SPEC [fedsoda run options...]: runs/FOLDER is the workdir; run.name = FOLDER without -seed<k>,
+  local folder=$1; shift  # so the seeds of one configuration share a name and `fedsoda report` groups them
+  echo "== $folder ($(date +%T))"
+  /usr/bin/time -v "$fedsoda" run "$@" --set "run.name=${folder%-seed*}" --workdir "runs/$folder" 2> "runs/$folder.time" \
+    || { tail -20 "runs/$folder.time"; exit 1; }
 }
 
 reuse() {  # reuse FROM TO STAGE...: copy finished upstream stage folders into a sibling workdir
@@ -35,21 +37,30 @@ reuse sst2-fedsoda sst2-central profile prune align quantize
 run sst2-central specs/sst2-central.toml
 reuse sst2-fedsoda sst2-fedsoda-dir05 profile prune align quantize
 run sst2-fedsoda-dir05 specs/sst2-fedsoda.toml $DIR --set 'eval.targets=["plugin","sub"]'
+reuse sst2-fedsoda sst2-local profile prune align quantize
+run sst2-local specs/sst2-fedsoda.toml --set run.method=local --set 'eval.targets=["plugin","sub"]'
+reuse sst2-fedsoda sst2-local-dir05 profile prune align quantize
+run sst2-local-dir05 specs/sst2-fedsoda.toml --set run.method=local $DIR --set 'eval.targets=["plugin","sub"]'
 run sst2-fedpetuning-nf4 specs/sst2-fedpetuning-nf4.toml
 reuse sst2-fedpetuning-nf4 sst2-fedpetuning-nf4-dir05 base quantize
 run sst2-fedpetuning-nf4-dir05 specs/sst2-fedpetuning-nf4.toml $DIR
-runs=(sst2-fedsoda sst2-central sst2-fedpetuning-nf4 sst2-fedsoda-dir05 sst2-fedpetuning-nf4-dir05)
+runs=(sst2-fedsoda sst2-central sst2-local sst2-fedpetuning-nf4 sst2-fedsoda-dir05 sst2-local-dir05 sst2-fedpetuning-nf4-dir05)
 
 if [ "${FULL:-0}" = 1 ]; then
   run sst2-fedpetuning specs/sst2-fedpetuning.toml
   run sst2-fedot specs/sst2-fedot.toml
+  runs+=(sst2-fedpetuning sst2-fedot)
   for seed in 1 2; do
     reuse sst2-fedsoda "sst2-fedsoda-seed$seed" profile prune
-    run "sst2-fedsoda-seed$seed" specs/sst2-fedsoda.toml --set "run.seed=$seed" --set 'eval.targets=["plugin","sub"]'
+    run "sst2-fedsoda-seed$seed" specs/sst2-fedsoda.toml --set "run.seed=$seed"
+    reuse "sst2-fedsoda-seed$seed" "sst2-fedsoda-dir05-seed$seed" profile prune align quantize
+    run "sst2-fedsoda-dir05-seed$seed" specs/sst2-fedsoda.toml --set "run.seed=$seed" $DIR --set 'eval.targets=["plugin","sub"]'
     reuse sst2-fedpetuning-nf4 "sst2-fedpetuning-nf4-seed$seed" base quantize
     run "sst2-fedpetuning-nf4-seed$seed" specs/sst2-fedpetuning-nf4.toml --set "run.seed=$seed"
+    reuse sst2-fedpetuning-nf4 "sst2-fedpetuning-nf4-dir05-seed$seed" base quantize
+    run "sst2-fedpetuning-nf4-dir05-seed$seed" specs/sst2-fedpetuning-nf4.toml --set "run.seed=$seed" $DIR
+    runs+=("sst2-fedsoda-seed$seed" "sst2-fedsoda-dir05-seed$seed" "sst2-fedpetuning-nf4-seed$seed" "sst2-fedpetuning-nf4-dir05-seed$seed")
   done
-  runs+=(sst2-fedpetuning sst2-fedot sst2-fedsoda-seed1 sst2-fedsoda-seed2 sst2-fedpetuning-nf4-seed1 sst2-fedpetuning-nf4-seed2)
 fi
 
 "$fedsoda" report "${runs[@]/#/runs/}" --out runs/sst2-report

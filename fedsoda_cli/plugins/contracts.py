@@ -25,7 +25,7 @@ class ClientUpdate:
 
     client: int
     adapter: AdapterState
-    num_samples: int
+    num_samples: int  # the update's weight n_k, as federate.weighting says (default: examples trained this round)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
