@@ -137,15 +137,23 @@ def load_task(task: TaskSpec, data_dir: Path | None, split: Split, seed: int, *,
 def read_jsonl(path: Path) -> list[Record]:
     """The JSON objects of a JSONL file, one per non-blank line, located by "path:line"."""
     records: list[Record] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    # Binary mode, decoding line by line, so that a byte that is not UTF-8 is reported at its line.
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg}); make every line one JSON object") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply to read; make every line one flat JSON object") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: a JSON {type(obj).__name__}, not an object; make every line one JSON object")
             records.append(Record(where, len(records), obj))
@@ -276,7 +284,7 @@ def _builtin_examples(task: TaskSpec, records: list[Record], source: str, split:
         _check_fields(rec, needed)
         label, answer = _target(task.name, rec)
         choices = list(spec.choices) if spec.choices else None
-        examples.append(Example(f"{task.name}-{stem}-{rec.index}", template.format(**rec.fields), answer, label, choices))
+        examples.append(Example(f"{task.name}-{stem}-{rec.index}", _render(template, rec), answer, label, choices))
     return examples
 
 
@@ -318,7 +326,7 @@ def _user_examples(task: TaskSpec, records: list[Record], source: str) -> list[E
                 raise DataError(f"{rec.where}: {task.output_field!r} is {output!r}, not one of task.choices {task.choices}; fix the record or task.choices")
             label = words.index(answer.strip())
             answer = choices[label]
-        examples.append(Example(f"{stem}-{rec.index}", template.format(**rec.fields), answer, label, choices))
+        examples.append(Example(f"{stem}-{rec.index}", _render(template, rec), answer, label, choices))
     return examples
 
 
@@ -343,6 +351,15 @@ def template_fields(template: str, first: dict[str, Any], source: str) -> tuple[
             raise DataError(f"task.prompt uses {{{base}}}, but the records of {source} have the fields {', '.join(sorted(first))}; fix task.prompt")
         names.append(base)
     return tuple(dict.fromkeys(names))
+
+
+def _render(template: str, rec: Record) -> str:
+    # A format spec, conversion or attribute that fits the record's values only fails here, per record.
+    try:
+        return template.format(**rec.fields)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise DataError(f"{rec.where}: task.prompt {template!r} cannot be filled from this record "
+                        f"({type(exc).__name__}: {exc}); write fields as plain {{name}}") from None
 
 
 def _check_fields(rec: Record, needed: dict[str, str]) -> None:
