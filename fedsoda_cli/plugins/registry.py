@@ -26,6 +26,8 @@ class Registry(Generic[T]):
         self.kind, self.group, self.base = kind, group, base
         self._lazy = dict(builtins)  # name -> "module:attr", imported on first use
         self._classes: dict[str, type] = {}
+        # name -> (target "module:attr", where it came from), to refuse a second, different owner of a name
+        self._owners: dict[str, tuple[str, str]] = {name: (target, f"built-in {target}") for name, target in builtins.items()}
         self._entry_points_loaded = False
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -33,6 +35,8 @@ class Registry(Generic[T]):
 
         def decorate(cls: T) -> T:
             self._check(name, cls)
+            self._load_entry_points()
+            self._claim(name, f"{cls.__module__}:{cls.__qualname__}", _origin(cls))
             self._classes[name] = cls
             self._lazy.pop(name, None)
             return cls
@@ -75,15 +79,35 @@ class Registry(Generic[T]):
             return
         self._entry_points_loaded = True
         for entry in importlib.metadata.entry_points(group=self.group):
+            package = getattr(entry.dist, "name", None) or "an installed package"
+            self._claim(entry.name, entry.value, f"entry point {entry.value} of {package}")
             if entry.name not in self._classes:
                 self._lazy.setdefault(entry.name, entry.value)
+
+    def _claim(self, name: str, target: str, origin: str) -> None:
+        """Record who provides `name`; a second provider with another target is refused, since
+        silently letting the last one win would run different code under a name the spec trusts.
+        The same target again (the package's own entry points repeat its built-ins, a plugin file
+        imported anew) is the same plugin."""
+        owner = self._owners.get(name)
+        if owner is not None and owner[0] != target:
+            raise PluginError(f"{self.kind} '{name}' is registered twice: by {owner[1]} and by {origin}; "
+                              "give the plugin another name, or remove one of them")
+        self._owners.setdefault(name, (target, origin))
+
+
+def _origin(cls: type) -> str:
+    """Where a registered class comes from: its file when it has one (plugin files get generated module names)."""
+    module = sys.modules.get(cls.__module__)
+    path = getattr(module, "__file__", None)
+    return f"{path} ({cls.__qualname__})" if path else f"{cls.__module__}:{cls.__qualname__}"
 
 
 def _import_attr(target: str, what: str) -> object:
     module_name, _, attr = target.partition(":")
     try:
         return getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise PluginError(f"{what} could not be loaded from {target}: {type(exc).__name__}: {exc}") from None
 
 
@@ -104,6 +128,11 @@ def load_plugin_files(paths: list[str], base_dir: Path) -> None:
         except PluginError as exc:
             del sys.modules[module_name]
             raise PluginError(f"plugin file {path}: {exc}") from None
+        except SystemExit as exc:
+            # sys.exit() at import would otherwise end validate or run with its code, often 0, having done nothing.
+            del sys.modules[module_name]
+            raise PluginError(f"plugin file {path} called sys.exit({exc.code!r}) while being imported; "
+                              "a plugin file must only define and register classes") from None
         except Exception as exc:
             del sys.modules[module_name]
             raise PluginError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}; fix the file or remove it from 'plugins'") from None
