@@ -198,13 +198,45 @@ def read_manifest(workdir: Path, stage: str) -> Manifest | None:
     path = stage_dir(workdir, stage) / MANIFEST
     if not path.is_file():
         return None
+    rebuild = f"rerun the '{stage}' stage with --force (fedsoda {stage} SPEC --force)"
     try:
-        data = json.loads(path.read_text())
-        if isinstance(data, dict) and "stage" not in data and "spec_hash" not in data:
-            raise ArtifactError(f"{path.parent}: {_foreign(stage)}")  # another program's manifest.json
-        return Manifest(**data)
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise ArtifactError(f"{path}: corrupt manifest ({exc}); rerun the '{stage}' stage with --force") from None
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested past the parser's stack
+        raise ArtifactError(f"{path}: corrupt manifest ({type(exc).__name__}: {str(exc)[:120]}); {rebuild}") from None
+    if isinstance(data, dict) and "stage" not in data and "spec_hash" not in data:
+        raise ArtifactError(f"{path.parent}: {_foreign(stage)}")  # another program's manifest.json
+    problem = _manifest_problem(data)
+    if problem:
+        raise ArtifactError(f"{path}: corrupt manifest ({problem}); {rebuild}")
+    return Manifest(**data)
+
+
+# Each field's type, and for outputs each entry's; every reader of a Manifest relies on them.
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "stage": (str,), "spec_hash": (str,), "inputs": (dict,), "outputs": (dict,), "metrics": (dict,),
+    "wall_time_s": (int, float), "peak_memory_mb": (int, float), "fedsoda_version": (str,), "created": (str,),
+}
+
+
+def _manifest_problem(data: Any) -> str | None:
+    """What makes `data` not a manifest fedsoda wrote, or None."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    for key in ("stage", "spec_hash"):
+        if key not in data:
+            return f"no '{key}'"
+    for key, value in data.items():
+        if key not in _MANIFEST_TYPES:
+            return f"unknown key '{key}'"
+        if not isinstance(value, _MANIFEST_TYPES[key]) or isinstance(value, bool):
+            return f"'{key}' is a JSON {type(value).__name__}"
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.get("inputs", {}).items()):
+        return "'inputs' must map stage names to digests"
+    for rel, info in data.get("outputs", {}).items():
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and not isinstance(info["bytes"], bool)
+                and isinstance(info.get("sha256"), str)):
+            return f"output '{rel[:80]}' has no bytes and sha256"
+    return None
 
 
 def verify(workdir: Path, manifest: Manifest) -> None:

@@ -129,6 +129,8 @@ def read_run(workdir: Path) -> RunSummary:
     identity = _identity(workdir, spec)
     run = RunSummary(name=identity["name"], workdir=workdir, method=identity["method"], model=identity["model"], task=identity["task"], spec=spec)
     run.wall_time_s = {name: m.wall_time_s for name, m in manifests.items()}
+    for stage, rel in (("eval", "results.json"), ("federate", "metrics.jsonl"), ("federate", "summary.json")):
+        _check_listed(workdir, manifests.get(stage), rel)
     _read_eval(run, workdir / "eval" / "results.json")
     _read_federate(run, workdir / "federate")
     run.client_storage_bytes = _client_storage(manifests)
@@ -269,11 +271,14 @@ def _spec(workdir: Path) -> dict[str, Any]:
     path = workdir / "spec.json"
     if not path.is_file():
         return {}
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc}); rerun any stage of that run to rewrite it") from None
-    return spec if isinstance(spec, dict) else {}
+    rebuild = "rerun any stage of that run to rewrite it (fedsoda run SPEC)"
+    spec = _load_json(path, rebuild)
+    bad = next((k for k, v in spec.items() if k != "plugins" and not isinstance(v, dict)), None)
+    seed = spec.get("run", {}).get("seed")
+    if bad is not None or (seed is not None and (not isinstance(seed, int) or isinstance(seed, bool))):
+        what = f"'{bad}' is not a section" if bad is not None else "run.seed is not an integer"
+        raise ArtifactError(f"{path}: not a spec fedsoda wrote ({what}); {rebuild}")
+    return spec
 
 
 def _identity(workdir: Path, spec: dict[str, Any]) -> dict[str, str]:
@@ -293,18 +298,41 @@ def _seed_free_key(spec: dict[str, Any]) -> str:
     return json.dumps(spec, sort_keys=True)
 
 
+def _check_listed(workdir: Path, manifest, rel: str) -> None:
+    """A file the report reads, against the sha256 its stage's manifest records: a changed byte in a
+    number would otherwise go into the report as a result."""
+    if manifest is None or rel not in manifest.outputs:
+        return
+    path = artifacts.stage_dir(workdir, manifest.stage) / rel
+    if not path.is_file() or artifacts.sha256_file(path) != manifest.outputs[rel]["sha256"]:
+        state = "missing" if not path.is_file() else "modified or corrupt"
+        raise ArtifactError(f"{path}: content no longer matches the '{manifest.stage}' manifest ({state}); "
+                            f"rerun `fedsoda {manifest.stage} SPEC --force`")
+
+
 def _read_eval(run: RunSummary, path: Path) -> None:
     if not path.is_file():
         return
-    results = _json(path)
+    results = _load_json(path, _EVAL_REBUILD)
+    try:
+        _read_results(run, results)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ArtifactError(f"{path}: not the results fedsoda wrote ({type(exc).__name__}: {str(exc)[:120]}); {_EVAL_REBUILD}") from None
+
+
+_EVAL_REBUILD = "rerun `fedsoda eval SPEC --force`"
+_FEDERATE_REBUILD = "rerun `fedsoda federate SPEC --force`"
+
+
+def _read_results(run: RunSummary, results: dict) -> None:
     for target, entry in results.items():
         if isinstance(entry, dict) and "accuracy" in entry:
             run.accuracy[target] = float(entry["accuracy"])
-            run.ci95[target] = list(entry.get("ci95", []))
+            run.ci95[target] = [float(x) for x in entry.get("ci95", [])]
             if entry.get("min_accuracy") is not None:
                 run.min_accuracy[target] = float(entry["min_accuracy"])
             if entry.get("per_client"):
-                run.per_client[target] = list(entry["per_client"])
+                run.per_client[target] = [_per_client(c) for c in entry["per_client"]]
             if entry.get("perplexity") is not None:
                 run.perplexity[target] = float(entry["perplexity"])
             if run.task == "?":
@@ -315,10 +343,50 @@ def _read_federate(run: RunSummary, folder: Path) -> None:
     """The rounds (metrics.jsonl) and the communication totals by kind (summary.json's "bytes")."""
     metrics = folder / "metrics.jsonl"
     if metrics.is_file():
-        run.rounds = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        run.rounds = [_round_record(line, f"{metrics}:{number}") for number, line in enumerate(metrics.read_bytes().split(b"\n"), start=1)
+                      if line.strip()]
     if (folder / "summary.json").is_file():
-        totals = _json(folder / "summary.json").get("bytes") or {}
-        run.communication = {kind: int(totals.get(kind, 0) or 0) for kind in KINDS}
+        path = folder / "summary.json"
+        totals = _load_json(path, _FEDERATE_REBUILD).get("bytes") or {}
+        try:
+            run.communication = {kind: int(totals.get(kind, 0) or 0) for kind in KINDS}
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"{path}: 'bytes' is not the byte counts fedsoda wrote ({type(exc).__name__}); {_FEDERATE_REBUILD}") from None
+
+
+def _round_record(line: bytes, where: str) -> dict[str, Any]:
+    """One metrics.jsonl line, checked for the fields the report reads, so a damaged line is named
+    here rather than failing later inside a table or a plot."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{where}: corrupt metrics line ({type(exc).__name__}); {_FEDERATE_REBUILD}") from None
+    try:
+        if not isinstance(record, dict):
+            raise TypeError(f"a JSON {type(record).__name__}, not an object")
+        record["round"] = _integer(record["round"])
+        for key in ("step_seconds", "worker_rss_mb"):
+            if record.get(key) is not None:
+                record[key] = float(record[key])
+        for key in ROUND_KINDS.values():
+            record[key] = _integer(record.get(key, 0) or 0)
+        evals = record.get("eval") or {}
+        record["eval"] = {str(t): {**e, "accuracy": float(e["accuracy"])} for t, e in evals.items()}
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ArtifactError(f"{where}: not a round record fedsoda wrote ({type(exc).__name__}: {str(exc)[:120]}); {_FEDERATE_REBUILD}") from None
+    return record
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(value)
+
+
+def _per_client(entry: Any) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise TypeError(f"a per-client entry is a JSON {type(entry).__name__}")
+    return {**entry, "accuracy": float(entry["accuracy"])}
 
 
 def _client_storage(manifests: dict) -> int | None:
@@ -337,13 +405,14 @@ def _listed_bytes(manifest, prefix: str) -> int | None:
     return sum(sizes) if sizes else None
 
 
-def _json(path: Path) -> dict:
+def _load_json(path: Path, rebuild: str) -> dict:
+    """A JSON object from a file fedsoda wrote; ArtifactError naming the file and `rebuild` otherwise."""
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: corrupt JSON ({exc}); rerun the stage that wrote it") from None
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested past the parser's stack
+        raise ArtifactError(f"{path}: corrupt JSON ({type(exc).__name__}: {str(exc)[:120]}); {rebuild}") from None
     if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: expected a JSON object; rerun the stage that wrote it")
+        raise ArtifactError(f"{path}: expected a JSON object, found a JSON {type(data).__name__}; {rebuild}")
     return data
 
 

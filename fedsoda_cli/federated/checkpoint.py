@@ -100,7 +100,7 @@ class CheckpointStore:
                                f"input {state['identity'].get('quantize')} vs {self.identity.get('quantize')}); rerun without --resume to start over")
         try:
             return _read(folder, state)
-        except (KeyError, TypeError, ValueError, OSError) as exc:  # hashes matched, so written so by another version
+        except Exception as exc:  # hashes matched, so written so by another version (safetensors raises its own type)
             raise ArtifactError(f"checkpoint {folder} cannot be read ({type(exc).__name__}: {exc}); {_RERUN}") from None
 
     def clear(self) -> int:
@@ -210,6 +210,10 @@ def write_state(folder: Path, stem: str, state: dict[str, Any], owner: str) -> N
     import torch
     from safetensors.torch import save_file
 
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        shown = type(state).__name__ if not isinstance(state, dict) else "a dict with non-string keys"
+        raise PluginError(f"{owner} returned {shown}, expected a dict of names to tensors and JSON values "
+                          "(an empty dict when there is no state); fix the plugin") from None
     tensors = {k: v.detach().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     values = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
     try:
