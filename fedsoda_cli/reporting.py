@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from fedsoda_cli.artifacts import Manifest
@@ -44,7 +45,7 @@ def stage_summary(console: Console, stage: str, rows: list[tuple[str, str]], man
     table.add_column(style="cyan")
     table.add_column()
     for key, value in rows:
-        table.add_row(key, str(value))
+        table.add_row(escape(key), escape(str(value)))  # values quote paths and names
     if manifest is not None:
         table.add_row("wall time", f"{manifest.wall_time_s:.1f} s")
         table.add_row("peak memory", f"{manifest.peak_memory_mb:.0f} MB")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from fedsoda_cli.cli import run as run_module
@@ -28,4 +30,11 @@ app.command("export")(export.export)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ValueError as exc:
+        # click checks Path arguments with os.stat before any command (and its error handling) runs.
+        if "null byte" not in str(exc) or "--debug" in sys.argv:
+            raise
+        print("error: a path given on the command line contains a NUL character; remove it", file=sys.stderr)
+        sys.exit(2)

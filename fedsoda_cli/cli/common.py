@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedsoda_cli.errors import FedsodaError
 from fedsoda_cli.plugins import load_plugin_files
@@ -38,12 +42,18 @@ def handles_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with _sigterm_interrupts():
+                return command(*args, **kwargs)
         except FedsodaError as exc:
             _fail(str(exc), exc.exit_code)
+        except Terminated:
+            _fail(f"terminated (SIGTERM); {_KEPT}", SIGTERM_EXIT)
         except KeyboardInterrupt:
-            _fail("interrupted; completed stages and round checkpoints are kept: rerun to continue (fedsoda federate or run: add --resume)", 130)
+            _fail(f"interrupted; {_KEPT}", 130)
         except Exception as exc:
+            bad_path = _bad_path(exc)
+            if bad_path is not None:
+                _fail(bad_path, 2)
             failed = _disk_failure(exc)
             if failed is None:
                 raise
@@ -54,8 +64,48 @@ def handles_errors(command: Callable) -> Callable:
     return wrapper
 
 
+_KEPT = "completed stages and round checkpoints are kept: rerun to continue (fedsoda federate or run: add --resume)"
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that it unwinds like Ctrl-C: every `finally`
+    runs (workers are stopped, scratch folders removed, the workdir lock released)."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    # A CI job's timeout or `kill` sends SIGTERM to the main process only; by default it would die
+    # at once, silently, leaving the workers to PR_SET_PDEATHSIG and the scratch folders behind.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # Out of space, over quota, over the file-size limit (ulimit -f), or not allowed to write.
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS)
+
+
+def _bad_path(exc: BaseException) -> str | None:
+    """The message for a path the OS cannot take (a NUL byte, a name or path over the system's
+    limit), wherever it was given: the spec, --set or an option."""
+    if isinstance(exc, ValueError) and "null byte" in str(exc):
+        return "a path given in the spec or on the command line contains a NUL character; remove it"
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        shown = str(exc.filename or "a path")
+        shown = shown if len(shown) <= 80 else f"{shown[:60]}...({len(shown)} characters)"
+        return f"{shown}: file name too long for this system; use a shorter path or name"
+    return None
 
 
 def _disk_failure(exc: BaseException) -> tuple[int, str | None] | None:
@@ -75,7 +125,8 @@ def _disk_failure(exc: BaseException) -> tuple[int, str | None] | None:
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # The message quotes user input (names, paths, values): shown as written, never read as markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

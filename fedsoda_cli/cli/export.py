@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from fedsoda_cli import artifacts
 from fedsoda_cli.cli.common import SetOpt, SpecArg, WorkdirOpt, console, handles_errors, open_spec
@@ -28,4 +29,4 @@ def export(
     loaded, folder = open_spec(spec, set, workdir)
     with artifacts.workdir_lock(folder):  # a run replacing federate/ mid-merge would mix two results
         path = export_merged(loaded, folder, out, dtype=dtype)
-    console.print(f"[green]exported[/] {path}")
+    console.print(f"[green]exported[/] {escape(str(path))}", highlight=False)

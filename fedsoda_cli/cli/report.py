@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from fedsoda_cli.cli.common import console, handles_errors
 from fedsoda_cli.errors import ArtifactError
@@ -24,5 +25,5 @@ def report(
         if not folder.is_dir():
             raise ArtifactError(f"{folder}: not a run workdir (no such folder); pass the workdir of a run")
     written = write_report([d.resolve() for d in run_dirs], out)
-    console.print((out / "report.md").read_text() if (out / "report.md").is_file() else "")
-    console.print("wrote " + ", ".join(str(p) for p in written))
+    console.print(escape((out / "report.md").read_text()) if (out / "report.md").is_file() else "", highlight=False)
+    console.print("wrote " + ", ".join(escape(str(p)) for p in written), highlight=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from fedsoda_cli import artifacts, pipeline
 from fedsoda_cli.cli.common import SetOpt, SpecArg, WorkdirOpt, console, handles_errors, open_spec
@@ -59,8 +60,8 @@ def run(
             _run_stages(loaded, folder, from_stage, to_stage, force, resume, reused=frozenset(reused))  # `set` is the --set option here
         first = first or folder
     for seed, reused in reused_by_seed.items():
-        console.print(f"seed {seed}: reused from {first.name}: {', '.join(reused) or 'nothing'}", highlight=False)
-    console.print("compare the seeds: fedsoda report " + " ".join(str(f) for f in folders), highlight=False)
+        console.print(f"seed {seed}: reused from {escape(first.name)}: {', '.join(reused) or 'nothing'}", highlight=False)
+    console.print("compare the seeds: fedsoda report " + " ".join(escape(str(f)) for f in folders), highlight=False)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -98,7 +99,7 @@ def reuse_seed_free_stages(spec, source: Path, target: Path, stages, force: bool
         if _state(spec, target, stage.name) != "done":
             raise ArtifactError(f"{target / stage.name}: copied from {source / stage.name} but not up to date there; "
                                 f"rerun without --seeds in {target}, or remove it")
-        console.print(f"[cyan]{stage.name}[/]: reused from {source} (does not depend on run.seed)", highlight=False)
+        console.print(f"[cyan]{stage.name}[/]: reused from {escape(str(source))} (does not depend on run.seed)", highlight=False)
         copied.append(stage.name)
     if copied:
         pipeline.record_spec(spec, target)  # the workdir holds this seed's artifacts even if no stage runs in it
@@ -123,7 +124,8 @@ def _copy_stage(source: Path, target: Path, stage: str) -> None:
 
 def _run_stages(loaded, folder: Path, from_stage, to_stage, force: bool, resume: bool, reused: set[str] = frozenset()) -> None:
     stages = _select(pipeline.stages_for(loaded), from_stage, to_stage)
-    console.print(f"[bold]fedsoda run[/] {loaded.run.name} ({loaded.run.method}, seed {loaded.run.seed}) -> {folder}")
+    console.print(f"[bold]fedsoda run[/] {escape(loaded.run.name)} ({loaded.run.method}, seed {loaded.run.seed}) -> {escape(str(folder))}",
+                  highlight=False)
     for stage in stages:
         if stage.name in reused:  # copied from the first seed just now, --force included
             continue
@@ -133,9 +135,9 @@ def _run_stages(loaded, folder: Path, from_stage, to_stage, force: bool, resume:
             if damage is None:
                 console.print(f"[green]{stage.name}[/]: up to date, skipped")
                 continue
-            console.print(f"[yellow]{stage.name}[/]: outputs modified or corrupt ({damage}), rerunning", highlight=False)
+            console.print(f"[yellow]{stage.name}[/]: outputs modified or corrupt ({escape(damage)}), rerunning", highlight=False)
         if state.state == "stale":
-            console.print(f"[yellow]{stage.name}[/]: stale ({state.reason}), rerunning")
+            console.print(f"[yellow]{stage.name}[/]: stale ({escape(state.reason)}), rerunning", highlight=False)
         options = {"resume": resume} if stage.name == "federate" else {}
         pipeline.execute(loaded, folder, stage, console, **options)
 

@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fedsoda_cli import pipeline
@@ -27,9 +28,9 @@ def status(
     if as_json:
         print(json.dumps([s.__dict__ for s in states], indent=2))
         return
-    table = Table(title=f"{loaded.run.name}: {folder}", title_justify="left")
+    table = Table(title=escape(f"{loaded.run.name}: {folder}"), title_justify="left")
     for column in ("stage", "state", "reason"):
         table.add_column(column)
     for s in states:
-        table.add_row(s.stage, f"[{_STYLE[s.state]}]{s.state}[/]", s.reason)
+        table.add_row(s.stage, f"[{_STYLE[s.state]}]{s.state}[/]", escape(s.reason))
     console.print(table)

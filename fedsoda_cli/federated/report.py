@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedsoda_cli import reporting
@@ -42,11 +43,11 @@ class ConsoleReporter(RoundReporter):
 
     def client_excluded(self, round: int, client: int, reason: str) -> None:
         self._done += 1
-        self.console.print(f"[yellow]round {round}: client {client} excluded: {reason}[/]", highlight=False)
+        self.console.print(f"[yellow]round {round}: client {client} excluded: {escape(reason)}[/]", highlight=False)
 
     def client_failed(self, round: int, client: int, reason: str, retrying: bool) -> None:
         then = "retrying it" if retrying else "dropped from this round"
-        self.console.print(f"[yellow]round {round}: client {client} failed ({reason}); {then}[/]", highlight=False)
+        self.console.print(f"[yellow]round {round}: client {client} failed ({escape(reason)}); {then}[/]", highlight=False)
 
     def realigned(self, round: int, nbytes: int) -> None:
         self.console.print(f"round {round}: realigned the partial layers, {reporting.format_bytes(nbytes)} to each client", highlight=False)
