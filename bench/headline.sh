@@ -5,9 +5,9 @@
 #   bash bench/headline.sh          the core set, sized for about 100 minutes on 2 CPU cores:
 #                                   zero-shot, central, local, fedsoda and fedpetuning-NF4 (the fair
 #                                   control), IID and Dirichlet 0.5, seed 0
-#   FULL=1 bash bench/headline.sh   adds fedpetuning in bf16, fedot, and seeds 1 and 2 of fedsoda and
-#                                   fedpetuning-NF4, IID and Dirichlet (about 60 minutes more on a quiet
-#                                   2-core machine)
+#   SEEDS=1 bash bench/headline.sh  adds seeds 1 and 2 of fedsoda and fedpetuning-NF4, IID and
+#                                   Dirichlet (about 40 minutes more on a quiet 2-core machine)
+#   FULL=1 bash bench/headline.sh   the seeds, plus fedpetuning in bf16 and fedot (about 10 minutes more)
 #
 # Stages that do not depend on the partition (profile, prune, align, quantize; fedpetuning's base)
 # are computed once per method and copied into the sibling workdirs, exactly as `fedsoda run --seeds`
@@ -50,6 +50,8 @@ if [ "${FULL:-0}" = 1 ]; then
   run sst2-fedpetuning specs/sst2-fedpetuning.toml
   run sst2-fedot specs/sst2-fedot.toml
   runs+=(sst2-fedpetuning sst2-fedot)
+fi
+if [ "${FULL:-0}" = 1 ] || [ "${SEEDS:-0}" = 1 ]; then
   for seed in 1 2; do
     reuse sst2-fedsoda "sst2-fedsoda-seed$seed" profile prune
     run "sst2-fedsoda-seed$seed" specs/sst2-fedsoda.toml --set "run.seed=$seed"
