@@ -61,7 +61,8 @@ def format_bytes(n: float) -> str:
 
 
 def format_eval(entry: dict) -> str:
-    """One per-round evaluation entry: accuracy [95 % CI], the predicted-label shares, the eval loss."""
+    """One per-round evaluation entry: accuracy [95 % CI], the predicted-label shares, the eval loss.
+    Plain text (label words are user text): escape it before printing it as rich markup."""
     lo, hi = entry["ci95"]
     text = f"{100 * entry['accuracy']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
     if entry.get("label_shares"):

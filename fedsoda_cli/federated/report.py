@@ -61,7 +61,7 @@ class ConsoleReporter(RoundReporter):
         if record["bytes_realign"]:
             parts.append(f"realign {fmt(record['bytes_realign'])}")
         for target, entry in record.get("eval", {}).items():
-            parts.append(f"{target} acc {reporting.format_eval(entry)}")
+            parts.append(f"{target} acc {escape(reporting.format_eval(entry))}")
         self.console.print(f"round {record['round']}: " + ", ".join(parts) + f", {record['seconds']:.1f} s", highlight=False)
 
     def stop(self) -> None:

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from fedsoda_cli import artifacts, pipeline, reporting
 from fedsoda_cli.errors import ArtifactError, SpecError
 from fedsoda_cli.federated.accounting import model_download_bytes
@@ -169,11 +171,11 @@ def resume_point(ctx: pipeline.StageContext, store: CheckpointStore):
     if ctx.options.get("resume"):
         checkpoint = store.latest()
         if checkpoint is None:
-            ctx.console.print(f"no checkpoint in {store.folder}; starting at round 1")
+            ctx.console.print(f"no checkpoint in {escape(str(store.folder))}; starting at round 1")
         return checkpoint
     dropped = store.clear()
     if dropped:
-        ctx.console.print(f"starting afresh: removed {dropped} checkpoint(s) of an earlier run in {store.folder} (--resume continues one)")
+        ctx.console.print(f"starting afresh: removed {dropped} checkpoint(s) of an earlier run in {escape(str(store.folder))} (--resume continues one)")
     return None
 
 
@@ -203,7 +205,7 @@ def client_transport(setup: WorkerSetup, spec: Spec, console):
     if spec.federate.backend == "flower":
         from fedsoda_cli.federated.flower.transport import flower_transport
 
-        return flower_transport(setup, spec, log=lambda line: console.print(f"[yellow]{line}[/]", highlight=False))
+        return flower_transport(setup, spec, log=lambda line: console.print(f"[yellow]{escape(line)}[/]", highlight=False))
     return local_transport(setup, spec, console)
 
 
@@ -211,7 +213,7 @@ def local_transport(setup: WorkerSetup, spec: Spec, console):
     from fedsoda_cli.federated.local import LocalWorkerPool
 
     return LocalWorkerPool(setup, spec.federate.workers, spec.federate.task_timeout_s,
-                           log=lambda line: console.print(f"[yellow]{line}[/]", highlight=False))
+                           log=lambda line: console.print(f"[yellow]{escape(line)}[/]", highlight=False))
 
 
 def realigns(spec: Spec) -> bool:
