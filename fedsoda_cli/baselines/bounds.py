@@ -9,7 +9,8 @@
   federation's rounds, each round the steps a client does on average in the federation
   (local_steps x clients_per_round / clients, at least 1), with no realignment (there is no global
   adapter to realign for). Its eval scores every client's adapter and reports the mean and the
-  worst client; it exchanges nothing, so its communication is the one-time model download alone.
+  worst client (the interval is that of the mean over the eval examples; held-out perplexity is
+  client 0's); it exchanges nothing, so its communication is the one-time model download alone.
 
 The client model (prune, align, quantize) is fedsoda's, so only the federation differs.
 """
@@ -95,17 +96,21 @@ def local_eval(ctx: StageContext) -> StageResult:
                 gc.collect()
                 continue
             entries = []
-            for folder in clients:
+            for i, folder in enumerate(clients):
                 client_folders = {**folders, "adapter": folder / "adapter"}
                 model, tokenizer = eval_stage.build_target(target, spec, client_folders, ctx.out / LOCAL_CLIENTS / folder.name / eval_stage.PLUGIN_ADAPTER)
-                entries.append(eval_stage.evaluate_target(f"{target} {folder.name}", model, tokenizer, examples, per_client_spec, bar, lines))
+                # held-out perplexity of the first client's model only: it costs as much as the task eval
+                entries.append(eval_stage.evaluate_target(f"{target} {folder.name}", model, tokenizer, examples,
+                                                          spec if i == 0 else per_client_spec, bar, lines))
                 del model
                 gc.collect()
-            correct, count = sum(e["correct"] for e in entries), sum(e["count"] for e in entries)
             accuracies = [e["accuracy"] for e in entries]
-            results[target] = {**{k: entries[0][k] for k in ("task", "metric")}, "accuracy": sum(accuracies) / len(accuracies),
-                               "min_accuracy": min(accuracies), "correct": correct, "count": count,
-                               "ci95": list(wilson_interval(correct, count)),  # over all clients' predictions pooled
+            mean, count = sum(accuracies) / len(accuracies), len(examples)
+            results[target] = {**{k: entries[0][k] for k in ("task", "metric")}, "accuracy": mean, "min_accuracy": min(accuracies),
+                               "correct": round(mean * count), "count": count,
+                               # the clients are scored on the same examples, so the mean rests on `count` of them, not K x count
+                               "ci95": list(wilson_interval(round(mean * count), count)),
+                               **({"perplexity": entries[0]["perplexity"]} if "perplexity" in entries[0] else {}),
                                "per_client": [{"client": int(f.name.split("-")[1]), "accuracy": e["accuracy"], "ci95": e["ci95"]}
                                               for f, e in zip(clients, entries)]}
     artifacts.write_json_atomic(ctx.out / eval_stage.RESULTS, results)

@@ -36,6 +36,14 @@ class ServerEvaluator:
         self._layers_applied: bytes | None = None
 
     def evaluate(self, round: int, global_adapter: "AdapterState", realign_layers: bytes | None) -> dict[str, Any]:
+        import torch
+
+        # Loading models draws from torch's global RNG (LoRA init, missing-key init); the server's RNG
+        # state goes into every checkpoint, so evaluating must leave it as it was.
+        with torch.random.fork_rng(devices=[]):
+            return self._evaluate(global_adapter, realign_layers)
+
+    def _evaluate(self, global_adapter: "AdapterState", realign_layers: bytes | None) -> dict[str, Any]:
         results = {}
         for target in self.targets:
             started = time.perf_counter()

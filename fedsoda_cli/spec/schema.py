@@ -193,7 +193,7 @@ class FederateSpec(Section):
     partition: Literal["iid", "dirichlet", "shards"] = Field("iid", description="How task data is split over clients.")
     dirichlet_alpha: float = Field(0.5, gt=0, description="Label-skew concentration for partition = dirichlet.")
     shards_per_client: int = Field(2, ge=1, description="Label-sorted shards per client for partition = shards.")
-    weighting: Literal["examples", "shard", "uniform"] = Field("examples", description="Aggregation weight n_k of each client update: the examples it trained on this round, its shard size, or equal weights.")
+    weighting: Literal["examples", "shard", "uniform"] = Field("examples", description="Aggregation weight n_k of each client update: the examples it trained on this round (equal for clients that all finish local_steps, unlike shard sizes under skew), its shard size, or equal weights.")
     eval_every: int = Field(0, ge=0, description="The server evaluates the global adapter on task.val_examples validation examples every k rounds and after the last (0 = only at the end, in eval); results go into metrics.jsonl.")
     eval_targets: list[Literal["sub", "plugin"]] = Field(default_factory=lambda: ["sub"], min_length=1, description="What per-round evaluation scores: sub (the client model the adapter trains on) and/or plugin (the full LLM with the mapped adapter).")
     task_timeout_s: float = Field(1800.0, gt=0, description="Seconds a client task may take before its worker is considered dead.")
@@ -265,3 +265,13 @@ class Spec(Section):
     realign: RealignSpec = Field(default_factory=RealignSpec)
     fedot: FedotSpec = Field(default_factory=FedotSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="after")
+    def _validation_examples(self):
+        # Caught here, before profile .. quantize have run, not when federate finds no examples.
+        if self.federate.eval_every and not self.task.val_examples:
+            raise ValueError("federate.eval_every > 0 needs task.val_examples > 0 (the validation slice it scores)")
+        if self.federate.eval_every and not self.task.train_examples:
+            raise ValueError("federate.eval_every > 0 needs task.train_examples > 0: the validation slice comes from the "
+                             "training examples it leaves unused (0 = all are used)")
+        return self
