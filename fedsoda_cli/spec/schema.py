@@ -103,7 +103,7 @@ class AlignSpec(Section):
     tau: float = Field(1.0, gt=0, description="Distillation temperature.")
     steps: int = Field(20, ge=0, description="Optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Sequences per step.")
-    lr: float = Field(1e-3, gt=0, description="Learning rate (METHOD.md says 1e-4; measured on SmolLM2 with 9 of 30 layers pruned, 1e-3 halves the deployed KL of 1e-4 in the same 20 steps: BENCHMARKS.md).")
+    lr: float = Field(1e-4, gt=0, description="Learning rate. 1e-3 halves the deployed KL but moves the partial layers so far that the adapter no longer transfers to the full LLM (BENCHMARKS.md).")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     logit_chunk: int = Field(1024, ge=1, description="Tokens per chunk when computing KL over the vocabulary (bounds peak memory).")

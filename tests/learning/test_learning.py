@@ -67,13 +67,13 @@ max_len = 32
 [federate]
 clients = 4
 clients_per_round = 4
-rounds = 8
+rounds = 10
 workers = 2
-local_steps = 4
+local_steps = 6
 batch_size = 8
 lr = 0.01
 realign_every = 0
-eval_every = 4
+eval_every = 5
 eval_targets = ["sub", "plugin"]
 
 [eval]
@@ -112,7 +112,7 @@ def run_pipeline(folder: Path, *overrides: str) -> dict:
 def test_federated_training_takes_both_targets_from_chance_to_90_percent(tmp_path, overrides):
     run = run_pipeline(tmp_path, *overrides)
     results, evals = run["results"], [r["eval"] for r in run["rounds"] if "eval" in r]
-    assert [r["round"] for r in run["rounds"] if "eval" in r] == [4, 8]
+    assert [r["round"] for r in run["rounds"] if "eval" in r] == [5, 10]
     assert results["zero-shot"]["accuracy"] <= 0.7  # the untrained model cannot read the task
     for target in ("sub", "plugin"):
         assert results[target]["accuracy"] >= 0.9, (target, results, evals)
