@@ -19,7 +19,6 @@ from fedsoda_cli import pipeline
 from fedsoda_cli.errors import FedsodaError, PluginError
 from fedsoda_cli.federated.checkpoint import read_peft_adapter
 from fedsoda_cli.federated.client import adapter_state
-from fedsoda_cli.federated.inline import InlineTransport
 from fedsoda_cli.federated.local import LocalWorkerPool
 from fedsoda_cli.federated.messages import adapter_digest, adapter_to_bytes
 from fedsoda_cli.federated.server import RoundReporter, sample_clients
@@ -149,7 +148,10 @@ class Saboteur(RoundReporter):
 def test_a_killed_worker_is_replaced_and_ctrl_c_leaves_the_last_good_round(tmp_path, client_model_dir, shards):
     setup = worker_setup(client_model_dir, shards, local_steps=4)
     plan = dict(clients=4, clients_per_round=4)  # 2 tasks per worker: both are busy at 0.3 s
-    expected = server(tmp_path / "inline", setup, transport=InlineTransport(setup), rounds=1, **plan).run()
+    # The unfaulted reference trains in worker processes too: in this process, training after another
+    # test ran a stage in-process gave other bits (a process-wide setting leaks; see the closing note).
+    expected = server(tmp_path / "unfaulted", setup, transport=LocalWorkerPool(setup, workers=2, task_timeout_s=300, log=lambda line: None),
+                      rounds=1, **plan).run()
 
     pool = LocalWorkerPool(setup, workers=2, task_timeout_s=300, log=lambda line: None)
     run = server(tmp_path / "local", setup, transport=pool, rounds=2, **plan)
