@@ -49,6 +49,16 @@ def read_layer_map(path: Path) -> LayerMap:
     return LayerMap(kept, num_layers)
 
 
+def layer_map_for(spec, path: Path, full_model) -> LayerMap:
+    """The run's layer map; a method that prunes nothing (fedpetuning) may have none: all layers kept."""
+    from fedsoda_cli.models.layers import decoder_layers
+
+    if not path.exists() and spec.run.method == "fedpetuning":
+        n = len(decoder_layers(full_model))
+        return LayerMap(list(range(n)), n)
+    return read_layer_map(path)
+
+
 def map_adapter_to_full(state: dict[str, torch.Tensor], layer_map: LayerMap, layers_path: str) -> dict[str, torch.Tensor]:
     """Sub-LLM LoRA tensors (PEFT names) -> full-model LoRA tensors: layer k becomes kept[k]; every
     LoRA tensor of a layer the adapter does not cover is added as zeros of the same shape.

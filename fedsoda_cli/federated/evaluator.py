@@ -53,10 +53,9 @@ class ServerEvaluator:
 
     def _score_sub(self, adapter: "AdapterState", realign_layers: bytes | None):
         from fedsoda_cli.federated.client import _load_into, apply_realigned_layers, load_client, lora_slots
-        from fedsoda_cli.spec.schema import LoraSpec
 
         if self._sub is None:
-            model, tokenizer = load_client(self.client_model_dir, LoraSpec(**self.spec.lora.model_dump()), 0, self.lora_layers)
+            model, tokenizer = load_client(self.client_model_dir, self.spec.lora, 0, self.lora_layers)
             self._sub = (model, tokenizer, lora_slots(model))
         model, tokenizer, slots = self._sub
         if realign_layers is not None and realign_layers is not self._layers_applied:
@@ -67,23 +66,14 @@ class ServerEvaluator:
         return self._score(model, tokenizer)
 
     def _score_plugin(self, adapter: "AdapterState"):
-        from fedsoda_cli.evaluation.targets import load_full, plugin_model
+        from fedsoda_cli.evaluation.targets import layer_map_for, load_full, plugin_model
 
         if self._full is None:
             model, tokenizer = load_full(self.spec)
-            self._full = (model, tokenizer, self._layer_map(model))
+            self._full = (model, tokenizer, layer_map_for(self.spec, self.layer_map_path, model))
         model, tokenizer, layer_map = self._full
         with plugin_model(model, adapter, self.peft_config, layer_map) as plugged:
             return self._score(plugged, tokenizer)
-
-    def _layer_map(self, full_model):
-        from fedsoda_cli.evaluation.targets import LayerMap, read_layer_map
-        from fedsoda_cli.models.layers import decoder_layers
-
-        if self.layer_map_path.is_file():
-            return read_layer_map(self.layer_map_path)
-        n = len(decoder_layers(full_model))  # a method that prunes nothing keeps every layer
-        return LayerMap(list(range(n)), n)
 
     def _score(self, model, tokenizer):
         from fedsoda_cli.evaluation.task import evaluate_task

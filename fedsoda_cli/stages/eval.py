@@ -83,22 +83,11 @@ def build_target(target: str, spec, folders: dict[str, Path], plugin_dir: Path):
     model, tokenizer = targets.load_full(spec)
     if target == "zero-shot":
         return model, tokenizer
-    layer_map = _layer_map(spec, folders["layer_map"], model)
+    layer_map = targets.layer_map_for(spec, folders["layer_map"], model)
     targets.check_layer_map(model, layer_map, folders["layer_map"])
     if not plugin_dir.exists():
         targets.write_plugin_adapter(folders["adapter"], layer_map, decoder_layers_path(model), plugin_dir)
     return targets.with_adapter(model, plugin_dir), tokenizer
-
-
-def _layer_map(spec, path: Path, full_model):
-    """The run's layer map; a method that prunes nothing (fedpetuning) may have none: all layers kept."""
-    from fedsoda_cli.evaluation.targets import LayerMap, read_layer_map
-    from fedsoda_cli.models.layers import decoder_layers
-
-    if not path.exists() and spec.run.method == "fedpetuning":
-        n = len(decoder_layers(full_model))
-        return LayerMap(list(range(n)), n)
-    return read_layer_map(path)
 
 
 def evaluate_target(target: str, model, tokenizer, examples, spec, bar, lines) -> dict:
