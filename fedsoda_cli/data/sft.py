@@ -1,4 +1,4 @@
-"""Tokenizing examples for SFT: prompt + answer + eos, loss on the answer (and eos) only.
+"""Tokenizing examples for SFT: prompt + answer (+ eos), loss on the answer (and its eos) only.
 
 Encoding rule, shared with the evaluator so that training and scoring see the same tokens:
 the prompt and the answer are tokenized *separately* and their ids concatenated,
@@ -49,11 +49,11 @@ def fit_lengths(n_lead: int, n_prompt: int, n_answer: int, max_len: int) -> tupl
     return keep_prompt, room - keep_prompt
 
 
-def sft_batch(examples, tokenizer, max_len: int) -> dict[str, torch.Tensor]:
+def sft_batch(examples, tokenizer, max_len: int, eos: bool = True) -> dict[str, torch.Tensor]:
     """A right-padded batch: `input_ids`, `attention_mask`, `labels` (LongTensors [B, T], T <= max_len).
 
-    Sequence = lead + prompt + answer + eos. `labels` equals `input_ids` on the answer and eos
-    and is -100 on the lead, the prompt and the padding. Too long: see `fit_lengths`.
+    Sequence = lead + prompt + answer (+ eos when `eos`). `labels` equals `input_ids` on the answer
+    (and eos) and is -100 on the lead, the prompt and the padding. Too long: see `fit_lengths`.
     """
     if not examples:
         raise ValueError("sft_batch needs at least one example")
@@ -62,10 +62,10 @@ def sft_batch(examples, tokenizer, max_len: int) -> dict[str, torch.Tensor]:
         raise ValueError(f"max_len={max_len} is too small")
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
     answers = tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    tail = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
     rows = []
     for prompt, answer in zip(prompts, answers):
-        target = list(answer) + eos
+        target = list(answer) + tail
         n_prompt, n_target = fit_lengths(len(lead), len(prompt), len(target), max_len)
         context = lead + list(prompt[len(prompt) - n_prompt :])
         rows.append((context, target[:n_target]))

@@ -101,6 +101,20 @@ BUILTIN: dict[str, _Builtin] = {
     ),
 }
 
+def generates(task: TaskSpec) -> bool:
+    """Whether the task's eval generates an answer (no label words to score)."""
+    if task.name == "jsonl":
+        return not task.choices
+    return BUILTIN[task.name].choices is None
+
+
+def trains_eos(task: TaskSpec) -> bool:
+    """Whether SFT's loss covers the eos after the answer: `task.train_eos`, by default only for
+    generating tasks. A scored task never needs the eos, and on a model that has not seen it there
+    it is the larger half of the early loss (measured on SmolLM2, SST-2)."""
+    return generates(task) if task.train_eos is None else task.train_eos
+
+
 # Independent random streams per purpose, so e.g. changing eval_examples never moves the train subset.
 _STREAM_BOOLQ_SPLIT, _STREAM_SUBSET = 1, {"train": 2, "eval": 3, "val": 4}
 

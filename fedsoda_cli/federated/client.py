@@ -32,6 +32,7 @@ class LocalTraining:
     max_grad_norm: float
     proximal_mu: float
     max_len: int
+    train_eos: bool = True  # data.tasks.trains_eos: loss on the eos after the answer too
 
 
 @dataclass
@@ -125,7 +126,7 @@ def train_client(model, tokenizer, global_adapter: "AdapterState", shard: Sequen
     losses = []
     started = time.perf_counter()
     for step in range(config.local_steps):
-        batch = sft_batch([shard[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]], tokenizer, config.max_len)
+        batch = sft_batch([shard[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]], tokenizer, config.max_len, eos=config.train_eos)
         sft_loss = model(**batch).loss
         loss = sft_loss + _proximal_term(slots, anchors, config.proximal_mu)
         optimizer.zero_grad(set_to_none=True)

@@ -187,9 +187,12 @@ def plan_of(spec: Spec) -> RoundPlan:
 
 
 def worker_setup(spec: Spec, model_dir: Path, shards: dict[int, list[tuple[str, str]]], lora_layers: list[int] | None) -> WorkerSetup:
+    from fedsoda_cli.data.tasks import trains_eos
+
     fed = spec.federate
     training = LocalTraining(local_steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
-                             max_grad_norm=fed.max_grad_norm, proximal_mu=fed.proximal_mu, max_len=spec.task.max_len)
+                             max_grad_norm=fed.max_grad_norm, proximal_mu=fed.proximal_mu, max_len=spec.task.max_len,
+                             train_eos=trains_eos(spec.task))
     return WorkerSetup(model_dir=str(model_dir), lora=spec.lora.model_dump(), lora_seed=stable_seed(spec.run.seed, "lora-init"),
                        threads=worker_threads(spec), training=training.__dict__, shards=shards, lora_layers=lora_layers)
 

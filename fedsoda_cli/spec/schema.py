@@ -145,6 +145,7 @@ class TaskSpec(Section):
     output_field: str = Field("output", description="jsonl task: field with the target text.")
     choices: list[str] | None = Field(None, description="jsonl task: label words (e.g. [\" yes\", \" no\"]); the output field must be one of them, and eval scores each word's log-likelihood (accuracy) instead of generating.")
     val_examples: int = Field(200, ge=0, description="Validation examples for federate's per-round eval, drawn from the training split's examples that task.train_examples left unused (never trained on, never the reported eval split).")
+    train_eos: bool | None = Field(None, description="Train on the eos after the answer too (the model learns where to stop). Default: only for tasks whose eval generates (gsm8k, jsonl without choices); classification tasks are scored on the label word alone, so their loss is on the label word alone.")
     boolq_eval_size: int = Field(1000, ge=1, description="BoolQ has no public train split here: this many dev examples form the derived eval split, the rest train.")
 
     @field_validator("prompt")

@@ -75,3 +75,22 @@ def test_bos_survives_left_truncation():
     tok = _bos_tokenizer()
     batch = sft_batch([ex("a " * 20, "positive", 1)], tok, max_len=8)
     assert batch["input_ids"][0].tolist() == [0] + [3] * 5 + [6, 1]
+
+
+def test_without_eos_the_loss_is_on_the_answer_alone(tokenizer):
+    e = ex("Review: great film\nSentiment:", " positive", 1, [" negative", " positive"])
+    batch = sft_batch([e], tokenizer, max_len=64, eos=False)
+    prompt, answer = encode_prompt(tokenizer, e.prompt), encode_answer(tokenizer, e.answer)
+    assert batch["input_ids"][0].tolist() == prompt + answer
+    assert batch["labels"][0].ne(IGNORE_INDEX).sum().item() == len(answer)
+    assert tokenizer.eos_token_id not in batch["labels"][0].tolist()
+
+
+def test_scored_tasks_train_without_eos_and_generating_tasks_with_it():
+    from fedsoda_cli.data.tasks import trains_eos
+    from fedsoda_cli.spec.schema import TaskSpec
+
+    assert not trains_eos(TaskSpec(name="sst2")) and not trains_eos(TaskSpec(name="boolq"))
+    assert trains_eos(TaskSpec(name="gsm8k")) and trains_eos(TaskSpec(name="jsonl"))
+    assert not trains_eos(TaskSpec(name="jsonl", choices=[" a", " b"]))
+    assert trains_eos(TaskSpec(name="sst2", train_eos=True)) and not trains_eos(TaskSpec(name="gsm8k", train_eos=False))
