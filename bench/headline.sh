@@ -7,8 +7,12 @@
 #                                   control), IID and Dirichlet 0.5, seed 0
 #   SEEDS=1 bash bench/headline.sh  adds seeds 1 and 2 of fedsoda and fedpetuning-NF4, IID and
 #                                   Dirichlet (about 40 minutes more on a quiet 2-core machine)
-#   FULL=1 bash bench/headline.sh   the seeds, plus fedpetuning in bf16 and fedot (about 10 minutes more)
+#   FULL=1 bash bench/headline.sh   the seeds, plus fedsoda with ODA's align not quantization-aware
+#                                   (align.quant_aware = "off", 3 seeds, IID: issue 11's with/without),
+#                                   fedpetuning in bf16 and fedot (about 100 minutes in all, quiet)
 #
+# Runs go in order of what a reader needs first (IID before Dirichlet, the seeds before the extras),
+# so a run stopped early still leaves the most important rows.
 # Stages that do not depend on the partition (profile, prune, align, quantize; fedpetuning's base)
 # are computed once per method and copied into the sibling workdirs, exactly as `fedsoda run --seeds`
 # reuses them: their manifests stay valid, so `fedsoda run` finds them up to date.
@@ -32,37 +36,38 @@ reuse() {  # reuse FROM TO STAGE...: copy finished upstream stage folders into a
   for stage in "$@"; do [ -d "runs/$to/$stage" ] || cp -a "runs/$from/$stage" "runs/$to/$stage"; done
 }
 
-run sst2-fedsoda specs/sst2-fedsoda.toml
-reuse sst2-fedsoda sst2-central profile prune align quantize
-run sst2-central specs/sst2-central.toml
-reuse sst2-fedsoda sst2-fedsoda-dir05 profile prune align quantize
-run sst2-fedsoda-dir05 specs/sst2-fedsoda.toml $DIR --set 'eval.targets=["plugin","sub"]'
-reuse sst2-fedsoda sst2-local profile prune align quantize
-run sst2-local specs/sst2-fedsoda.toml --set run.method=local --set 'eval.targets=["plugin","sub"]'
-reuse sst2-fedsoda sst2-local-dir05 profile prune align quantize
-run sst2-local-dir05 specs/sst2-fedsoda.toml --set run.method=local $DIR --set 'eval.targets=["plugin","sub"]'
-run sst2-fedpetuning-nf4 specs/sst2-fedpetuning-nf4.toml
-reuse sst2-fedpetuning-nf4 sst2-fedpetuning-nf4-dir05 base quantize
-run sst2-fedpetuning-nf4-dir05 specs/sst2-fedpetuning-nf4.toml $DIR
-runs=(sst2-fedsoda sst2-central sst2-local sst2-fedpetuning-nf4 sst2-fedsoda-dir05 sst2-local-dir05 sst2-fedpetuning-nf4-dir05)
+SEED_LIST=(0)
+if [ "${FULL:-0}" = 1 ] || [ "${SEEDS:-0}" = 1 ]; then SEED_LIST=(0 1 2); fi
+runs=()
+folder() { [ "$2" = 0 ] && echo "$1" || echo "$1-seed$2"; }  # folder NAME SEED
 
-if [ "${FULL:-0}" = 1 ]; then
-  run sst2-fedpetuning specs/sst2-fedpetuning.toml
-  run sst2-fedot specs/sst2-fedot.toml
-  runs+=(sst2-fedpetuning sst2-fedot)
-fi
-if [ "${FULL:-0}" = 1 ] || [ "${SEEDS:-0}" = 1 ]; then
-  for seed in 1 2; do
-    reuse sst2-fedsoda "sst2-fedsoda-seed$seed" profile prune
-    run "sst2-fedsoda-seed$seed" specs/sst2-fedsoda.toml --set "run.seed=$seed"
-    reuse "sst2-fedsoda-seed$seed" "sst2-fedsoda-dir05-seed$seed" profile prune align quantize
-    run "sst2-fedsoda-dir05-seed$seed" specs/sst2-fedsoda.toml --set "run.seed=$seed" $DIR --set 'eval.targets=["plugin","sub"]'
-    reuse sst2-fedpetuning-nf4 "sst2-fedpetuning-nf4-seed$seed" base quantize
-    run "sst2-fedpetuning-nf4-seed$seed" specs/sst2-fedpetuning-nf4.toml --set "run.seed=$seed"
-    reuse sst2-fedpetuning-nf4 "sst2-fedpetuning-nf4-dir05-seed$seed" base quantize
-    run "sst2-fedpetuning-nf4-dir05-seed$seed" specs/sst2-fedpetuning-nf4.toml --set "run.seed=$seed" $DIR
-    runs+=("sst2-fedsoda-seed$seed" "sst2-fedsoda-dir05-seed$seed" "sst2-fedpetuning-nf4-seed$seed" "sst2-fedpetuning-nf4-dir05-seed$seed")
+for seed in "${SEED_LIST[@]}"; do  # IID: fedsoda and its fair control
+  f=$(folder sst2-fedsoda "$seed"); [ "$seed" = 0 ] || reuse sst2-fedsoda "$f" profile prune
+  run "$f" specs/sst2-fedsoda.toml --set "run.seed=$seed"; runs+=("$f")
+  p=$(folder sst2-fedpetuning-nf4 "$seed"); [ "$seed" = 0 ] || reuse sst2-fedpetuning-nf4 "$p" base quantize
+  run "$p" specs/sst2-fedpetuning-nf4.toml --set "run.seed=$seed"; runs+=("$p")
+done
+reuse sst2-fedsoda sst2-central profile prune align quantize
+run sst2-central specs/sst2-central.toml; runs+=(sst2-central)
+if [ "${FULL:-0}" = 1 ]; then  # issue 11: the same runs with the align that ignores the client's NF4
+  for seed in 0 1 2; do
+    f=$(folder sst2-fedsoda-align-off "$seed"); reuse sst2-fedsoda "$f" profile prune
+    run "$f" specs/sst2-fedsoda.toml --set "run.seed=$seed" --set align.quant_aware=off --set 'eval.targets=["plugin","sub"]'; runs+=("$f")
   done
+fi
+for seed in "${SEED_LIST[@]}"; do  # Dirichlet 0.5
+  f=$(folder sst2-fedsoda-dir05 "$seed"); reuse "$(folder sst2-fedsoda "$seed")" "$f" profile prune align quantize
+  run "$f" specs/sst2-fedsoda.toml --set "run.seed=$seed" $DIR --set 'eval.targets=["plugin","sub"]'; runs+=("$f")
+  p=$(folder sst2-fedpetuning-nf4-dir05 "$seed"); reuse sst2-fedpetuning-nf4 "$p" base quantize
+  run "$p" specs/sst2-fedpetuning-nf4.toml --set "run.seed=$seed" $DIR; runs+=("$p")
+done
+reuse sst2-fedsoda sst2-local profile prune align quantize
+run sst2-local specs/sst2-fedsoda.toml --set run.method=local --set 'eval.targets=["plugin","sub"]'; runs+=(sst2-local)
+reuse sst2-fedsoda sst2-local-dir05 profile prune align quantize
+run sst2-local-dir05 specs/sst2-fedsoda.toml --set run.method=local $DIR --set 'eval.targets=["plugin","sub"]'; runs+=(sst2-local-dir05)
+if [ "${FULL:-0}" = 1 ]; then
+  run sst2-fedpetuning specs/sst2-fedpetuning.toml; runs+=(sst2-fedpetuning)
+  run sst2-fedot specs/sst2-fedot.toml; runs+=(sst2-fedot)
 fi
 
 "$fedsoda" report "${runs[@]/#/runs/}" --out runs/sst2-report
