@@ -126,3 +126,51 @@ class LastLayersPruner(Pruner):
         end = L - 1 if config.protect_last else L  # one past the deepest removable layer
         first = end - n * p
         return [list(range(first + g * n, first + (g + 1) * n)) for g in range(p)]
+
+
+def budget_blocks(profile: LayerProfile, config: PruneSpec, remove_at_least: int, max_span: int | None = None) -> list[list[int]]:
+    """The exact minimum-total-distance choice of non-overlapping blocks that removes at least
+    `remove_at_least` layers (for `prune.storage_budget`): blocks of any measured span 1..max_span,
+    each block {l..l+s-1} costing d_s(l), protected layers never removed, one unprotected layer
+    always kept. Dynamic programming over (layers decided, layers removed).
+
+    An optimum never removes `remove_at_least + max_span` layers or more (dropping any one block
+    from such a choice still removes enough and costs no more, as d >= 0), so the count is
+    searched up to that bound. Ties go to fewer removed layers, then to earlier blocks.
+    SpecError when no choice removes enough.
+    """
+    L = profile.num_layers
+    spans = sorted(n for n in profile.distances if n <= (max_span or max(profile.distances, default=0)))
+    protected = protected_layers(L, config)
+    limit = min(removable_budget(L, config), remove_at_least + max(spans, default=1) - 1)
+    if remove_at_least > removable_budget(L, config):
+        raise SpecError(f"prune.storage_budget needs {remove_at_least} of the model's {L} layers removed, but at most "
+                        f"{removable_budget(L, config)} can go; raise prune.storage_budget")
+    if remove_at_least <= 0:
+        return []
+    inf = math.inf
+    # best[i][k]: (cost, choice) over layers 0..i-1 with k removed; choice = tuple of (start, span).
+    best: list[list[tuple[float, tuple]]] = [[(inf, ())] * (limit + 1) for _ in range(L + 1)]
+    best[0][0] = (0.0, ())
+    for i in range(L):
+        for k in range(limit + 1):
+            cost, choice = best[i][k]
+            if cost == inf:
+                continue
+            if cost < best[i + 1][k][0]:  # keep layer i
+                best[i + 1][k] = (cost, choice)
+            for s in spans:
+                if i + s > L or k + s > limit or any(l in protected for l in range(i, i + s)):
+                    continue
+                d = profile.distances[s][i] if i < len(profile.distances[s]) else inf
+                if not math.isfinite(d):
+                    continue
+                candidate = (cost + d, choice + ((i, s),))
+                if candidate[0] < best[i + s][k + s][0]:
+                    best[i + s][k + s] = candidate
+    found = [(best[L][k][0], k, best[L][k][1]) for k in range(remove_at_least, limit + 1) if best[L][k][0] < inf]
+    if not found:
+        raise SpecError(f"prune.storage_budget: no blocks of spans {spans} remove {remove_at_least} layers of {L} "
+                        f"(protected layers {sorted(protected)}); raise prune.storage_budget or profile.max_span")
+    _, _, choice = min(found, key=lambda f: (f[0], f[1]))
+    return [list(range(start, start + s)) for start, s in choice]

@@ -88,6 +88,7 @@ class PruneSpec(Section):
     protect_first: bool = Field(True, description="Never remove layer 0.")
     protect_last: bool = Field(True, description="Never remove the last layer (L-1).")
     iterative: bool = Field(False, description="Re-profile the pruned model after each accepted group (sgp only).")
+    storage_budget: float | None = Field(None, gt=0, description="Prune to a client-storage budget instead of a fixed n x p: the client model (quantize's model/ folder, as [quantize] says) must weigh at most this many bytes, or this fraction of the full model in bf16 when at most 1. The blocks (spans 1..profile.max_span, sizes may differ) are the exact minimum-total-distance choice that fits, by dynamic programming over the profile; prune.group_size and prune.groups are then unused. Predicted and actual bytes are recorded.")
 
 
 PartialLayers = Literal["after_gap", "both_neighbours", "all_kept"] | list[int]
@@ -275,4 +276,16 @@ class Spec(Section):
         if self.federate.eval_every and not self.task.train_examples:
             raise ValueError("federate.eval_every > 0 needs task.train_examples > 0: the validation slice comes from the "
                              "training examples it leaves unused (0 = all are used)")
+        return self
+
+    @model_validator(mode="after")
+    def _storage_budget(self):
+        if self.prune.storage_budget is None:
+            return self
+        if self.prune.strategy != "sgp" or self.prune.iterative:
+            raise ValueError("prune.storage_budget chooses the blocks itself from the profile's distances: set prune.strategy = \"sgp\" "
+                             "and prune.iterative = false, or remove prune.storage_budget")
+        if self.align.quant_aware == "bf16_partial":
+            raise ValueError("prune.storage_budget cannot predict the bytes of align.quant_aware = \"bf16_partial\" (its bf16 partial "
+                             "layers depend on the gaps chosen); use another align.quant_aware or remove prune.storage_budget")
         return self

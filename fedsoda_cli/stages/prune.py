@@ -40,7 +40,8 @@ def run(ctx: StageContext) -> StageResult:
     load_plugin_files(spec.plugins, spec_dir(spec))  # a no-op for files the CLI already imported
     profile = read_profile(ctx.inputs["profile"])
     pruner = pruners.create(config.strategy)
-    check_request(profile.num_layers, config)
+    if config.storage_budget is None:
+        check_request(profile.num_layers, config)
     if config.iterative and not pruner.supports_iterative:
         raise SpecError(f"prune.iterative = true, but strategy '{config.strategy}' does not support iterative pruning; use prune.strategy = \"sgp\" or set prune.iterative = false")
 
@@ -50,17 +51,45 @@ def run(ctx: StageContext) -> StageResult:
         raise ArtifactError(f"{ctx.inputs['profile']}: the profile has {profile.num_layers} layers but the model has {num_layers}; rerun `fedsoda profile SPEC --force`")
     params_full = _parameter_count(model)
 
-    if config.iterative:
+    budget = None
+    if config.storage_budget is not None:
+        groups, budget = _select_to_budget(ctx, profile, model, tokenizer, params_full)
+        drop_layers(model, [l for group in groups for l in group])
+    elif config.iterative:
         groups = _select_iteratively(ctx, pruner, profile, model, tokenizer)
     else:
         groups = validate_selection(_call(pruner, profile, config), num_layers, config, config.strategy)
         drop_layers(model, [l for group in groups for l in group])
-    return write_sub_llm(ctx, model, tokenizer, groups, num_layers, params_full, config.strategy, config.iterative)
+    return write_sub_llm(ctx, model, tokenizer, groups, num_layers, params_full, config.strategy, config.iterative, budget)
+
+
+def _select_to_budget(ctx: StageContext, profile: LayerProfile, model, tokenizer, params_full: int) -> tuple[list[list[int]], dict]:
+    """`prune.storage_budget`: the fewest layers whose removal fits the predicted client bytes in
+    the budget, then the exact minimum-distance blocks removing at least that many."""
+    from fedsoda_cli.models import storage
+    from fedsoda_cli.plugins.pruners import budget_blocks
+
+    spec, config = ctx.spec, ctx.spec.prune
+    budget = storage.budget_bytes(config.storage_budget, params_full * 2)
+    prediction = storage.predict_client_bytes(model, tokenizer, spec.quantize, ctx.out)
+    L = profile.num_layers
+    need = storage.layers_to_remove(prediction, L, budget)
+    if need > L:
+        raise SpecError(f"prune.storage_budget = {config.storage_budget} ({budget:,} B) is below what the client model weighs "
+                        f"with no decoder layer at all ({prediction.bytes_with(0):,} B predicted); raise prune.storage_budget")
+    groups = budget_blocks(profile, config, need)
+    removed = sum(len(g) for g in groups)
+    record = {"budget_bytes": budget, "fraction_of_full_bf16": round(budget / (params_full * 2), 4),
+              "prediction": prediction.to_dict(), "predicted_client_bytes": prediction.bytes_with(L - removed),
+              "layers_needed": need, "layers_removed": removed,
+              "total_distance": round(sum(profile.distances[len(g)][g[0]] for g in groups), 6)}
+    return groups, record
 
 
 def write_sub_llm(ctx: StageContext, model, tokenizer, groups: list[list[int]], num_layers: int,
-                  params_full: int, strategy: str, iterative: bool = False) -> StageResult:
-    """Save the (already pruned) sub-LLM and its layer map into the stage folder; the summary rows."""
+                  params_full: int, strategy: str, iterative: bool = False, budget: dict | None = None) -> StageResult:
+    """Save the (already pruned) sub-LLM and its layer map into the stage folder; the summary rows.
+    `budget`: prune.storage_budget's record, kept in the layer map so quantize can check the actual bytes."""
     from fedsoda_cli.models.load import save_checkpoint
 
     removed = {l for group in groups for l in group}
@@ -68,14 +97,21 @@ def write_sub_llm(ctx: StageContext, model, tokenizer, groups: list[list[int]], 
     params_sub = _parameter_count(model)
     save_checkpoint(model, tokenizer, ctx.out / MODEL_DIR)
     layer_map = {"kept": kept, "removed_groups": groups, "num_layers": num_layers, "strategy": strategy, "iterative": iterative}
+    if budget is not None:
+        layer_map["storage_budget"] = budget
     (ctx.out / LAYER_MAP).write_text(json.dumps(layer_map, indent=2))
     metrics = {"removed_groups": groups, "kept": len(kept), "params_full": params_full, "params_sub": params_sub}
+    if budget is not None:
+        metrics["storage_budget"] = budget
     summary = [
         ("strategy", strategy + (" (iterative)" if iterative else "")),
         ("removed groups", ", ".join(f"{g[0]}..{g[-1]}" for g in groups) or "none"),
         ("kept layers", f"{len(kept)} of {num_layers}"),
         ("parameters", f"{params_full / 1e6:.1f} M -> {params_sub / 1e6:.1f} M ({100 * (params_sub / params_full - 1):+.1f} %)"),
     ]
+    if budget is not None:
+        summary.insert(1, ("storage budget", f"{budget['budget_bytes']:,} B; predicted client model {budget['predicted_client_bytes']:,} B "
+                                             f"({budget['layers_removed']} layers removed, total distance {budget['total_distance']:.4f})"))
     return StageResult(metrics=metrics, summary=summary)
 
 

@@ -89,6 +89,12 @@ def run(ctx: StageContext) -> StageResult:
         "measured": {"aligned_bf16": bf16, "deployed_aligned": deployed, "deployed_unaligned": control},
         "warnings": warnings,
     }
+    budget = layer_map.get("storage_budget")
+    if budget is not None:  # prune.storage_budget: the prediction prune chose by, against what was written
+        metrics["storage_budget"] = {**budget, "actual_client_bytes": client_bytes, "within_budget": client_bytes <= budget["budget_bytes"],
+                                     "predicted_over_actual": round(budget["predicted_client_bytes"] / client_bytes, 4)}
+        if client_bytes > budget["budget_bytes"]:  # the prediction is an upper bound: this means it is wrong
+            metrics["warnings"] = warnings + [f"the client model weighs {client_bytes:,} B, over prune.storage_budget's {budget['budget_bytes']:,} B"]
     fmt = reporting.format_bytes
     summary = [
         ("format", f"{quant.quant_type}{' + double quant' if quant.double_quant and quant.quant_type in ('nf4', 'fp4') else ''}, embeddings {quant.embeddings}"),
@@ -103,10 +109,14 @@ def run(ctx: StageContext) -> StageResult:
     for gap, value in deployed["hidden_nmse"].items():
         summary.append((f"hidden NMSE gap {gap}", f"bf16 {bf16['hidden_nmse'][gap]:.4f}, quantized {value:.4f}"
                         + (f" (control {control['hidden_nmse'][gap]:.4f})" if control and gap in control["hidden_nmse"] else "")))
+    if budget is not None:
+        summary.append(("storage budget", f"{client_bytes:,} B of {budget['budget_bytes']:,} B (predicted {budget['predicted_client_bytes']:,} B)"))
     if bf16_layers:
         summary.append(("kept in bf16", "layers " + ", ".join(map(str, layer_map["bf16_layers"])) + " (align.quant_aware = bf16_partial)"))
     if warnings:
         summary.insert(0, ("WARNING", "the client model is not better than the unaligned control: " + "; ".join(warnings)))
+    if budget is not None and not metrics["storage_budget"]["within_budget"]:
+        summary.insert(0, ("WARNING", metrics["warnings"][-1]))
     return StageResult(metrics=metrics, summary=summary)
 
 

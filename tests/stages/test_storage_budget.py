@@ -1,0 +1,79 @@
+"""prune.storage_budget end to end on the tiny llama: prune removes the fewest layers whose
+predicted client model fits, quantize writes a client model within the budget, and the prediction
+is an upper bound that is close to what is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedsoda_cli.models.load import load_causal_lm
+from fedsoda_cli.models.storage import predict_client_bytes
+from fedsoda_cli.spec.schema import ModelSpec, QuantizeSpec
+
+SPEC = """
+[run]
+workdir = "run"
+threads = 1
+[model]
+name = "tiny-random-llama"
+[public_data]
+sequences = 4
+seq_len = 32
+heldout_sequences = 2
+[profile]
+max_span = 3
+batch_size = 2
+[prune]
+storage_budget = {budget}
+[align]
+steps = 2
+batch_size = 2
+[quantize]
+embeddings = "{embeddings}"
+"""
+
+
+def fedsoda(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedsoda_cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("embeddings", ["bf16", "int8"])
+def test_budget_prunes_to_fit_and_quantize_stays_within_it(tmp_path, embeddings):
+    model, tokenizer = load_causal_lm(ModelSpec(name="tiny-random-llama"))
+    prediction = predict_client_bytes(model, tokenizer, QuantizeSpec(embeddings=embeddings), tmp_path)
+    assert not list(tmp_path.iterdir())  # its scratch folder is gone again
+    layers = 6
+    budget = prediction.bytes_with(layers - 2) + prediction.per_layer // 2  # two layers must go, a third need not
+    (tmp_path / "spec.toml").write_text(SPEC.format(budget=budget, embeddings=embeddings))
+    done = fedsoda("run", "spec.toml", "--to", "quantize", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    layer_map = json.loads((tmp_path / "run" / "prune" / "layer_map.json").read_text())
+    removed = [l for g in layer_map["removed_groups"] for l in g]
+    assert 2 <= len(removed) <= 2 + 3 - 1 and 0 not in removed and layers - 1 not in removed
+    record = json.loads((tmp_path / "run" / "quantize" / "manifest.json").read_text())["metrics"]["storage_budget"]
+    actual = record["actual_client_bytes"]
+    assert record["budget_bytes"] == budget and record["within_budget"] is True
+    assert actual <= record["predicted_client_bytes"] <= budget
+    assert record["predicted_client_bytes"] <= 1.05 * actual  # an upper bound, not a wild one
+    assert "storage budget" in done.stdout
+
+
+def test_a_budget_no_pruning_can_meet_is_one_line(tmp_path):
+    (tmp_path / "spec.toml").write_text(SPEC.format(budget=1000, embeddings="bf16"))
+    done = fedsoda("run", "spec.toml", "--to", "prune", cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "prune.storage_budget" in done.stdout + done.stderr and "Traceback" not in done.stdout + done.stderr
+
+
+def test_budget_with_another_strategy_is_refused_at_validate(tmp_path):
+    (tmp_path / "spec.toml").write_text(SPEC.format(budget=0.5, embeddings="bf16").replace("[prune]", '[prune]\nstrategy = "uniform"'))
+    done = fedsoda("validate", "spec.toml", cwd=tmp_path)
+    assert done.returncode == 2 and "prune.storage_budget" in done.stdout + done.stderr
