@@ -41,6 +41,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(decoder_layers_path(model))
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def drop_layers(model: nn.Module, remove: Sequence[int]) -> list[int]:
     """Remove decoder layers `remove` (original indices) in place; return `kept`, the original
     index of each remaining layer in ascending order. Fixes config.num_hidden_layers, every

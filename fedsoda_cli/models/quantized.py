@@ -30,11 +30,13 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from fedsoda_cli.errors import ModelError
+from fedsoda_cli.models.layers import unwrap
 from fedsoda_cli.models.load import replace_dir
 from fedsoda_cli.spec.schema import QuantizeSpec
 
@@ -82,8 +84,6 @@ def quantize_checkpoint(float_dir: str | os.PathLike, quant: QuantizeSpec, *, co
     through int8. Returns the model as `load_client_model` will give it back after
     `save_client_model` (the skipped layers are recorded in its quantization_config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fedsoda_cli.models.fakequant import bf16_layer_patterns
 
     _bnb()
     float_dir = Path(float_dir)
@@ -196,7 +196,7 @@ def save_client_model(model, tokenizer, out_dir: str | os.PathLike, *, embedding
 def client_state_dict(model) -> dict[str, torch.Tensor]:
     """The tensors to store: bnb's quantized serialization as is, every other float parameter in
     bf16, each tied parameter once (under its first name), all contiguous copies."""
-    model = _unwrap(model)
+    model = unwrap(model)
     _fp32_path(model)  # packed CPU weights would be unpacked lossily by the save hook
     owners: dict[int, str] = {}
     to_bf16: set[str] = set()
@@ -323,7 +323,7 @@ def set_module_tensors(model, tensors: dict[str, torch.Tensor]) -> list[str]:
     quantized weights, other parameters are copied in their current dtype. Works through peft
     wrappers (LoRA layers keep their adapter). Returns the module paths it touched."""
     bnb = _bnb()
-    base = _unwrap(model)
+    base = unwrap(model)
     modules = dict(base.named_modules())
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -364,10 +364,10 @@ def _split_key(key: str, modules: dict) -> tuple[str, str]:
 # ---- helpers ----------------------------------------------------------------------------------
 
 
-def _unwrap(model):
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+def bf16_layer_patterns(layers_path: str, layers: Iterable[int]) -> list[str]:
+    """bitsandbytes skip patterns for decoder layers kept in bf16 on the client ("model.layers.7"
+    matches that layer's modules only, not layer 70's: transformers matches at module boundaries)."""
+    return [f"{layers_path}.{k}" for k in sorted(set(layers))]
 
 
 def _fp32_path(model) -> None:

@@ -88,6 +88,8 @@ class PruneSpec(Section):
     protect_first: bool = Field(True, description="Never remove layer 0.")
     protect_last: bool = Field(True, description="Never remove the last layer (L-1).")
     iterative: bool = Field(False, description="Re-profile the pruned model after each accepted group (sgp only).")
+    rerank_top_k: int = Field(0, ge=0, description="sgp: choose each group among the top k non-overlapping blocks by angular distance by the measured perplexity of the pruned model on rerank_sequences public (profiling, not held-out) windows; 0 or 1 = by distance alone.")
+    rerank_sequences: int = Field(8, ge=1, description="Public windows the re-ranking perplexity is measured on (the first of public_data.sequences).")
     storage_budget: float | None = Field(None, gt=0, description="Prune to a client-storage budget instead of a fixed n x p: the client model (quantize's model/ folder, as [quantize] says) must weigh at most this many bytes, or this fraction of the full model in bf16 when at most 1. The blocks (spans 1..profile.max_span, sizes may differ) are the exact minimum-total-distance choice that fits, by dynamic programming over the profile; prune.group_size and prune.groups are then unused. Predicted and actual bytes are recorded.")
 
 
@@ -280,6 +282,9 @@ class Spec(Section):
 
     @model_validator(mode="after")
     def _storage_budget(self):
+        if self.prune.rerank_top_k > 1 and (self.prune.strategy != "sgp" or self.prune.iterative or self.prune.storage_budget is not None):
+            raise ValueError("prune.rerank_top_k re-ranks sgp's blocks by perplexity: it needs prune.strategy = \"sgp\", "
+                             "prune.iterative = false and no prune.storage_budget; set prune.rerank_top_k = 0 otherwise")
         if self.prune.storage_budget is None:
             return self
         if self.prune.strategy != "sgp" or self.prune.iterative:

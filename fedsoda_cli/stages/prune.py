@@ -21,7 +21,7 @@ from dataclasses import replace
 from fedsoda_cli.errors import ArtifactError, FedsodaError, PluginError, SpecError
 from fedsoda_cli.pipeline import StageContext, StageResult
 from fedsoda_cli.plugins.contracts import LayerProfile, Pruner
-from fedsoda_cli.plugins.pruners import check_request, protected_layers
+from fedsoda_cli.plugins.pruners import SimilarityGroupPruner, check_request, protected_layers
 from fedsoda_cli.spec.schema import PruneSpec
 
 LAYER_MAP = "layer_map.json"
@@ -51,16 +51,67 @@ def run(ctx: StageContext) -> StageResult:
         raise ArtifactError(f"{ctx.inputs['profile']}: the profile has {profile.num_layers} layers but the model has {num_layers}; rerun `fedsoda profile SPEC --force`")
     params_full = _parameter_count(model)
 
-    budget = None
+    budget = rerank = None
     if config.storage_budget is not None:
         groups, budget = _select_to_budget(ctx, profile, model, tokenizer, params_full)
+        drop_layers(model, [l for group in groups for l in group])
+    elif config.rerank_top_k > 1:
+        groups, rerank = _select_reranked(ctx, profile, model, tokenizer)
         drop_layers(model, [l for group in groups for l in group])
     elif config.iterative:
         groups = _select_iteratively(ctx, pruner, profile, model, tokenizer)
     else:
         groups = validate_selection(_call(pruner, profile, config), num_layers, config, config.strategy)
         drop_layers(model, [l for group in groups for l in group])
-    return write_sub_llm(ctx, model, tokenizer, groups, num_layers, params_full, config.strategy, config.iterative, budget)
+    return write_sub_llm(ctx, model, tokenizer, groups, num_layers, params_full, config.strategy, config.iterative, budget, rerank)
+
+
+def _select_reranked(ctx: StageContext, profile: LayerProfile, model, tokenizer) -> tuple[list[list[int]], dict]:
+    """sgp with `prune.rerank_top_k`: each of the p groups is the one of the k lowest-distance
+    blocks (non-overlapping with those accepted, off the protected layers) whose removal, with the
+    groups accepted so far, gives the lowest perplexity on the first rerank_sequences public
+    windows. Angular distance only ranks the candidates; the measured model decides. The public
+    windows are the profiling ones, never the held-out text perplexity is reported on."""
+    import copy
+    import time
+
+    from fedsoda_cli import reporting
+    from fedsoda_cli.evaluation.perplexity import perplexity
+    from fedsoda_cli.models.layers import drop_layers
+    from fedsoda_cli.stages.profile import public_input_ids
+
+    spec, config = ctx.spec, ctx.spec.prune
+    n, p, k = config.group_size, config.groups, config.rerank_top_k
+    if n not in profile.distances:
+        raise SpecError(f"prune.group_size = {n} needs d_{n}(l); raise profile.max_span to at least {n} and rerun profile")
+    started = time.perf_counter()
+    windows = public_input_ids(spec, tokenizer)[: config.rerank_sequences]
+    distances, protected = profile.distances[n], protected_layers(profile.num_layers, config)
+    accepted: list[list[int]] = []
+    trials: list[dict] = []
+    with reporting.progress(ctx.console) as bar:
+        task = bar.add_task("re-rank", total=p * k, status=f"top {k} blocks by distance, by perplexity")
+        for _ in range(p):
+            taken = {l for g in accepted for l in g} | protected
+            ranked = [l for l in sorted(range(len(distances)), key=lambda l: (distances[l], l))
+                      if math.isfinite(distances[l]) and not taken & set(range(l, l + n))][:k]
+            if not ranked:
+                raise SpecError(f"prune.groups = {p} x prune.group_size = {n}: only {len(accepted)} non-overlapping blocks fit; lower prune.groups or prune.group_size")
+            scored = []
+            for start in ranked:
+                trial = copy.deepcopy(model)
+                drop_layers(trial, [l for g in accepted for l in g] + list(range(start, start + n)))
+                ppl = perplexity(trial.eval(), windows, batch_size=spec.profile.batch_size).perplexity
+                del trial
+                scored.append((ppl, ranked.index(start), start))
+                trials.append({"group": len(accepted) + 1, "block": [start, start + n - 1], "distance": distances[start], "ppl": ppl})
+                bar.advance(task)
+            _, _, best = min(scored)
+            accepted.append(list(range(best, best + n)))
+    by_distance = SimilarityGroupPruner().select(profile, config)
+    record = {"top_k": k, "sequences": int(windows.shape[0]), "trials": trials, "by_distance": by_distance,
+              "changed": sorted(accepted) != by_distance, "seconds": round(time.perf_counter() - started, 3)}
+    return sorted(accepted), record
 
 
 def _select_to_budget(ctx: StageContext, profile: LayerProfile, model, tokenizer, params_full: int) -> tuple[list[list[int]], dict]:
@@ -87,9 +138,11 @@ def _select_to_budget(ctx: StageContext, profile: LayerProfile, model, tokenizer
 
 
 def write_sub_llm(ctx: StageContext, model, tokenizer, groups: list[list[int]], num_layers: int,
-                  params_full: int, strategy: str, iterative: bool = False, budget: dict | None = None) -> StageResult:
+                  params_full: int, strategy: str, iterative: bool = False, budget: dict | None = None,
+                  rerank: dict | None = None) -> StageResult:
     """Save the (already pruned) sub-LLM and its layer map into the stage folder; the summary rows.
-    `budget`: prune.storage_budget's record, kept in the layer map so quantize can check the actual bytes."""
+    `budget`: prune.storage_budget's record, kept in the layer map so quantize can check the actual
+    bytes; `rerank`: prune.rerank_top_k's trials."""
     from fedsoda_cli.models.load import save_checkpoint
 
     removed = {l for group in groups for l in group}
@@ -103,12 +156,19 @@ def write_sub_llm(ctx: StageContext, model, tokenizer, groups: list[list[int]], 
     metrics = {"removed_groups": groups, "kept": len(kept), "params_full": params_full, "params_sub": params_sub}
     if budget is not None:
         metrics["storage_budget"] = budget
+    if rerank is not None:
+        metrics["rerank"] = rerank
     summary = [
         ("strategy", strategy + (" (iterative)" if iterative else "")),
         ("removed groups", ", ".join(f"{g[0]}..{g[-1]}" for g in groups) or "none"),
         ("kept layers", f"{len(kept)} of {num_layers}"),
         ("parameters", f"{params_full / 1e6:.1f} M -> {params_sub / 1e6:.1f} M ({100 * (params_sub / params_full - 1):+.1f} %)"),
     ]
+    if rerank is not None:
+        summary.insert(1, ("re-ranked", f"top {rerank['top_k']} blocks per group by perplexity on {rerank['sequences']} public windows "
+                                        f"({'changed' if rerank['changed'] else 'same as'} the distance order"
+                                        + (f", by distance: {', '.join(f'{g[0]}..{g[-1]}' for g in rerank['by_distance'])}" if rerank["changed"] else "")
+                                        + f"; {len(rerank['trials'])} trials, {rerank['seconds']:.1f} s)"))
     if budget is not None:
         summary.insert(1, ("storage budget", f"{budget['budget_bytes']:,} B; predicted client model {budget['predicted_client_bytes']:,} B "
                                              f"({budget['layers_removed']} layers removed, total distance {budget['total_distance']:.4f})"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import shutil
 
-from fedsoda_cli.pipeline import StageContext, StageResult
+from fedsoda_cli.stages.contract import StageContext, StageResult
 
 LAYER_MAP = "layer_map.json"
 MODEL_DIR = "model"
@@ -32,10 +32,10 @@ def run(ctx: StageContext) -> StageResult:
     """Quantize the aligned sub-LLM, save the client model and report its size and perplexity."""
     import torch
 
-    from fedsoda_cli import reporting
+    from fedsoda_cli import terminal
     from fedsoda_cli.models import quantized
     from fedsoda_cli.models.load import load_causal_lm, load_checkpoint
-    from fedsoda_cli.stages.distill import evaluate_alignment
+    from fedsoda_cli.oda.distill import evaluate_alignment
     from fedsoda_cli.stages.align import read_layer_map
 
     spec, quant = ctx.spec, ctx.spec.quantize
@@ -54,7 +54,7 @@ def run(ctx: StageContext) -> StageResult:
     heldout = heldout_text(spec, tokenizer)
     round_to_bf16(float_model)
     teacher, _ = load_causal_lm(spec.model)
-    with reporting.progress(ctx.console) as bar:
+    with terminal.progress(ctx.console) as bar:
         task = bar.add_task("perplexity", total=2 * len(heldout), status="bf16 and quantized sub-LLM vs the full LLM")
         bf16 = evaluate_alignment(teacher, float_model, kept, groups, heldout, spec.align, batch_size=PPL_BATCH, advance=lambda k: bar.advance(task, k))
         deployed = evaluate_alignment(teacher, client, kept, groups, heldout, spec.align, batch_size=PPL_BATCH, advance=lambda k: bar.advance(task, k))
@@ -62,7 +62,7 @@ def run(ctx: StageContext) -> StageResult:
     control = upstream_measurement(upstream, "deployed_unaligned")
     warnings = []
     if control is not None:
-        from fedsoda_cli.stages.align import regressions
+        from fedsoda_cli.oda.distill import regressions
 
         warnings = regressions([("deployed vs unaligned control", control, deployed)])
 
@@ -95,7 +95,7 @@ def run(ctx: StageContext) -> StageResult:
                                      "predicted_over_actual": round(budget["predicted_client_bytes"] / client_bytes, 4)}
         if client_bytes > budget["budget_bytes"]:  # the prediction is an upper bound: this means it is wrong
             metrics["warnings"] = warnings + [f"the client model weighs {client_bytes:,} B, over prune.storage_budget's {budget['budget_bytes']:,} B"]
-    fmt = reporting.format_bytes
+    fmt = terminal.format_bytes
     summary = [
         ("format", f"{quant.quant_type}{' + double quant' if quant.double_quant and quant.quant_type in ('nf4', 'fp4') else ''}, embeddings {quant.embeddings}"),
         ("client model on disk", f"{fmt(client_bytes)} (weights {fmt(weight_bytes)})"),
@@ -153,10 +153,6 @@ def round_to_bf16(model) -> None:
 
 
 def heldout_text(spec, tokenizer):
-    from fedsoda_cli.data.paths import resolve_data_dir
-    from fedsoda_cli.data.public import public_sequences
-    from fedsoda_cli.spec import spec_dir
+    from fedsoda_cli.data.public import public_windows
 
-    public = spec.public_data
-    data_dir = resolve_data_dir(spec.data, spec_dir(spec))
-    return public_sequences(data_dir, public.heldout_split, tokenizer, public.heldout_sequences, public.seq_len)
+    return public_windows(spec, "held-out", tokenizer)

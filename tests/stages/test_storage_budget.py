@@ -77,3 +77,31 @@ def test_budget_with_another_strategy_is_refused_at_validate(tmp_path):
     (tmp_path / "spec.toml").write_text(SPEC.format(budget=0.5, embeddings="bf16").replace("[prune]", '[prune]\nstrategy = "uniform"'))
     done = fedsoda("validate", "spec.toml", cwd=tmp_path)
     assert done.returncode == 2 and "prune.storage_budget" in done.stdout + done.stderr
+
+
+def test_rerank_picks_the_lowest_perplexity_block_among_the_top_k(tmp_path):
+    import torch
+
+    from fedsoda_cli.evaluation.perplexity import perplexity
+    from fedsoda_cli.models.layers import drop_layers
+    from fedsoda_cli.spec import load_spec
+    from fedsoda_cli.stages.profile import public_input_ids
+
+    spec_text = SPEC.replace("storage_budget = {budget}", "group_size = 1\ngroups = 2\nrerank_top_k = 3\nrerank_sequences = 3").format(embeddings="bf16")
+    (tmp_path / "spec.toml").write_text(spec_text)
+    done = fedsoda("run", "spec.toml", "--to", "prune", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((tmp_path / "run" / "prune" / "manifest.json").read_text())["metrics"]["rerank"]
+    groups = json.loads((tmp_path / "run" / "prune" / "layer_map.json").read_text())["removed_groups"]
+    assert len(record["trials"]) <= 2 * 3 and record["sequences"] == 3
+    first = [t for t in record["trials"] if t["group"] == 1]
+    assert len(first) == 3 and [t["block"][0] for t in first] == sorted((t["block"][0] for t in first), key=lambda l: next(x["distance"] for x in first if x["block"][0] == l))
+    best_first = min(first, key=lambda t: t["ppl"])["block"][0]
+    assert [best_first] in groups
+    # Each trial's perplexity is the pruned model's, measured again here on the same windows.
+    spec = load_spec(tmp_path / "spec.toml")
+    model, tokenizer = load_causal_lm(ModelSpec(name="tiny-random-llama"))
+    torch.set_num_threads(1)
+    drop_layers(model, [first[0]["block"][0]])
+    windows = public_input_ids(spec, tokenizer)[:3]
+    assert perplexity(model.eval(), windows, batch_size=2).perplexity == pytest.approx(first[0]["ppl"], rel=1e-5)
