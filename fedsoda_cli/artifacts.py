@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from fedsoda_cli import __version__
 from fedsoda_cli.errors import ArtifactError
@@ -114,8 +114,7 @@ def _finish(writer: StageWriter, target: Path) -> None:
     manifest.outputs = {rel: info for rel, info in _describe_files(writer.path)}
     manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json_atomic(writer.path / MANIFEST, asdict(manifest))
-    _fsync_tree(writer.path)
-    _swap_into_place(writer.path, target)
+    replace_folder(writer.path, target, retired_in=target.parent / _RETIRED)
 
 
 def check_replaceable(workdir: Path, stage: str) -> None:
@@ -167,29 +166,80 @@ def _manifest_data(folder: Path) -> Any:
         return _UNREADABLE
 
 
-def _swap_into_place(new: Path, target: Path) -> None:
-    """Replace `target` by `new`; a crash between the two renames is healed by `recover`."""
+def replace_folder(new: Path, target: Path, *, retired_in: Path | None = None, keep_existing: bool = False) -> bool:
+    """Swap the complete folder `new` in as `target` (same filesystem), the one way fedsoda publishes
+    a folder: stage outputs, round checkpoints, saved models, exports and the model cache.
+
+    The files of `new` are synced first, so a rename never publishes data that is still only in
+    memory. Then `target` is renamed aside to a retired name, `new` is renamed onto `target`, and the
+    retired folder is deleted. A folder cannot be renamed over a non-empty one, so the two renames
+    leave one moment with no `target`; at that moment and every other, the old folder or the new one
+    is complete under its name. An error at the second rename puts the old folder back at once; a
+    process killed there leaves it under its retired name, which `recover_folder` renames back.
+
+    The retired name is `<retired_in>/<name>-<hex>` when `retired_in` is given (stage outputs keep
+    theirs in the workdir's .retired/), else `.<name>.retired-<hex>` beside `target`: nothing is
+    shared, so concurrent swaps in one parent folder cannot trip over each other.
+
+    With `keep_existing`, a folder already at `target` wins (a cache another process finished
+    first) and False is returned. A file or link at `target` is never replaced: callers decide
+    whether a folder there is theirs to replace, and fedsoda never deletes a file it did not write.
+    """
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ArtifactError(f"{target}: a file or link is in the way of the folder fedsoda writes there; move it away or write elsewhere")
+    _fsync_tree(new)
+    if keep_existing:
+        try:
+            os.rename(new, target)  # onto an empty folder at most: a non-empty one refuses
+        except OSError:
+            if not target.exists():
+                raise
+            return False
+        return True
     retired = None
     if target.exists():
-        retired = target.parent / _RETIRED / f"{target.name}-{uuid.uuid4().hex[:8]}"
+        retired = _retired_path(target, retired_in)
         retired.parent.mkdir(exist_ok=True)
         os.rename(target, retired)
-    os.rename(new, target)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        if retired is not None and not target.exists():
+            os.rename(retired, target)
+        raise
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
+    return True
+
+
+def _retired_path(target: Path, retired_in: Path | None) -> Path:
+    tag = uuid.uuid4().hex[:8]
+    if retired_in is not None:
+        return retired_in / f"{target.name}-{tag}"
+    return target.parent / f".{target.name}.retired-{tag}"
+
+
+def recover_folder(target: Path, *, retired_in: Path | None = None,
+                   complete: Callable[[Path], bool] = lambda folder: True) -> bool:
+    """If `replace_folder` was killed between its two renames (no `target`, the old folder under a
+    retired name), rename the newest retired folder that passes `complete` back. Returns whether one
+    went back."""
+    if target.exists() or target.is_symlink():
+        return False
+    if retired_in is not None:
+        candidates = list(retired_in.glob(f"{target.name}-*")) if retired_in.is_dir() else []
+    else:
+        candidates = list(target.parent.glob(f".{target.name}.retired-*")) if target.parent.is_dir() else []
+    for candidate in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        if candidate.is_dir() and complete(candidate):
+            os.rename(candidate, target)
+            return True
+    return False
 
 
 def recover(workdir: Path, stage: str) -> None:
-    """If a swap was interrupted after retiring the old output, put the old output back."""
-    target = workdir / stage
-    retired_root = workdir / _RETIRED
-    if target.exists() or not retired_root.is_dir():
-        return
-    candidates = sorted(retired_root.glob(f"{stage}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for candidate in candidates:
-        if (candidate / MANIFEST).is_file():
-            os.rename(candidate, target)
-            return
+    """If a stage's swap was interrupted after retiring the old output, put the old output back."""
+    recover_folder(workdir / stage, retired_in=workdir / _RETIRED, complete=lambda folder: (folder / MANIFEST).is_file())
 
 
 def read_manifest(workdir: Path, stage: str) -> Manifest | None:
@@ -280,6 +330,7 @@ def _describe_files(folder: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` to disk: a rename is durable before the data it names is."""
     for path in folder.rglob("*"):
         if path.is_file():
             with open(path, "rb") as handle:

@@ -26,11 +26,13 @@ def export_merged(spec, workdir: Path, out_dir: Path, *, dtype: str = "float32")
     """Merge the run's plugin adapter into the full model and save it to `out_dir` (replaced
     atomically if it holds an earlier fedsoda export) in `dtype` (float32 or bfloat16). Returns `out_dir`."""
     from fedsoda_cli import artifacts
-    from fedsoda_cli.models.load import replace_dir, save_checkpoint
+    from fedsoda_cli.models.load import save_checkpoint
 
     if dtype not in DTYPES:
         raise SpecError(f"export dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}")
     workdir, out = Path(workdir), Path(out_dir)
+    # An export killed mid-swap left the earlier one under its retired name: back first, then replaced.
+    artifacts.recover_folder(out, complete=lambda folder: (folder / PROVENANCE).is_file())
     check_out_dir(out, workdir, spec)  # before the merge, so a refusal costs nothing
     federate = _current_stage(spec, workdir, "federate")
     quantize = _current_stage(spec, workdir, "quantize")
@@ -44,7 +46,7 @@ def export_merged(spec, workdir: Path, out_dir: Path, *, dtype: str = "float32")
         staged = save_checkpoint(merged.to(DTYPES[dtype]), tokenizer, Path(scratch) / "export")
         (staged / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True))
         check_out_dir(out, workdir, spec)  # again: `out` may have been filled while the merge ran
-        replace_dir(staged, out)
+        artifacts.replace_folder(staged, out)
     return out
 
 

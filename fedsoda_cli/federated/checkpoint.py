@@ -9,8 +9,9 @@ A checkpoint folder `round-NNNN/` holds
   state.json                       round, identity (spec hash, input digest), metrics so far,
                                    communication totals, python/numpy RNG states, the sha256 of
                                    every other file and of its own content
-It is written into a temporary folder and renamed into place, so a run killed at any moment
-leaves only complete checkpoints. A resume verifies every hash first: a checkpoint changed on disk
+It is written into a temporary folder and swapped into place by `artifacts.replace_folder`, so a
+run killed at any moment leaves only complete checkpoints (a round being replaced is put back by the
+next save or resume if the kill fell between the swap's two renames). A resume verifies every hash first: a checkpoint changed on disk
 would otherwise continue into a different result with exit 0. Client training never draws from a
 global RNG stream (every seed derives from (run.seed, round, client)); the RNG states are kept for
 aggregator plugins.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedsoda_cli.artifacts import recover_folder, replace_folder, sha256_file
 from fedsoda_cli.errors import ArtifactError, PluginError
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class CheckpointStore:
         """Write `checkpoint` atomically as round-NNNN/; keep only the newest `keep` ones."""
         self._check_folder()
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._recover()
         target = self.folder / f"round-{checkpoint.round:04d}"
         tmp = self.folder / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.mkdir()
@@ -78,10 +80,7 @@ class CheckpointStore:
                 (tmp / "realign" / "layers.safetensors").write_bytes(checkpoint.realign_layers)
                 write_state(tmp / "realign", "state", checkpoint.realigner_state, "realigner state_dict()")
             self._write_state(tmp, checkpoint)
-            _fsync_tree(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(tmp, target)
+            replace_folder(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self._prune()
@@ -89,6 +88,7 @@ class CheckpointStore:
 
     def latest(self) -> Checkpoint | None:
         """The newest complete checkpoint, or None; an ArtifactError if it belongs to another run."""
+        self._recover()
         rounds = self._rounds()
         if not rounds:
             return None
@@ -126,11 +126,21 @@ class CheckpointStore:
             return []
         return sorted(p for p in self.folder.glob("round-*") if _ROUND.fullmatch(p.name) and (p / STATE).is_file())
 
+    def _recover(self) -> None:
+        """Put back every round whose swap was killed between its two renames (see replace_folder)."""
+        if not self.folder.is_dir():
+            return
+        for retired in self.folder.glob(".round-*.retired-*"):
+            name = retired.name[1:].partition(".retired-")[0]
+            if _ROUND.fullmatch(name) and _is_leftover(retired.name):
+                recover_folder(self.folder / name, complete=lambda folder: (folder / STATE).is_file())
+
     def _prune(self) -> None:
         for old in self._rounds()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in self.folder.glob(".round-*.tmp"):  # left by a run killed mid-write
-            if _is_leftover(stale.name):
+        self._recover()  # so that a retired round still missing from its place is not taken for a leftover
+        for stale in self.folder.glob(".round-*"):  # left by a run killed mid-write, or mid-delete of a replaced round
+            if stale.is_dir() and _is_leftover(stale.name):
                 shutil.rmtree(stale, ignore_errors=True)
 
     def _write_state(self, folder: Path, checkpoint: Checkpoint) -> None:
@@ -149,13 +159,12 @@ class CheckpointStore:
 
 
 def _is_leftover(name: str) -> bool:
-    return re.fullmatch(r"\.round-\d{4,}\.[0-9a-f]{8}\.tmp", name) is not None
+    """A scratch folder of `save` (.round-NNNN.<hex>.tmp) or a replaced round (.round-NNNN.retired-<hex>)."""
+    return re.fullmatch(r"\.round-\d{4,}\.(?:[0-9a-f]{8}\.tmp|retired-[0-9a-f]{8})", name) is not None
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:
     """relative path -> sha256 of every file in a checkpoint folder except state.json."""
-    from fedsoda_cli.artifacts import sha256_file
-
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.relative_to(folder).as_posix() != STATE}
 
@@ -276,9 +285,3 @@ def _read(folder: Path, state: dict[str, Any]) -> Checkpoint:
         rng=rng,
     )
 
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())

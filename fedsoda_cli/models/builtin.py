@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fedsoda_cli.artifacts import replace_folder
 from fedsoda_cli.errors import ModelError
 
 SMOLLM2 = "smollm2-135m"
@@ -54,8 +55,8 @@ def builtin_checkpoint(name: str, root: Path) -> Path:
 
 def _cached(target: Path, build: Callable[[Path], None]) -> Path:
     """Return `target`, building it first if absent. `build(tmp)` fills a fresh temp folder that is
-    renamed onto `target` only once complete; rename is atomic on one filesystem, so the existence
-    of `target` means a finished cache."""
+    synced and renamed onto `target` only once complete, so the existence of `target` means a
+    finished cache, even after a power cut."""
     if target.is_dir():
         return target
     try:
@@ -65,12 +66,7 @@ def _cached(target: Path, build: Callable[[Path], None]) -> Path:
         raise ModelError(f"model.cache_dir {target.parent}: cannot write the model cache ({e.strerror}); set model.cache_dir or $FEDSODA_CACHE to a writable folder") from e
     try:
         build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished the same conversion first: keep theirs.
-            if not target.exists():
-                raise
+        replace_folder(tmp, target, keep_existing=True)  # another process finished first: keep theirs
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from fedsoda_cli.artifacts import replace_folder
 from fedsoda_cli.errors import ArtifactError, ModelError
 from fedsoda_cli.models import builtin, tiny
 from fedsoda_cli.spec.schema import ModelSpec
@@ -69,25 +70,10 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` onto `target`. A folder cannot be renamed over a non-empty one: an existing
-    `target` is moved aside first and deleted after, so `target` is never a mix of old and new files.
-    Callers decide whether an existing folder is theirs to replace; a file or link never is."""
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise ArtifactError(f"{target}: a file or link is in the way of the folder fedsoda writes there; move it away or write elsewhere")
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.rename(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(new, target)
 
 
 def _load_builtin(name: str | None, root: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
+from fedsoda_cli.artifacts import replace_folder
 from fedsoda_cli.errors import ModelError
 from fedsoda_cli.models.layers import unwrap
-from fedsoda_cli.models.load import replace_dir
 from fedsoda_cli.spec.schema import QuantizeSpec
 
 WEIGHTS = "model.safetensors"
@@ -187,7 +187,7 @@ def save_client_model(model, tokenizer, out_dir: str | os.PathLike, *, embedding
         tokenizer.save_pretrained(tmp)
         meta.update(embeddings=embeddings, embedding_keys=sorted(k for k in int8 if not k.endswith(SCALE_SUFFIX)))
         (tmp / CLIENT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        replace_dir(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

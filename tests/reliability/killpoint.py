@@ -8,7 +8,7 @@ POINT, in the order a stage write goes through them:
              lands while it computes and writes its files)
   written    the stage function returned: its files are complete in the scratch folder, the
              manifest is not written yet
-  sealed     the manifest is written and synced; the scratch folder is about to replace the stage folder
+  sealed     the manifest is written; the scratch folder is about to be synced and swapped in for the stage folder
   swapping   the previous output has been moved aside to .retired/ and the new one is not yet
              renamed into place (the one moment the stage folder does not exist)
 Nothing in fedsoda is replaced: the real stage runs, and the pause is added around real calls.
@@ -51,13 +51,14 @@ def install(point: str) -> None:
 
         pipeline.Stage.function = function
     elif point == "sealed":
-        swap = artifacts._swap_into_place
+        swap = artifacts.replace_folder
 
-        def sealed(new, target):
-            announce_and_hold(point)
-            swap(new, target)
+        def sealed(new, target, **kwargs):
+            if kwargs.get("retired_in") is not None:  # a stage's swap; models and caches swap their own folders
+                announce_and_hold(point)
+            return swap(new, target, **kwargs)
 
-        artifacts._swap_into_place = sealed
+        artifacts.replace_folder = sealed
     elif point == "swapping":
         rename = os.rename
 
