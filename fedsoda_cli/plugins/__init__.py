@@ -9,6 +9,9 @@ from fedsoda_cli.plugins.registry import Registry, load_plugin_files
 import fedsoda_cli.plugins.aggregators  # noqa: E402,F401  (isort: skip)
 import fedsoda_cli.plugins.pruners  # noqa: E402,F401  (isort: skip)
 
+# The built-ins are declared here and only here. Entry points are how other packages publish
+# plugins; fedsoda's own would need installed metadata to exist at all, so a source checkout on
+# PYTHONPATH, or an install older than a new built-in, would run without it or with a stale target.
 aggregators: Registry = Registry(
     "aggregator", "fedsoda.aggregators", Aggregator,
     {"fedavg": "fedsoda_cli.plugins.aggregators.fedavg:FedAvg", "fedavgm": "fedsoda_cli.plugins.aggregators.fedavgm:FedAvgM"},

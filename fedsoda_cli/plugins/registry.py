@@ -87,8 +87,8 @@ class Registry(Generic[T]):
     def _claim(self, name: str, target: str, origin: str) -> None:
         """Record who provides `name`; a second provider with another target is refused, since
         silently letting the last one win would run different code under a name the spec trusts.
-        The same target again (the package's own entry points repeat its built-ins, a plugin file
-        imported anew) is the same plugin."""
+        The same target again (a plugin file imported anew, an older fedsoda install whose metadata
+        still lists the built-ins as entry points) is the same plugin."""
         owner = self._owners.get(name)
         if owner is not None and owner[0] != target:
             raise PluginError(f"{self.kind} '{name}' is registered twice: by {owner[1]} and by {origin}; "
