@@ -8,7 +8,6 @@ import functools
 import os
 import re
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -129,6 +128,3 @@ def _fail(message: str, code: int) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
-
-def debug_enabled() -> bool:
-    return "--debug" in sys.argv

@@ -3,9 +3,8 @@
 In: adapter state dicts in peft's serialized form (`get_peft_model_state_dict` / the
 `adapter_model.safetensors` of a PEFT folder), e.g.
 `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`, and the layer map `kept`.
-Out: the same tensors keyed by the other model's layer indices, a LoRA-wrapped model, or a stock
-PEFT adapter folder for the full LLM (`PeftModel.from_pretrained(full_model, folder)` loads it;
-pruned layers simply have no LoRA, i.e. a zero update).
+Out: the same tensors keyed by the full LLM's layer indices (pruned layers simply have no LoRA,
+i.e. a zero update), or a LoRA-wrapped model.
 
 The layer index inside a key is found after `layers_path` (the model's decoder-layer ModuleList,
 `models.layers.decoder_layers_path`) when given, else as the first all-digit path segment, which is
@@ -36,20 +35,6 @@ def sub_to_full_adapter(adapter_state: dict[str, torch.Tensor], kept: list[int],
         return kept[k]
 
     return {_renumber(key, to_full, layers_path): value for key, value in adapter_state.items()}
-
-
-def full_to_sub_adapter(state: dict[str, torch.Tensor], kept: list[int], *, layers_path: str | None = None) -> dict[str, torch.Tensor]:
-    """Rename `...layers.{kept[k]}...` to `...layers.{k}...` (full LLM -> sub-LLM), dropping the
-    modules of removed layers."""
-    position = {original: k for k, original in enumerate(kept)}
-    out = {}
-    for key, value in state.items():
-        index = layer_index(key, layers_path)
-        if index is None:
-            out[key] = value
-        elif index in position:
-            out[_renumber(key, position.__getitem__, layers_path)] = value
-    return out
 
 
 def layer_index(key: str, layers_path: str | None = None) -> int | None:
@@ -112,23 +97,6 @@ def adapter_state(peft_model) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
-
-
-def write_full_adapter(adapter_state_sub: dict[str, torch.Tensor], kept: list[int], lora: LoraSpec, out_dir: str | os.PathLike, *,
-                       layers_path: str = "model.layers", base_model_name_or_path: str | None = None) -> Path:
-    """Write a stock PEFT adapter folder for the FULL LLM from a sub-LLM adapter: the weights
-    renamed through `kept`, and an adapter_config.json with `layers_to_transform = kept`, so
-    `PeftModel.from_pretrained(full_model, out_dir)` adds LoRA to the kept layers only."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = lora_config(lora, kept, layers_pattern=layers_path.rsplit(".", 1)[-1])
-    config.base_model_name_or_path = base_model_name_or_path
-    config.save_pretrained(out)
-    full = sub_to_full_adapter(adapter_state_sub, kept, layers_path=layers_path)
-    save_file({k: v.detach().contiguous() for k, v in full.items()}, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    return out
 
 
 def read_adapter_dir(adapter_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoraSpec]:

@@ -120,16 +120,3 @@ def residual_stream(model: nn.Module, fn: Callable[[int, torch.Tensor], None], *
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextmanager
-def capture_residual_stream(model: nn.Module, *, detach: bool = True) -> Iterator[dict[int, torch.Tensor]]:
-    """`residual_stream` collecting into a dict {boundary l: hidden states [batch, seq, hidden]}
-    that each forward pass overwrites; boundaries 0..k as in `residual_stream`."""
-    captured: dict[int, torch.Tensor] = {}
-
-    def keep(index: int, hidden: torch.Tensor) -> None:
-        captured[index] = hidden.detach() if detach else hidden
-
-    with residual_stream(model, keep):
-        yield captured

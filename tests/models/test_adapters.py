@@ -49,16 +49,6 @@ def test_mapping_puts_each_module_on_its_original_layer(full_and_sub):
     assert {adapters.layer_index(k) for k in full_state} == set(KEPT)
 
 
-def test_round_trip_is_identity_and_removed_layers_are_dropped(full_and_sub):
-    _, sub = full_and_sub
-    state = trained_sub_adapter(sub)
-    full_state = adapters.sub_to_full_adapter(state, KEPT, layers_path="model.layers")
-    back = adapters.full_to_sub_adapter(full_state, KEPT, layers_path="model.layers")
-    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
-    stray = {"base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight": torch.ones(1)}
-    assert adapters.full_to_sub_adapter({**full_state, **stray}, KEPT).keys() == state.keys()
-
-
 def test_layers_path_is_not_assumed():
     key = "base_model.model.transformer.h.2.attn.c_attn.lora_A.weight"
     assert adapters.sub_to_full_adapter({key: torch.ones(1)}, [0, 4, 7], layers_path="transformer.h") == {
@@ -84,25 +74,9 @@ def test_teacher_with_mapped_adapter_matches_sub_weights(full_and_sub):
     teacher = adapters.attach_lora(copy.deepcopy(full), LORA, layers=KEPT)
     adapters.load_adapter_state(teacher, adapters.sub_to_full_adapter(state, KEPT))
     loaded = adapters.adapter_state(teacher)
-    assert adapters.full_to_sub_adapter(loaded, KEPT).keys() == state.keys()
-    assert all(torch.equal(adapters.full_to_sub_adapter(loaded, KEPT)[k], v) for k, v in state.items())
-
-
-def test_written_full_adapter_loads_with_stock_peft(tmp_path, full_and_sub):
-    from peft import PeftModel, get_peft_model_state_dict
-
-    full, sub = full_and_sub
-    state = trained_sub_adapter(sub)
-    folder = adapters.write_full_adapter(state, KEPT, LORA, tmp_path / "adapter")
-    model = PeftModel.from_pretrained(copy.deepcopy(full), folder)
-    loaded = get_peft_model_state_dict(model)
-    assert {adapters.layer_index(k) for k in loaded} == set(KEPT)  # no LoRA on the pruned layers 2 and 4
-    expected = adapters.sub_to_full_adapter(state, KEPT)
+    expected = adapters.sub_to_full_adapter(state, KEPT)  # each sub-LLM tensor, on its original layer
     assert loaded.keys() == expected.keys()
-    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
-    x = torch.randint(0, 1000, (1, 8))
-    with torch.no_grad():
-        assert not torch.equal(model(input_ids=x).logits, full(input_ids=x).logits)  # the adapter acts
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
 
 
 def test_read_adapter_dir_round_trips(tmp_path, full_and_sub):

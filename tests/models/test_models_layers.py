@@ -2,6 +2,7 @@
 skipped, keep KV-cache generation working, and work on several architectures."""
 
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
 
 from fedsoda_cli.errors import ModelError
-from fedsoda_cli.models.layers import capture_residual_stream, decoder_layers, decoder_layers_path, drop_layers, residual_stream
+from fedsoda_cli.models.layers import decoder_layers, decoder_layers_path, drop_layers, residual_stream
 from fedsoda_cli.models.load import load_causal_lm
 from fedsoda_cli.models.tiny import TINY_QWEN2, build_tiny_random
 from fedsoda_cli.spec.schema import ModelSpec
@@ -106,6 +107,14 @@ def test_drop_layers_rejects_bad_indices(tiny):
     with pytest.raises(ModelError, match="no model"):
         drop_layers(model, range(6))
     assert model.config.num_hidden_layers == 6
+
+
+@contextmanager
+def capture_residual_stream(model):
+    """`residual_stream` collecting into {boundary l: hidden states}, each forward pass overwriting them."""
+    captured = {}
+    with residual_stream(model, lambda index, hidden: captured.__setitem__(index, hidden.detach())):
+        yield captured
 
 
 def test_capture_residual_stream_gives_every_boundary(tiny):
