@@ -19,7 +19,7 @@ import numbers
 from dataclasses import replace
 
 from fedsoda_cli.errors import ArtifactError, FedsodaError, PluginError, SpecError
-from fedsoda_cli.pipeline import StageContext, StageResult
+from fedsoda_cli.stages.contract import StageContext, StageResult
 from fedsoda_cli.plugins.contracts import LayerProfile, Pruner
 from fedsoda_cli.plugins.pruners import SimilarityGroupPruner, check_request, protected_layers
 from fedsoda_cli.spec.schema import PruneSpec
@@ -75,7 +75,7 @@ def _select_reranked(ctx: StageContext, profile: LayerProfile, model, tokenizer)
     import copy
     import time
 
-    from fedsoda_cli import reporting
+    from fedsoda_cli import terminal
     from fedsoda_cli.evaluation.perplexity import perplexity
     from fedsoda_cli.models.layers import drop_layers
     from fedsoda_cli.stages.profile import public_input_ids
@@ -89,7 +89,7 @@ def _select_reranked(ctx: StageContext, profile: LayerProfile, model, tokenizer)
     distances, protected = profile.distances[n], protected_layers(profile.num_layers, config)
     accepted: list[list[int]] = []
     trials: list[dict] = []
-    with reporting.progress(ctx.console) as bar:
+    with terminal.progress(ctx.console) as bar:
         task = bar.add_task("re-rank", total=p * k, status=f"top {k} blocks by distance, by perplexity")
         for _ in range(p):
             taken = {l for g in accepted for l in g} | protected
@@ -214,9 +214,9 @@ def validate_selection(groups: object, num_layers: int, config: PruneSpec, strat
 def _select_iteratively(ctx: StageContext, pruner: Pruner, profile: LayerProfile, model, tokenizer) -> list[list[int]]:
     """Accept one group at a time; after each, drop it from `model` (in place) and re-profile the
     pruned model on the same public text. Returns the groups in original layer indices."""
-    from fedsoda_cli import reporting
+    from fedsoda_cli import terminal
     from fedsoda_cli.models.layers import drop_layers
-    from fedsoda_cli.stages.angular import measure
+    from fedsoda_cli.sgp.angular import measure
     from fedsoda_cli.stages.profile import public_input_ids
 
     spec, config = ctx.spec, ctx.spec.prune
@@ -224,7 +224,7 @@ def _select_iteratively(ctx: StageContext, pruner: Pruner, profile: LayerProfile
     kept = list(range(profile.num_layers))  # kept[i] = original index of the current layer i
     groups: list[list[int]] = []
     input_ids = public_input_ids(spec, tokenizer) if config.groups > 1 else None
-    with reporting.progress(ctx.console) as bar:
+    with terminal.progress(ctx.console) as bar:
         task = bar.add_task("re-profile", total=max(0, config.groups - 1) * (0 if input_ids is None else len(input_ids)), status="")
         for step in range(config.groups):
             if step > 0:
