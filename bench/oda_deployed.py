@@ -103,7 +103,7 @@ def main(args) -> None:
     from fedsoda_cli.models.layers import drop_layers
     from fedsoda_cli.models.load import load_causal_lm
     from fedsoda_cli.spec.schema import AlignSpec, ModelSpec, QuantizeSpec
-    from fedsoda_cli.stages.distill import align_partial_layers, evaluate_alignment, measure, partial_layers, seeded_batches
+    from fedsoda_cli.oda.distill import align_partial_layers, evaluate_alignment, measure, partial_layers, seeded_batches
 
     torch.set_num_threads(args.threads)
     started_all = time.perf_counter()

@@ -74,7 +74,7 @@ def bare_forward(model, ids, batch_size: int) -> None:
 
 
 def profile_pass(model, ids, args) -> None:
-    from fedsoda_cli.stages.angular import measure
+    from fedsoda_cli.sgp.angular import measure
 
     measure(model, ids, None, args.max_span, args.tokens, args.batch_size)
 

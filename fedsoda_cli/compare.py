@@ -34,7 +34,7 @@ from typing import Any
 
 from fedsoda_cli import artifacts
 from fedsoda_cli.errors import ArtifactError
-from fedsoda_cli.reporting import format_bytes
+from fedsoda_cli.terminal import format_bytes
 
 
 BASELINE = "fedpetuning"

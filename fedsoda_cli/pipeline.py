@@ -1,83 +1,75 @@
 """The pipeline: which stages a method runs, what each reads, and make-like staleness.
 
-A stage is a plain function `run(ctx: StageContext) -> StageResult` in `fedsoda_cli/stages/`;
-this module only knows its name, its input stages and the spec sections it depends on, and
-imports it lazily so that `validate` and `status` stay fast.
+A stage is a plain function `run(ctx: StageContext) -> StageResult` (the contract in
+`fedsoda_cli/stages/contract.py`); this module only knows its name, its input stages and the spec
+sections it depends on, and imports it lazily so that `validate` and `status` stay fast.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rich.console import Console
 
 from fedsoda_cli import artifacts
 from fedsoda_cli.errors import ArtifactError, SpecError
 from fedsoda_cli.spec import Spec, sections_hash
+from fedsoda_cli.stages.contract import Stage, StageContext, StageResult
+
+__all__ = ["PIPELINES", "REALIGN", "Stage", "StageContext", "StageResult", "execute", "input_folders", "record_spec",
+           "stage_named", "stages_for", "status"]
 
 _SOURCES = ("model", "data")  # every stage that loads the model or data depends on these
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    inputs: tuple[str, ...]
-    sections: tuple[str, ...]
-    entry: str | Callable[["StageContext"], "StageResult"]  # "module:function" is imported only when run
-
-    def function(self) -> Callable[["StageContext"], "StageResult"]:
-        if callable(self.entry):
-            return self.entry
-        module, _, attr = self.entry.partition(":")
-        return getattr(importlib.import_module(module), attr)
-
-
-@dataclass
-class StageContext:
-    """What a stage function gets: the spec, its scratch output folder and its inputs' folders."""
-
-    spec: Spec
-    workdir: Path
-    out: Path
-    inputs: dict[str, Path]
-    console: Console
-    options: dict[str, Any] = field(default_factory=dict)  # command-line options of one stage, e.g. resume
-
-
-@dataclass
-class StageResult:
-    """What a stage function returns: metrics for the manifest, rows for the summary table."""
-
-    metrics: dict[str, Any] = field(default_factory=dict)
-    summary: list[tuple[str, str]] = field(default_factory=list)
 
 
 PROFILE = Stage("profile", (), (*_SOURCES, "public_data", "profile"), "fedsoda_cli.stages.profile:run")
 PRUNE = Stage("prune", ("profile",), (*_SOURCES, "public_data", "profile", "prune", "plugins"), "fedsoda_cli.stages.prune:run")
 ALIGN = Stage("align", ("prune",), (*_SOURCES, "public_data", "align", "quantize", "run.seed"), "fedsoda_cli.stages.align:run")
 QUANTIZE = Stage("quantize", ("align",), (*_SOURCES, "public_data", "quantize"), "fedsoda_cli.stages.quantize:run")
-FEDERATE = Stage("federate", ("quantize",), (*_SOURCES, "public_data", "task", "lora", "federate", "align", "realign", "run.seed", "plugins"), "fedsoda_cli.federated.stage:run")
+FEDERATE = Stage("federate", ("quantize",), (*_SOURCES, "public_data", "task", "lora", "federate", "align", "realign", "run.seed", "plugins"), "fedsoda_cli.stages.federate:run")
 EVAL = Stage("eval", ("federate", "quantize"), (*_SOURCES, "public_data", "task", "eval", "run.seed"), "fedsoda_cli.stages.eval:run")
 
-_PIPELINES: dict[str, tuple[Stage, ...]] = {
+# The baselines (fedsoda_cli/baselines) reuse fedsoda's stages where they can and name their own
+# where they differ; run.method is a closed Literal, so every method is listed here.
+PIPELINES: dict[str, tuple[Stage, ...]] = {
     "fedsoda": (PROFILE, PRUNE, ALIGN, QUANTIZE, FEDERATE, EVAL),
+    "fedpetuning": (
+        Stage("base", (), _SOURCES, "fedsoda_cli.baselines.fedpetuning:base"),
+        Stage("quantize", ("base",), (*_SOURCES, "public_data", "quantize"), "fedsoda_cli.stages.quantize:run"),
+        Stage("federate", ("quantize",), FEDERATE.sections, "fedsoda_cli.baselines.fedpetuning:federate"),
+        EVAL,
+    ),
+    "fedot": (
+        Stage("prune", (), (*_SOURCES, "fedot"), "fedsoda_cli.baselines.fedot:emulator"),
+        Stage("align", ("prune",), (*ALIGN.sections, "fedot"), "fedsoda_cli.baselines.fedot:align"),
+        QUANTIZE,
+        Stage("federate", ("quantize",), (*FEDERATE.sections, "fedot"), "fedsoda_cli.baselines.fedot:federate"),
+        EVAL,
+    ),
+    "central": (
+        PROFILE, PRUNE, ALIGN, QUANTIZE,
+        Stage("federate", ("quantize",), FEDERATE.sections, "fedsoda_cli.baselines.bounds:central"),
+        EVAL,
+    ),
+    "local": (
+        PROFILE, PRUNE, ALIGN, QUANTIZE,
+        Stage("federate", ("quantize",), FEDERATE.sections, "fedsoda_cli.baselines.bounds:local"),
+        Stage("eval", ("federate", "quantize"), EVAL.sections, "fedsoda_cli.baselines.bounds:local_eval"),
+    ),
 }
+
+# `fedsoda realign SPEC --adapter DIR`: a stage of its own, run on demand, in no method's list
+REALIGN = Stage("realign", ("align", "quantize"), (*_SOURCES, "public_data", "align", "realign", "quantize", "run.seed"),
+                "fedsoda_cli.stages.realign:run")
 
 ALL_STAGE_NAMES = ("profile", "prune", "align", "quantize", "federate", "eval")
 
 
-def register_pipeline(method: str, stages: tuple[Stage, ...]) -> None:
-    """Baselines declare their own stage lists (see fedsoda_cli/baselines)."""
-    _PIPELINES[method] = stages
-
-
 def stages_for(spec: Spec) -> tuple[Stage, ...]:
-    _load_baselines()
     try:
-        return _PIPELINES[spec.run.method]
+        return PIPELINES[spec.run.method]
     except KeyError:
         raise SpecError(f"run.method = {spec.run.method!r} has no pipeline yet; use 'fedsoda'") from None
 
@@ -88,14 +80,6 @@ def stage_named(spec: Spec, name: str) -> Stage:
             return stage
     names = ", ".join(s.name for s in stages_for(spec))
     raise SpecError(f"stage '{name}' is not part of run.method = {spec.run.method!r}; its stages are: {names}")
-
-
-def _load_baselines() -> None:
-    try:
-        importlib.import_module("fedsoda_cli.baselines")
-    except ModuleNotFoundError as exc:
-        if exc.name != "fedsoda_cli.baselines":
-            raise
 
 
 @dataclass
@@ -146,19 +130,20 @@ def input_folders(spec: Spec, workdir: Path, stage: Stage) -> tuple[dict[str, Pa
 
 def execute(spec: Spec, workdir: Path, stage: Stage, console: Console, **options: Any) -> artifacts.Manifest:
     """Run one stage: check its inputs, run it into a scratch folder, swap it in, print its summary."""
-    from fedsoda_cli import reporting, seeding
+    from fedsoda_cli import seeding, terminal
 
     with artifacts.workdir_lock(workdir):  # the CLI already holds it for the whole command; this guards library callers
         inputs, digests = input_folders(spec, workdir, stage)
         seeding.prepare(spec)
-        reporting.quiet_third_party()
+        terminal.quiet_third_party()
         with artifacts.write_stage(workdir, stage.name, sections_hash(spec, stage.sections), digests) as writer:
-            ctx = StageContext(spec=spec, workdir=workdir, out=writer.path, inputs=inputs, console=console, options=options)
+            ctx = StageContext(spec=spec, workdir=workdir, out=writer.path, inputs=inputs, console=console, options=options,
+                               sections=stage.sections)
             result = stage.function()(ctx)
             writer.manifest.metrics = result.metrics
         record_spec(spec, workdir)  # only once the stage succeeded: a failed attempt must not relabel the run
         manifest = artifacts.read_manifest(workdir, stage.name)
-    reporting.stage_summary(console, stage.name, result.summary, manifest)
+    terminal.stage_summary(console, stage.name, result.summary, manifest)
     return manifest
 
 

@@ -17,8 +17,8 @@ from fedsoda_cli import artifacts, pipeline
 from fedsoda_cli.errors import ArtifactError, SpecError
 from fedsoda_cli.federated.accounting import Ledger
 from fedsoda_cli.federated.server import RunResult
-from fedsoda_cli.federated.stage import summarize
-from fedsoda_cli.report import (baseline_for, change_vs, label_runs, read_run, seed_groups, step_time_control,
+from fedsoda_cli.stages.federate import summarize
+from fedsoda_cli.compare import (baseline_for, change_vs, label_runs, read_run, seed_groups, step_time_control,
                                 write_report)
 from fedsoda_cli.spec.load import validate
 

@@ -17,13 +17,13 @@ The client model (prune, align, quantize) is fedsoda's, so only the federation d
 
 from __future__ import annotations
 
-from fedsoda_cli.pipeline import StageContext, StageResult
+from fedsoda_cli.stages.contract import StageContext, StageResult
 
 
 def central(ctx: StageContext) -> StageResult:
     """One client holding every training example, with the federation's total steps each round."""
     from fedsoda_cli.baselines.overrides import with_overrides
-    from fedsoda_cli.federated.stage import run
+    from fedsoda_cli.stages.federate import run
 
     fed = ctx.spec.federate
     pooled = {"clients": 1, "clients_per_round": 1, "min_clients": 1, "workers": 1, "partition": "iid",
@@ -40,8 +40,8 @@ def local(ctx: StageContext) -> StageResult:
 
     from fedsoda_cli import artifacts
     from fedsoda_cli.baselines.overrides import with_overrides
-    from fedsoda_cli.federated import stage
-    from fedsoda_cli.federated.report import partition_table
+    from fedsoda_cli.stages import federate as stage
+    from fedsoda_cli.federated.console import partition_table
 
     fed = ctx.spec.federate
     shards, stats = stage.client_shards(ctx.spec, ctx.out)
@@ -73,7 +73,7 @@ def local_eval(ctx: StageContext) -> StageResult:
     import gc
     import json
 
-    from fedsoda_cli import artifacts, reporting
+    from fedsoda_cli import artifacts, terminal
     from fedsoda_cli.baselines.overrides import with_overrides
     from fedsoda_cli.data.paths import resolve_data_dir
     from fedsoda_cli.data.tasks import load_task
@@ -87,7 +87,7 @@ def local_eval(ctx: StageContext) -> StageResult:
     per_client_spec = with_overrides(ctx, eval={"perplexity": False}).spec  # perplexity once per target, not per client
     folders = eval_stage.run_folders(ctx)
     results: dict[str, dict] = {}
-    with open(ctx.out / eval_stage.PREDICTIONS, "w") as lines, reporting.progress(ctx.console) as bar:
+    with open(ctx.out / eval_stage.PREDICTIONS, "w") as lines, terminal.progress(ctx.console) as bar:
         for target in spec.eval.targets:
             if target == "zero-shot":
                 model, tokenizer = eval_stage.build_target(target, spec, folders, ctx.out / eval_stage.PLUGIN_ADAPTER)

@@ -9,7 +9,7 @@ adapter sits only on the bottom and top layers. There is no realignment.
 from __future__ import annotations
 
 from fedsoda_cli.errors import SpecError
-from fedsoda_cli.pipeline import StageContext, StageResult
+from fedsoda_cli.stages.contract import StageContext, StageResult
 
 
 def dropped_middle_layers(num_layers: int, adapter_layers: int, drop_ratio: float) -> list[int]:
@@ -56,7 +56,7 @@ def align(ctx: StageContext) -> StageResult:
 def federate(ctx: StageContext) -> StageResult:
     """The federated rounds with LoRA on the bottom and top k layers only, and no realignment."""
     from fedsoda_cli.baselines.overrides import with_overrides
-    from fedsoda_cli.federated.stage import run
+    from fedsoda_cli.stages.federate import run
     from fedsoda_cli.stages.align import read_layer_map
 
     num_layers = read_layer_map(ctx.inputs["quantize"])["num_layers"]

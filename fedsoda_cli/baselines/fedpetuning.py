@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedsoda_cli.pipeline import StageContext, StageResult
+from fedsoda_cli.stages.contract import StageContext, StageResult
 
 
 def base(ctx: StageContext) -> StageResult:
@@ -20,6 +20,6 @@ def base(ctx: StageContext) -> StageResult:
 def federate(ctx: StageContext) -> StageResult:
     """The federated rounds with realignment off: there is no sub-LLM to realign."""
     from fedsoda_cli.baselines.overrides import with_overrides
-    from fedsoda_cli.federated.stage import run
+    from fedsoda_cli.stages.federate import run
 
     return run(with_overrides(ctx, federate={"realign_every": 0}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fedsoda_cli.pipeline import StageContext
+from fedsoda_cli.stages.contract import StageContext
 
 
 def with_overrides(ctx: StageContext, **sections: dict[str, Any]) -> StageContext:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedsoda_cli import artifacts
+from fedsoda_cli import artifacts, pipeline
 from fedsoda_cli.cli.common import SetOpt, SpecArg, WorkdirOpt, console, handles_errors, open_spec
 from fedsoda_cli.errors import ArtifactError
 
@@ -20,10 +20,8 @@ def realign(
     workdir: WorkdirOpt = None,
 ) -> None:
     """Realign the partial layers with a global adapter attached; writes a new client model to <workdir>/realign/."""
-    from fedsoda_cli.stages.realign import run_standalone
-
     if not (adapter / "adapter_config.json").is_file():
         raise ArtifactError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json); pass e.g. <workdir>/federate/adapter")
     loaded, folder = open_spec(spec, set, workdir)
     with artifacts.workdir_lock(folder):
-        run_standalone(loaded, folder, adapter, console)
+        pipeline.execute(loaded, folder, pipeline.REALIGN, console, adapter=adapter)

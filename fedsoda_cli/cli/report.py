@@ -19,7 +19,7 @@ def report(
 ) -> None:
     """Compare runs: accuracy (per round, and mean ± std across seeds), communication by kind, client storage,
     step time and RSS, wall time; reductions vs fedpetuning."""
-    from fedsoda_cli.report import write_report
+    from fedsoda_cli.compare import write_report
 
     for folder in run_dirs:
         if not folder.is_dir():

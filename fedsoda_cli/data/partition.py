@@ -8,7 +8,8 @@ error naming the client and what to change, never a silently idle client.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
@@ -131,3 +132,24 @@ def _require_nonempty(parts: list, n: int, scheme: str) -> None:
                 "shards": "use fewer federate.clients or federate.shards_per_client, or more task.train_examples",
             }[scheme]
             raise DataError(f"client {client} of {len(parts)} gets no training example ({scheme} partition of {n} examples): {fix}")
+
+
+def client_shards(spec, out: Path) -> tuple[dict[int, list[tuple[str, str]]], list[dict[str, Any]]]:
+    """Each client's training examples as (prompt, answer) pairs; writes partition.json into `out`.
+    The federate stage, its baselines and the Flower shard writer all split the data this one way."""
+    from fedsoda_cli import artifacts
+    from fedsoda_cli.data.paths import resolve_data_dir
+    from fedsoda_cli.data.tasks import load_task
+    from fedsoda_cli.seeding import stable_seed
+    from fedsoda_cli.spec import spec_dir
+
+    folder = spec_dir(spec)
+    examples = load_task(spec.task, resolve_data_dir(spec.data, folder), "train", spec.run.seed, spec_dir=folder)
+    parts = partition_examples(examples, spec.federate, stable_seed(spec.run.seed, "partition"))
+    labels = [e.label for e in examples]
+    stats = partition_stats(parts, None if any(label is None for label in labels) else labels)
+    record = {"scheme": spec.federate.partition, "clients": len(parts), "examples": len(examples), "per_client": stats,
+              "indices": parts, "example_ids": [[examples[i].id for i in part] for part in parts]}
+    artifacts.write_json_atomic(out / "partition.json", record)
+    shards = {client: [(examples[i].prompt, examples[i].answer) for i in part] for client, part in enumerate(parts)}
+    return shards, stats

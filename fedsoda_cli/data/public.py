@@ -37,6 +37,23 @@ HUB_SPLITS: dict[str, str] = {"valid": "validation", "test": "test"}
 _TITLE = re.compile(r"^= (?!=).*(?<!=) =$")
 
 
+def public_windows(spec, part: Literal["train", "held-out"], tokenizer) -> torch.Tensor:
+    """The spec's public-text windows: "train" = `public_data.sequences` windows of
+    `public_data.split` (what profile, prune and align/realign read), "held-out" =
+    `public_data.heldout_sequences` windows of `public_data.heldout_split` (what every before/after
+    measurement and perplexity read, never trained on)."""
+    from fedsoda_cli.data.paths import resolve_data_dir
+    from fedsoda_cli.spec import spec_dir
+
+    public = spec.public_data
+    data_dir = resolve_data_dir(spec.data, spec_dir(spec))
+    if part == "train":
+        return public_sequences(data_dir, public.split, tokenizer, public.sequences, public.seq_len)
+    if part == "held-out":
+        return public_sequences(data_dir, public.heldout_split, tokenizer, public.heldout_sequences, public.seq_len)
+    raise ValueError(f"public_windows: part must be 'train' or 'held-out', not {part!r}")
+
+
 def public_sequences(data_dir: Path | None, split: Split, tokenizer, n: int, seq_len: int) -> torch.Tensor:
     """The first `n` windows of `seq_len` tokens of WikiText-2 `split`, each starting with the
     tokenizer's leading special ids: a LongTensor [n, seq_len].

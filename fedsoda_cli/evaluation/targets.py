@@ -153,7 +153,7 @@ def load_full(spec):
 def load_sub(client_model: Path, adapter_dir: Path, realigned_layers: Path | None = None):
     """The client's (quantized) sub-LLM computing in float32, with the global adapter attached and,
     when federate realigned, the last realigned partial layers swapped in (what clients hold)."""
-    from fedsoda_cli.stages.realign import apply_partial_layers
+    from fedsoda_cli.oda.realign import apply_partial_layers
 
     model, tokenizer = _load_client_model(client_model)
     if realigned_layers is not None and realigned_layers.is_file():

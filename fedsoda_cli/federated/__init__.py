@@ -1,6 +1,5 @@
-"""The federated runtime: the `federate` stage and what it is made of.
+"""The federated runtime: what the `federate` stage (`fedsoda_cli/stages/federate.py`) is made of.
 
-  stage.py       the stage: data partition, wiring, outputs (adapter/, metrics.jsonl, summary.json)
   server.py      the round loop as a template: sampling, dispatch, validation, aggregation,
                  realignment, accounting, checkpoints, resume
   transport.py   the protocol a way of reaching clients implements
@@ -13,5 +12,5 @@
   accounting.py  communication bytes by kind and client
   checkpoint.py  atomic round checkpoints
   realigner.py   the server's intermittent realignment (ODA) every r rounds
-  report.py      terminal output: partition table, progress, one line per round
+  console.py     federate's terminal output: partition table, progress, one line per round
 """

@@ -181,6 +181,6 @@ def apply_realigned_layers(model, payload: bytes) -> None:
     a client model in place: quantized linears get the re-quantized weights, LoRA stays."""
     from safetensors.torch import load
 
-    from fedsoda_cli.stages.realign import apply_partial_layers
+    from fedsoda_cli.oda.realign import apply_partial_layers
 
     apply_partial_layers(model, load(payload))

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedsoda_cli import reporting
+from fedsoda_cli import terminal
 from fedsoda_cli.federated.server import RoundReporter
 
 _MAX_ROWS = 20  # a partition table longer than this shows its head and the totals
@@ -19,7 +19,7 @@ class ConsoleReporter(RoundReporter):
 
     def __init__(self, console: Console):
         self.console = console
-        self.progress = reporting.progress(console)
+        self.progress = terminal.progress(console)
         self._bar = None
         self._round = 0
         self._done = 0
@@ -50,18 +50,18 @@ class ConsoleReporter(RoundReporter):
         self.console.print(f"[yellow]round {round}: client {client} failed ({escape(reason)}); {then}[/]", highlight=False)
 
     def realigned(self, round: int, nbytes: int) -> None:
-        self.console.print(f"round {round}: realigned the partial layers, {reporting.format_bytes(nbytes)} to each client", highlight=False)
+        self.console.print(f"round {round}: realigned the partial layers, {terminal.format_bytes(nbytes)} to each client", highlight=False)
 
     def round_finished(self, record: dict[str, Any]) -> None:
         self.progress.advance(self._bar)
-        fmt = reporting.format_bytes
+        fmt = terminal.format_bytes
         parts = [f"{len(record['updated'])}/{len(record['clients'])} updates"]
         parts += [f"{len(record[key])} {key}" for key in ("excluded", "failed") if record[key]]
         parts += [f"loss {record['train_loss']:.4f}", f"down {fmt(record['bytes_down'])}", f"up {fmt(record['bytes_up'])}"]
         if record["bytes_realign"]:
             parts.append(f"realign {fmt(record['bytes_realign'])}")
         for target, entry in record.get("eval", {}).items():
-            parts.append(f"{target} acc {escape(reporting.format_eval(entry))}")
+            parts.append(f"{target} acc {escape(terminal.format_eval(entry))}")
         self.console.print(f"round {record['round']}: " + ", ".join(parts) + f", {record['seconds']:.1f} s", highlight=False)
 
     def stop(self) -> None:

@@ -2,7 +2,7 @@
 
 Every r rounds the server distils the partial layers of its float sub-LLM master copy (the align
 stage's model/) toward the full LLM, with the current global adapter attached to both
-(`fedsoda_cli.stages.realign.realign`), re-quantizes those layers as the client model stores them
+(`fedsoda_cli.oda.realign.realign`), re-quantizes those layers as the client model stores them
 and returns them as the bytes every client downloads. The master copy's partial layers carry over
 from one realignment to the next: they are this object's state, saved in each checkpoint.
 
@@ -47,8 +47,8 @@ class ServerRealigner:
         import torch
         from safetensors.torch import save
 
-        from fedsoda_cli.stages.distill import seeded_batches
-        from fedsoda_cli.stages.realign import broadcast_format, partial_layer_artifact, realign
+        from fedsoda_cli.oda.distill import seeded_batches
+        from fedsoda_cli.oda.realign import broadcast_format, partial_layer_artifact, realign
 
         self._load()
         seed = stable_seed(self.spec.run.seed, "realign", round)
@@ -93,8 +93,8 @@ class ServerRealigner:
         import torch
 
         from fedsoda_cli.models.load import load_causal_lm, load_checkpoint
-        from fedsoda_cli.stages.align import public_text
+        from fedsoda_cli.data.public import public_windows
 
         self.teacher, tokenizer = load_causal_lm(self.spec.model)
         self.student, _ = load_checkpoint(self.align_model_dir, dtype=torch.float32)
-        self.public_ids, self.heldout_ids = public_text(self.spec, tokenizer)
+        self.public_ids, self.heldout_ids = public_windows(self.spec, "train", tokenizer), public_windows(self.spec, "held-out", tokenizer)

@@ -67,7 +67,7 @@ class Evaluator(Protocol):
 
 
 class RoundReporter:
-    """Progress callbacks of the round loop; the base class reports nothing (see report.py)."""
+    """Progress callbacks of the round loop; the base class reports nothing (see console.py)."""
 
     def run_started(self, first_round: int, rounds: int) -> None: ...
 

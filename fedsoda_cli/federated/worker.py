@@ -100,7 +100,7 @@ def serve(conn, slot: int, setup_path: str) -> None:
     os.environ["OMP_NUM_THREADS"] = str(setup.threads)
     import torch
 
-    from fedsoda_cli.reporting import quiet_third_party
+    from fedsoda_cli.terminal import quiet_third_party
 
     torch.set_num_threads(setup.threads)
     quiet_third_party()  # one "Loading weights" bar or deprecation note per worker is noise in the server's terminal

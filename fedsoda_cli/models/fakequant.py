@@ -55,8 +55,7 @@ def fake_quantize(weight: torch.Tensor, quant: QuantizeSpec) -> torch.Tensor:
 def decoder_linears(model, layers: Iterable[int] | None = None) -> Iterator[tuple[int, str, torch.nn.Linear]]:
     """(layer index, name inside the layer, module) of every base nn.Linear of the decoder layers
     (all, or `layers`); LoRA's own linears are not base weights and are skipped."""
-    from fedsoda_cli.models.layers import decoder_layers
-    from fedsoda_cli.stages.distill import unwrap
+    from fedsoda_cli.models.layers import decoder_layers, unwrap
 
     stack = decoder_layers(unwrap(model))
     for k in (range(len(stack)) if layers is None else layers):
@@ -71,8 +70,8 @@ def deployed(model, quant: QuantizeSpec, *, trainable: Iterable[int] = (), ste: 
     """Within: `model` computes as the client model of `quant` (see module doc), except the decoder
     layers `trainable` (sub-LLM indices), which stay float and trainable (`ste`: fake-quantized in the
     forward pass, straight-through gradient). Every tensor is back to its float value on exit."""
+    from fedsoda_cli.models.layers import unwrap
     from fedsoda_cli.models.quantized import embedding_weights, int8_rows
-    from fedsoda_cli.stages.distill import unwrap
 
     base = unwrap(model)
     trainable, bf16 = set(trainable), set(bf16)
@@ -123,9 +122,3 @@ def _ste_forward(quant: QuantizeSpec):
         return F.linear(x, w + (fake_quantize(w, quant).to(w.dtype) - w).detach(), self.bias)
 
     return forward
-
-
-def bf16_layer_patterns(layers_path: str, layers: Iterable[int]) -> list[str]:
-    """bitsandbytes skip patterns for decoder layers kept in bf16 on the client ("model.layers.7"
-    matches that layer's modules only, not layer 70's: transformers matches at module boundaries)."""
-    return [f"{layers_path}.{k}" for k in sorted(set(layers))]

@@ -1,5 +1,6 @@
 """Orchestrated distillation alignment (ODA): the loss, the partial-layer training loop and the
-before/after measurements, shared by align (stage 3), realign (stage 6) and the federated runtime.
+before/after measurements, shared by the align stage (stage 3), realignment (`oda/realign.py`: the federated runtime every r
+rounds, and the on-demand `fedsoda realign` stage) and the quantize stage's measurements.
 
 Loss on a batch of public text (teacher = full LLM, frozen; student = sub-LLM):
     L = alpha * tau^2 * KL(p_T^tau || p_S^tau)           mean over all non-pad tokens
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fedsoda_cli.errors import SpecError
+from fedsoda_cli.models.layers import unwrap
 from fedsoda_cli.spec.schema import AlignSpec, QuantizeSpec
 
 IGNORE = -100
@@ -257,12 +259,6 @@ def output_head(model):
     return unwrap(model).get_output_embeddings()
 
 
-def unwrap(model):
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 # ---- training --------------------------------------------------------------------------------
 
 
@@ -445,3 +441,18 @@ def measure(teacher, student, kept: list[int], removed_groups: list[list[int]], 
     with deployed_view(student, quant or QuantizeSpec(), config, partial):
         deployed = evaluate_alignment(teacher, student, kept, removed_groups, heldout_ids, config, advance=advance)
     return {"bf16": bf16, "deployed": deployed}
+
+
+def regressions(pairs) -> list[str]:
+    """One text per number that got worse from before to after, for (name, before, after)
+    measurement dicts: KL, perplexity, hidden NMSE per gap."""
+    found = []
+    for name, b, a in pairs:
+        if a["kl"] > b["kl"]:
+            found.append(f"{name} KL {b['kl']:.4f} -> {a['kl']:.4f}")
+        if a["ppl_student"] > b["ppl_student"]:
+            found.append(f"{name} perplexity {b['ppl_student']:.2f} -> {a['ppl_student']:.2f}")
+        for gap, value in b["hidden_nmse"].items():
+            if a["hidden_nmse"].get(gap, value) > value:
+                found.append(f"{name} hidden NMSE gap {gap} {value:.4f} -> {a['hidden_nmse'][gap]:.4f}")
+    return found

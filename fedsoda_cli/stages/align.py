@@ -14,7 +14,7 @@ Out (in the stage folder):
 Metrics: held-out KL, hidden NMSE per gap and perplexity of the pruned model in bf16, the aligned
 model in bf16, the deployed (client-format, emulated) aligned model and the deployed unaligned
 model (the control). A number that got worse is named in a warning row of the summary.
-The loss and loop live in `distill.py`, the client-format emulation in `models/fakequant.py`.
+The loss and loop live in `oda/distill.py`, the client-format emulation in `models/fakequant.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import json
 import shutil
 
 from fedsoda_cli.errors import ArtifactError
-from fedsoda_cli.pipeline import StageContext, StageResult
+from fedsoda_cli.stages.contract import StageContext, StageResult
 
 LAYER_MAP = "layer_map.json"
 MODEL_DIR = "model"
@@ -35,9 +35,10 @@ def run(ctx: StageContext) -> StageResult:
     """Align the pruned sub-LLM to the full LLM and save it with before/after measurements."""
     import torch
 
-    from fedsoda_cli import reporting, seeding
+    from fedsoda_cli import seeding, terminal
+    from fedsoda_cli.data.public import public_windows
     from fedsoda_cli.models.load import load_causal_lm, load_checkpoint, save_checkpoint
-    from fedsoda_cli.stages.distill import align_partial_layers, check_trainable, measure, partial_layers, seeded_batches
+    from fedsoda_cli.oda.distill import align_partial_layers, check_trainable, measure, partial_layers, regressions, seeded_batches
 
     spec, config = ctx.spec, ctx.spec.align
     layer_map = read_layer_map(ctx.inputs["prune"])
@@ -46,9 +47,9 @@ def run(ctx: StageContext) -> StageResult:
     check_trainable(config, kept, groups, partial)
     teacher, tokenizer = load_causal_lm(spec.model)
     student, _ = load_checkpoint(ctx.inputs["prune"] / MODEL_DIR, dtype=torch.float32)
-    train_ids, heldout_ids = public_text(spec, tokenizer)
+    train_ids, heldout_ids = public_windows(spec, "train", tokenizer), public_windows(spec, "held-out", tokenizer)
 
-    with reporting.progress(ctx.console) as bar:
+    with terminal.progress(ctx.console) as bar:
         task = bar.add_task("measure (before)", total=2 * len(heldout_ids), status="bf16 and deployed")
         before = measure(teacher, student, kept, groups, heldout_ids, config, spec.quantize, partial, advance=lambda k: bar.advance(task, k))
         steps = bar.add_task("align", total=config.steps, status="")
@@ -94,21 +95,6 @@ def write_layer_map(path, layer_map: dict, partial_original: list[int], bf16_ori
     path.write_text(json.dumps({**layer_map, "partial_layers": partial_original, "bf16_layers": bf16_original}, indent=2))
 
 
-def regressions(pairs) -> list[str]:
-    """One text per number that got worse from before to after, for (name, before, after)
-    measurement dicts: KL, perplexity, hidden NMSE per gap."""
-    found = []
-    for name, b, a in pairs:
-        if a["kl"] > b["kl"]:
-            found.append(f"{name} KL {b['kl']:.4f} -> {a['kl']:.4f}")
-        if a["ppl_student"] > b["ppl_student"]:
-            found.append(f"{name} perplexity {b['ppl_student']:.2f} -> {a['ppl_student']:.2f}")
-        for gap, value in b["hidden_nmse"].items():
-            if a["hidden_nmse"].get(gap, value) > value:
-                found.append(f"{name} hidden NMSE gap {gap} {value:.4f} -> {a['hidden_nmse'][gap]:.4f}")
-    return found
-
-
 def read_layer_map(folder) -> dict:
     """The layer map of a prune/align/quantize stage folder, checked for the keys we use."""
     path = folder / LAYER_MAP
@@ -120,19 +106,6 @@ def read_layer_map(folder) -> dict:
     if sorted(set(kept) | {l for g in groups for l in g}) != list(range(n)):
         raise ArtifactError(f"{path}: kept and removed_groups do not cover layers 0..{n - 1} exactly once; rerun `fedsoda prune SPEC --force`")
     return data
-
-
-def public_text(spec, tokenizer):
-    """(training windows from public_data.split, held-out windows from public_data.heldout_split)."""
-    from fedsoda_cli.data.paths import resolve_data_dir
-    from fedsoda_cli.data.public import public_sequences
-    from fedsoda_cli.spec import spec_dir
-
-    public = spec.public_data
-    data_dir = resolve_data_dir(spec.data, spec_dir(spec))
-    train = public_sequences(data_dir, public.split, tokenizer, public.sequences, public.seq_len)
-    heldout = public_sequences(data_dir, public.heldout_split, tokenizer, public.heldout_sequences, public.seq_len)
-    return train, heldout
 
 
 def summary_rows(measured: dict, partial_original: list[int], steps: int, config, warnings: list[str]) -> list[tuple[str, str]]:

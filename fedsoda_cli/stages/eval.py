@@ -1,4 +1,4 @@
-"""Stage 7, eval: the task metric and held-out perplexity of the plugin, sub and zero-shot targets.
+"""Stage 6, eval: the task metric and held-out perplexity of the plugin, sub and zero-shot targets.
 
 In: `federate/adapter/` (the final global adapter of the sub-LLM), `quantize/model/` (the client
 sub-LLM) and `quantize/layer_map.json` (kept layers), the spec's full model, the task's eval
@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from fedsoda_cli.pipeline import StageContext, StageResult
+from fedsoda_cli.stages.contract import StageContext, StageResult
 
 RESULTS = "results.json"
 PREDICTIONS = "predictions.jsonl"
@@ -27,7 +27,7 @@ PLUGIN_ADAPTER = "plugin_adapter"
 
 def run(ctx: StageContext) -> StageResult:
     """Evaluate every target of `eval.targets` and write results.json and predictions.jsonl."""
-    from fedsoda_cli import artifacts, reporting
+    from fedsoda_cli import artifacts, terminal
     from fedsoda_cli.data.paths import resolve_data_dir
     from fedsoda_cli.data.tasks import load_task
     from fedsoda_cli.spec import spec_dir
@@ -36,7 +36,7 @@ def run(ctx: StageContext) -> StageResult:
     folders = run_folders(ctx)
     examples = load_task(spec.task, resolve_data_dir(spec.data, spec_dir(spec)), "eval", spec.run.seed, spec_dir=spec_dir(spec))
     results: dict[str, dict] = {}
-    with open(ctx.out / PREDICTIONS, "w") as lines, reporting.progress(ctx.console) as bar:
+    with open(ctx.out / PREDICTIONS, "w") as lines, terminal.progress(ctx.console) as bar:
         for target in spec.eval.targets:
             started = time.perf_counter()
             model, tokenizer = build_target(target, spec, folders, ctx.out / PLUGIN_ADAPTER)
@@ -107,14 +107,11 @@ def evaluate_target(target: str, model, tokenizer, examples, spec, bar, lines) -
 
 
 def _perplexity(target: str, model, tokenizer, spec, bar) -> dict:
-    from fedsoda_cli.data.paths import resolve_data_dir
-    from fedsoda_cli.data.public import public_sequences
+    from fedsoda_cli.data.public import public_windows
     from fedsoda_cli.evaluation.perplexity import perplexity
-    from fedsoda_cli.spec import spec_dir
 
     public = spec.public_data
-    windows = public_sequences(resolve_data_dir(spec.data, spec_dir(spec)), public.heldout_split, tokenizer,
-                               public.heldout_sequences, public.seq_len)
+    windows = public_windows(spec, "held-out", tokenizer)
     task = bar.add_task(f"perplexity {target}", total=len(windows), status=f"wikitext2 {public.heldout_split}")
     result = perplexity(model, windows, batch_size=spec.eval.batch_size, advance=lambda k: bar.advance(task, k))
     return {"perplexity": result.perplexity, "perplexity_nll": result.nll, "perplexity_tokens": result.tokens}

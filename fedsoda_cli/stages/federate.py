@@ -1,4 +1,4 @@
-"""The `federate` stage: K clients fine-tune the global LoRA adapter of the quantized sub-LLM.
+"""Stage 5, federate: K clients fine-tune the global LoRA adapter of the quantized sub-LLM.
 
 In: `quantize/` (model/ = the client model, layer_map.json) and the spec's [task], [lora],
 [federate] (and [realign]) sections. Out, in the stage folder:
@@ -24,30 +24,32 @@ from typing import Any
 
 from rich.markup import escape
 
-from fedsoda_cli import artifacts, pipeline, reporting
+from fedsoda_cli import artifacts, terminal
 from fedsoda_cli.errors import ArtifactError, SpecError
 from fedsoda_cli.federated.accounting import model_download_bytes
 from fedsoda_cli.federated.checkpoint import CheckpointStore, write_peft_adapter, write_state
 from fedsoda_cli.federated.client import LocalTraining, lora_config
-from fedsoda_cli.federated.report import ConsoleReporter, partition_table
+from fedsoda_cli.federated.console import ConsoleReporter, partition_table
 from fedsoda_cli.federated.server import FederatedServer, RoundPlan, RunResult
 from fedsoda_cli.federated.worker import WorkerSetup
 from fedsoda_cli.plugins import aggregators
 from fedsoda_cli.seeding import stable_seed
+from fedsoda_cli.data.partition import client_shards
 from fedsoda_cli.spec import Spec, sections_hash, spec_dir
+from fedsoda_cli.stages.contract import StageContext, StageResult
 
 CHECKPOINTS = "federate.checkpoints"
 
 
-def run(ctx: pipeline.StageContext) -> pipeline.StageResult:
+def run(ctx: StageContext) -> StageResult:
     shards, stats = client_shards(ctx.spec, ctx.out)
     ctx.console.print(partition_table(stats))
     summary = federate(ctx, shards, ctx.out, CHECKPOINTS)
     metrics = {k: v for k, v in summary.items() if k != "bytes_per_client"}  # per-client bytes stay in summary.json
-    return pipeline.StageResult(metrics=metrics, summary=summary_rows(summary))
+    return StageResult(metrics=metrics, summary=summary_rows(summary))
 
 
-def federate(ctx: pipeline.StageContext, shards: dict[int, list[tuple[str, str]]], out: Path, checkpoints: str) -> dict[str, Any]:
+def federate(ctx: StageContext, shards: dict[int, list[tuple[str, str]]], out: Path, checkpoints: str) -> dict[str, Any]:
     """The rounds over `shards` (client -> examples), outputs written into `out`, round checkpoints
     into `<workdir>/<checkpoints>`; returns the summary."""
     spec, fed = ctx.spec, ctx.spec.federate
@@ -71,7 +73,7 @@ def federate(ctx: pipeline.StageContext, shards: dict[int, list[tuple[str, str]]
     return write_outputs(ctx, out, store, result, peft_config, time.perf_counter() - started)
 
 
-def client_model_dir(ctx: pipeline.StageContext) -> Path:
+def client_model_dir(ctx: StageContext) -> Path:
     folder = ctx.inputs["quantize"] / "model"
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: the quantize stage output has no model/ folder; rerun `fedsoda quantize SPEC`")
@@ -110,24 +112,6 @@ def decoder_layers_name(model_dir: Path) -> str:
     return decoder_layers_path(skeleton).rsplit(".", 1)[-1]
 
 
-def client_shards(spec: Spec, out: Path) -> tuple[dict[int, list[tuple[str, str]]], list[dict[str, Any]]]:
-    """Each client's training examples as (prompt, answer) pairs; writes partition.json."""
-    from fedsoda_cli.data.partition import partition_examples, partition_stats
-    from fedsoda_cli.data.paths import resolve_data_dir
-    from fedsoda_cli.data.tasks import load_task
-
-    folder = spec_dir(spec)
-    examples = load_task(spec.task, resolve_data_dir(spec.data, folder), "train", spec.run.seed, spec_dir=folder)
-    parts = partition_examples(examples, spec.federate, stable_seed(spec.run.seed, "partition"))
-    labels = [e.label for e in examples]
-    stats = partition_stats(parts, None if any(label is None for label in labels) else labels)
-    record = {"scheme": spec.federate.partition, "clients": len(parts), "examples": len(examples), "per_client": stats,
-              "indices": parts, "example_ids": [[examples[i].id for i in part] for part in parts]}
-    artifacts.write_json_atomic(out / "partition.json", record)
-    shards = {client: [(examples[i].prompt, examples[i].answer) for i in part] for client, part in enumerate(parts)}
-    return shards, stats
-
-
 def validation_examples(spec: Spec) -> list:
     """The per-round evaluation examples (task.val_examples of the training split's unused ones)."""
     from fedsoda_cli.data.paths import resolve_data_dir
@@ -137,7 +121,7 @@ def validation_examples(spec: Spec) -> list:
     return load_task(spec.task, resolve_data_dir(spec.data, folder), "val", spec.run.seed, spec_dir=folder)
 
 
-def evaluator_for(ctx: pipeline.StageContext, model_dir: Path, peft_config, lora_layers: list[int] | None):
+def evaluator_for(ctx: StageContext, model_dir: Path, peft_config, lora_layers: list[int] | None):
     """The server's per-round evaluator when federate.eval_every asks for one, else None."""
     spec = ctx.spec
     if not spec.federate.eval_every:
@@ -155,10 +139,9 @@ def evaluator_for(ctx: pipeline.StageContext, model_dir: Path, peft_config, lora
                            spec.federate.eval_targets)
 
 
-def run_identity(ctx: pipeline.StageContext) -> dict[str, str]:
+def run_identity(ctx: StageContext) -> dict[str, str]:
     """What a checkpoint must match to be resumed: the federate spec sections and the inputs."""
-    stage = pipeline.stage_named(ctx.spec, "federate")
-    identity = {"spec_hash": sections_hash(ctx.spec, stage.sections)}
+    identity = {"spec_hash": sections_hash(ctx.spec, ctx.sections)}
     # realignment reads the align stage's float sub-LLM too, so its output must match as well
     for name in [*ctx.inputs, *(["align"] if realigns(ctx.spec) else [])]:
         manifest = artifacts.read_manifest(ctx.workdir, name)
@@ -166,7 +149,7 @@ def run_identity(ctx: pipeline.StageContext) -> dict[str, str]:
     return identity
 
 
-def resume_point(ctx: pipeline.StageContext, store: CheckpointStore):
+def resume_point(ctx: StageContext, store: CheckpointStore):
     """The checkpoint to continue from (with --resume), else None after clearing old ones."""
     if ctx.options.get("resume"):
         checkpoint = store.latest()
@@ -224,7 +207,7 @@ def realigns(spec: Spec) -> bool:
     return 0 < spec.federate.realign_every < spec.federate.rounds
 
 
-def realigner_for(ctx: pipeline.StageContext, layer_map: dict[str, Any]):
+def realigner_for(ctx: StageContext, layer_map: dict[str, Any]):
     """The server's realign step (full LLM + the align stage's float sub-LLM) if the run realigns."""
     if not realigns(ctx.spec):
         return None
@@ -233,7 +216,7 @@ def realigner_for(ctx: pipeline.StageContext, layer_map: dict[str, Any]):
     return ServerRealigner(ctx.spec, artifacts.stage_dir(ctx.workdir, "align") / "model", layer_map, log_path=ctx.out / "realign.jsonl")
 
 
-def write_outputs(ctx: pipeline.StageContext, out: Path, store: CheckpointStore, result: RunResult, peft_config, wall_s: float) -> dict[str, Any]:
+def write_outputs(ctx: StageContext, out: Path, store: CheckpointStore, result: RunResult, peft_config, wall_s: float) -> dict[str, Any]:
     """adapter/, metrics.jsonl, summary.json, aggregator state, the last checkpoint; returns the summary."""
     write_peft_adapter(out / "adapter", result.adapter, peft_config)
     (out / "metrics.jsonl").write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in result.history))
@@ -271,14 +254,14 @@ def summarize(spec: Spec, result: RunResult, wall_s: float) -> dict[str, Any]:
 
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    fmt = reporting.format_bytes
+    fmt = terminal.format_bytes
     bytes_ = summary["bytes"]
     loss = summary["final_train_loss"]
     return [
         ("rounds", f"{summary['rounds']}" + (f" (resumed after {summary['resumed_after']})" if summary["resumed_after"] else "")),
         ("final train loss", f"{loss:.4f}" if loss is not None else "-"),
         ("aggregation weights", summary["weighting"]),
-        *((f"validation accuracy ({target})", reporting.format_eval(entry)) for target, entry in (summary["final_eval"] or {}).items()),
+        *((f"validation accuracy ({target})", terminal.format_eval(entry)) for target, entry in (summary["final_eval"] or {}).items()),
         ("model download (all clients)", fmt(bytes_["model"])),
         ("adapters down / up", f"{fmt(bytes_['adapter_down'])} / {fmt(bytes_['adapter_up'])}"),
         ("realigned layers", fmt(bytes_["realign"])),

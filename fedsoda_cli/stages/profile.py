@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from fedsoda_cli.errors import ArtifactError
-from fedsoda_cli.pipeline import StageContext, StageResult
+from fedsoda_cli.stages.contract import StageContext, StageResult
 from fedsoda_cli.plugins.contracts import LayerProfile
-from fedsoda_cli.stages.angular import measure
+from fedsoda_cli.sgp.angular import measure
 
 __all__ = ["measure", "most_redundant", "public_input_ids", "read_profile", "run", "write_heatmap", "write_profile"]
 
@@ -35,14 +35,14 @@ TOP_BLOCKS = 5
 
 def run(ctx: StageContext) -> StageResult:
     """Profile the full model on the public sequences and write the distance artifacts."""
-    from fedsoda_cli import reporting
+    from fedsoda_cli import terminal
     from fedsoda_cli.models.load import load_causal_lm
 
     spec = ctx.spec
     model, tokenizer = load_causal_lm(spec.model)
     input_ids = public_input_ids(spec, tokenizer)
     count, seq_len = input_ids.shape
-    with reporting.progress(ctx.console) as bar:
+    with terminal.progress(ctx.console) as bar:
         task = bar.add_task("profile", total=count, status=f"{seq_len} tokens each")
         started = time.perf_counter()
         profile = measure(model, input_ids, None, spec.profile.max_span, spec.profile.tokens,
@@ -65,13 +65,9 @@ def run(ctx: StageContext) -> StageResult:
 def public_input_ids(spec, tokenizer):
     """LongTensor [public_data.sequences, public_data.seq_len] of the profiling text (full windows,
     no padding). Prune reuses it to re-profile a pruned model on the same text."""
-    from fedsoda_cli.data.paths import resolve_data_dir
-    from fedsoda_cli.data.public import public_sequences
-    from fedsoda_cli.spec import spec_dir
+    from fedsoda_cli.data.public import public_windows
 
-    data_dir = resolve_data_dir(spec.data, spec_dir(spec))
-    public = spec.public_data
-    return public_sequences(data_dir, public.split, tokenizer, public.sequences, public.seq_len)
+    return public_windows(spec, "train", tokenizer)
 
 
 def most_redundant(profile: LayerProfile, span: int, top: int = TOP_BLOCKS) -> list[tuple[int, float]]:

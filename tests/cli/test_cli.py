@@ -17,7 +17,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def toy(monkeypatch, tmp_path):
-    monkeypatch.setitem(pipeline._PIPELINES, "fedsoda", STAGES)
+    monkeypatch.setitem(pipeline.PIPELINES, "fedsoda", STAGES)
     CALLS.clear()
     spec = tmp_path / "spec.toml"
     spec.write_text("[run]\nname = 'toy'\n[profile]\nmax_span = 2\n")

@@ -104,7 +104,7 @@ def test_seeds_run_the_tiny_model_into_sibling_workdirs_and_reuse_profile_and_pr
 
 @pytest.fixture
 def toy(monkeypatch, tmp_path):
-    monkeypatch.setitem(pipeline._PIPELINES, "fedsoda", TOY)
+    monkeypatch.setitem(pipeline.PIPELINES, "fedsoda", TOY)
     CALLS.clear()
     spec = tmp_path / "spec.toml"
     spec.write_text("[run]\nname = 'toy'\n[profile]\nmax_span = 2\n")

@@ -89,7 +89,7 @@ def test_lora_layers_put_the_adapter_on_those_original_layers_only(client_model_
     from fedsoda_cli.errors import SpecError
     from fedsoda_cli.federated.checkpoint import write_peft_adapter
     from fedsoda_cli.federated.client import lora_config
-    from fedsoda_cli.federated.stage import client_lora_layers, decoder_layers_name
+    from fedsoda_cli.stages.federate import client_lora_layers, decoder_layers_name
     from fedsoda_cli.models.adapters import layer_index
     from fedsoda_cli.models.quantized import load_client_model
     from fedsoda_cli.spec import Spec

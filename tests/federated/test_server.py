@@ -12,7 +12,7 @@ from fedsoda_cli.federated.checkpoint import CheckpointStore
 from fedsoda_cli.federated.client import lora_config
 from fedsoda_cli.federated.inline import InlineTransport
 from fedsoda_cli.federated.messages import adapter_digest, adapter_from_bytes, adapter_to_bytes
-from fedsoda_cli.federated.report import ConsoleReporter
+from fedsoda_cli.federated.console import ConsoleReporter
 from fedsoda_cli.federated.server import FederatedServer, RoundPlan
 from fedsoda_cli.plugins import Aggregator, aggregators
 from fedsoda_cli.spec.schema import LoraSpec

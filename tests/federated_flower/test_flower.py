@@ -23,7 +23,7 @@ from rich.console import Console
 
 from fedsoda_cli import pipeline
 from fedsoda_cli.errors import FedsodaError
-from fedsoda_cli.federated import report
+from fedsoda_cli.federated import console as report
 from fedsoda_cli.federated.flower.federation import LoopbackFederation, Site
 from fedsoda_cli.federated.flower.shards import write_shards
 from fedsoda_cli.spec import load_spec

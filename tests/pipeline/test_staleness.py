@@ -32,7 +32,7 @@ STAGES = (
 
 @pytest.fixture
 def toy(monkeypatch, tmp_path):
-    monkeypatch.setitem(pipeline._PIPELINES, "fedsoda", STAGES)
+    monkeypatch.setitem(pipeline.PIPELINES, "fedsoda", STAGES)
     CALLS.clear()
     spec_path = tmp_path / "spec.toml"
     spec_path.write_text("[profile]\nmax_span = 3\n")

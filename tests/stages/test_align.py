@@ -13,7 +13,7 @@ from fedsoda_cli.errors import SpecError
 from fedsoda_cli.models.layers import drop_layers
 from fedsoda_cli.models.load import load_causal_lm, load_checkpoint, save_checkpoint
 from fedsoda_cli.spec.schema import AlignSpec, ModelSpec
-from fedsoda_cli.stages import distill
+from fedsoda_cli.oda import distill
 
 GROUPS = [[2], [4]]  # of the tiny model's 6 layers: kept = [0, 1, 3, 5]
 
@@ -311,7 +311,7 @@ def test_a_measurement_that_got_worse_is_a_warning_row():
 
     good = {"kl": 0.5, "ppl_student": 10.0, "ppl_teacher": 5.0, "hidden_nmse": {"2": 0.3}}
     worse = {"kl": 0.6, "ppl_student": 9.0, "ppl_teacher": 5.0, "hidden_nmse": {"2": 0.4}}
-    warnings = align.regressions([("deployed", good, worse), ("bf16", good, good)])
+    warnings = distill.regressions([("deployed", good, worse), ("bf16", good, good)])
     assert warnings == ["deployed KL 0.5000 -> 0.6000", "deployed hidden NMSE gap 2 0.3000 -> 0.4000"]
     measured = {"pruned_bf16": good, "aligned_bf16": good, "deployed_unaligned": good, "deployed_aligned": worse}
     rows = align.summary_rows(measured, [3], 2, AlignSpec(), warnings)

@@ -13,8 +13,8 @@ from fedsoda_cli.models import adapters, quantized
 from fedsoda_cli.models.layers import drop_layers
 from fedsoda_cli.models.load import load_causal_lm, save_checkpoint
 from fedsoda_cli.spec.schema import AlignSpec, LoraSpec, ModelSpec, QuantizeSpec
-from fedsoda_cli.stages import distill
-from fedsoda_cli.stages.realign import apply_partial_layers, partial_layer_artifact, realign, write_partial_layers
+from fedsoda_cli.oda import distill
+from fedsoda_cli.oda.realign import apply_partial_layers, partial_layer_artifact, realign, write_partial_layers
 
 GROUPS = [[2], [4]]
 LORA = LoraSpec(r=4, alpha=8)
@@ -148,12 +148,11 @@ def test_other_formats_swap_in_exactly(tmp_path, setup, quant_type):
 
 
 def test_standalone_realign_writes_a_new_client_model(tmp_path):
-    """profile -> prune -> align -> quantize on the tiny model, then `run_standalone` with an adapter."""
+    """profile -> prune -> align -> quantize on the tiny model, then the realign stage with an adapter."""
     from rich.console import Console
 
     from fedsoda_cli import pipeline
     from fedsoda_cli.spec.schema import Spec
-    from fedsoda_cli.stages.realign import run_standalone
 
     spec = Spec.model_validate({
         "run": {"threads": 1},
@@ -177,7 +176,7 @@ def test_standalone_realign_writes_a_new_client_model(tmp_path):
                 p.fill_(0.05)
     peft_client.save_pretrained(tmp_path / "adapter")
 
-    manifest = run_standalone(spec, workdir, tmp_path / "adapter", console)
+    manifest = pipeline.execute(spec, workdir, pipeline.REALIGN, console, adapter=tmp_path / "adapter")
     out = workdir / "realign"
     assert (workdir / "quantize" / "model" / "model.safetensors").read_bytes() == old_bytes
     assert {"model/model.safetensors", "partial_layers.safetensors", "partial_layers.float.safetensors", "layer_map.json", "metrics.jsonl"} <= set(manifest.outputs)
@@ -205,7 +204,7 @@ def test_quant_aware_realign_measures_bf16_and_deployed_before_and_after(setup):
 
 
 def test_bf16_partial_layers_travel_in_bf16_and_swap_into_a_client_that_keeps_them(tmp_path, setup):
-    from fedsoda_cli.stages.realign import broadcast_format
+    from fedsoda_cli.oda.realign import broadcast_format
 
     teacher, student, tokenizer, kept, state = setup
     config = CONFIG.model_copy(update={"quant_aware": "bf16_partial"})

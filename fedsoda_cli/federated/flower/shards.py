@@ -19,7 +19,7 @@ from fedsoda_cli.spec import Spec, load_spec
 
 def write_shards(spec: Spec, folder: Path) -> dict[int, Path]:
     """client -> its shard file in `folder`."""
-    from fedsoda_cli.federated.stage import client_shards
+    from fedsoda_cli.data.partition import client_shards
 
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:  # client_shards also writes a partition.json we do not need here
