@@ -86,21 +86,32 @@ def unpack_result(header: dict[str, Any], payload: bytes) -> ClientResult:
     return ClientResult(adapter=payload, **header)
 
 
-def adapter_to_bytes(adapter: "AdapterState") -> bytes:
-    """Serialize adapter tensors with safetensors (contiguous copies; names sorted by safetensors)."""
+WIRE_DTYPES = ("fp32", "bf16", "fp16")  # federate.wire_dtype: how adapter tensors travel
+
+
+def adapter_to_bytes(adapter: "AdapterState", wire_dtype: str = "fp32") -> bytes:
+    """Serialize adapter tensors with safetensors (contiguous copies; names sorted by safetensors),
+    floating tensors rounded to `wire_dtype` ("fp32", "bf16" or "fp16")."""
+    import torch
     from safetensors.torch import save
 
-    return save({name: tensor.detach().contiguous() for name, tensor in adapter.items()})
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[wire_dtype]
+    return save({name: (tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()).contiguous()
+                 for name, tensor in adapter.items()})
 
 
 def adapter_from_bytes(blob: bytes) -> "AdapterState":
-    """Deserialize safetensors bytes; raises ValueError on anything that is not a safetensors blob."""
+    """Deserialize safetensors bytes, floating tensors back in float32 (the precision both sides
+    train and aggregate in, whatever the wire carried); ValueError on anything that is not a
+    safetensors blob."""
+    import torch
     from safetensors.torch import load
 
     try:
-        return load(blob)
+        tensors = load(blob)
     except Exception as exc:  # safetensors raises its own error types for malformed headers
         raise ValueError(f"not a safetensors adapter ({type(exc).__name__}: {exc})") from None
+    return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
 
 
 def adapter_digest(adapter: "AdapterState") -> str:

@@ -44,6 +44,7 @@ class RoundPlan:
     weighting: str = "examples"  # n_k of each update: "examples" trained this round, "shard" size, "uniform"
     eval_every: int = 0
     retries: int = 1  # a client whose worker died is tried again this many times in the same round
+    wire_dtype: str = "fp32"  # adapter tensors on the wire; the server's master and aggregation stay fp32
 
 
 class Realigner(Protocol):
@@ -196,8 +197,8 @@ class FederatedServer:
     def collect(self, round: int, clients: list[int]) -> _Collected:
         """Send every sampled client the global adapter; validate what comes back. A client whose
         task failed is retried (plan.retries times) in the same round, then dropped."""
-        payload = adapter_to_bytes(self.global_adapter)
-        digest = adapter_digest(self.global_adapter)
+        payload = adapter_to_bytes(self.global_adapter, self.plan.wire_dtype)
+        digest = adapter_digest(adapter_from_bytes(payload))  # what a client starts from: the master as the wire rounds it
         collected, attempts = _Collected(), dict.fromkeys(clients, 0)
         tasks = [self.make_task(round, client, payload) for client in clients]
         while tasks:

@@ -33,6 +33,7 @@ class WorkerSetup:
     training: dict[str, Any]  # LocalTraining as a dict
     shards: dict[int, list[tuple[str, str]]]  # client -> [(prompt, answer), ...]
     lora_layers: list[int] | None = None  # client-model layer indices with LoRA (None = all)
+    wire_dtype: str = "fp32"  # how the trained adapter travels back (federate.wire_dtype)
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self)))
@@ -59,6 +60,7 @@ class ClientRuntime:
         self.model_loads = 1
         self.slots = lora_slots(self.model)
         self.training = LocalTraining(**setup.training)
+        self.wire_dtype = setup.wire_dtype
         self.shards = {client: [Example(f"client{client}-{i}", prompt, answer, None, None) for i, (prompt, answer) in enumerate(pairs)]
                        for client, pairs in setup.shards.items()}
 
@@ -83,7 +85,7 @@ class ClientRuntime:
             raise ValueError(f"this worker holds no shard for client {task.client}")
         local = train_client(self.model, self.tokenizer, adapter_from_bytes(task.adapter), self.shards[task.client],
                              self.training, task.seed, self.slots)
-        result = ClientResult(round=task.round, client=task.client, adapter=adapter_to_bytes(local.adapter),
+        result = ClientResult(round=task.round, client=task.client, adapter=adapter_to_bytes(local.adapter, self.wire_dtype),
                               num_samples=local.num_samples, metrics=local.metrics, start_digest=local.start_digest,
                               worker=worker, train_seconds=local.train_seconds)
         _release_memory()

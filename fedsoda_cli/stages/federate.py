@@ -166,7 +166,7 @@ def plan_of(spec: Spec) -> RoundPlan:
     fed = spec.federate
     return RoundPlan(seed=spec.run.seed, clients=fed.clients, clients_per_round=fed.clients_per_round, rounds=fed.rounds,
                      min_clients=fed.min_clients, max_update_norm=fed.max_update_norm, realign_every=fed.realign_every,
-                     weighting=fed.weighting, eval_every=fed.eval_every)
+                     weighting=fed.weighting, eval_every=fed.eval_every, wire_dtype=fed.wire_dtype)
 
 
 def worker_setup(spec: Spec, model_dir: Path, shards: dict[int, list[tuple[str, str]]], lora_layers: list[int] | None) -> WorkerSetup:
@@ -177,7 +177,8 @@ def worker_setup(spec: Spec, model_dir: Path, shards: dict[int, list[tuple[str, 
                              max_grad_norm=fed.max_grad_norm, proximal_mu=fed.proximal_mu, max_len=spec.task.max_len,
                              train_eos=trains_eos(spec.task))
     return WorkerSetup(model_dir=str(model_dir), lora=spec.lora.model_dump(), lora_seed=stable_seed(spec.run.seed, "lora-init"),
-                       threads=worker_threads(spec), training=training.__dict__, shards=shards, lora_layers=lora_layers)
+                       threads=worker_threads(spec), training=training.__dict__, shards=shards, lora_layers=lora_layers,
+                       wire_dtype=spec.federate.wire_dtype)
 
 
 def worker_threads(spec: Spec) -> int:

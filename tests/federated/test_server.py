@@ -205,3 +205,28 @@ def test_workers_report_the_examples_they_trained_on_and_their_shard(tmp_path, s
     assert record["step_seconds"] > 0
     assert [r.num_samples for r in seen] == [2 * 4, 2 * 4]  # local_steps x batch_size, not the shard's 8
     assert [r.metrics["shard_size"] for r in seen] == [8, 8]
+
+
+@pytest.mark.parametrize("wire", ["bf16", "fp16"])
+def test_a_narrow_wire_halves_adapter_bytes_and_keeps_an_fp32_master(tmp_path, setup, wire):
+    import dataclasses
+
+    from safetensors.torch import load
+
+    uploads = {"fp32": [], wire: []}
+    results = {}
+    for dtype in ("fp32", wire):
+        narrow = dataclasses.replace(setup, wire_dtype=dtype)
+        transport = Tampering(narrow, {c: (lambda r, d=dtype: uploads[d].append(r.adapter)) for c in (0, 1)})
+        results[dtype] = server(tmp_path / dtype, narrow, transport=transport, clients=2, clients_per_round=2, wire_dtype=dtype).run()
+    wide, thin = results["fp32"], results[wire]
+    assert thin.history[0]["updated"] == [0, 1] and not thin.history[0]["excluded"]  # clients start from the rounded global
+    expected = {"bf16": torch.bfloat16, "fp16": torch.float16}[wire]
+    assert all(t.dtype == expected for blob in uploads[wire] for t in load(blob).values())
+    assert all(t.dtype == torch.float32 for t in thin.adapter.values())  # the master stays fp32
+    assert 0.5 < thin.ledger.totals["adapter_down"] / wide.ledger.totals["adapter_down"] < 0.6  # half the data, the same header
+    assert 0.5 < thin.ledger.totals["adapter_up"] / wide.ledger.totals["adapter_up"] < 0.6
+    # The same training from rounded starting points: close, not equal.
+    diff = torch.cat([(thin.adapter[n] - t).reshape(-1) for n, t in wide.adapter.items()]).norm()
+    norm = torch.cat([t.reshape(-1) for t in wide.adapter.values()]).norm()
+    assert 0 < diff / norm < 0.02

@@ -73,7 +73,7 @@ class FlowerTransport:
 
     def __init__(self, setup: dict[str, Any], clients: int, model_digest: str, settings: FlowerSettings,
                  log: Callable[[str], None] = print):
-        """`setup` = the WorkerSetup fields every site shares (lora, lora_seed, lora_layers, training)."""
+        """`setup` = the WorkerSetup fields every site shares (lora, lora_seed, lora_layers, training, wire_dtype)."""
         self.setup, self.clients, self.model_digest, self.settings, self.log = setup, clients, model_digest, settings, log
         self._layers: bytes | None = None
         self._layers_digest = ""
@@ -339,6 +339,7 @@ def flower_transport(setup, spec, log: Callable[[str], None] = print) -> FlowerT
     elif fed.flower_superlink.rsplit(":", 1)[0].strip("[]") not in ("127.0.0.1", "localhost", "::1"):
         raise SpecError(f"federate.flower_root_certificates: the SuperLink {fed.flower_superlink} is not on this machine, so its "
                         "traffic must be encrypted; give the CA certificate of its TLS (docs/flower.md, 'A real deployment')")
-    shared = {"lora": setup.lora, "lora_seed": setup.lora_seed, "lora_layers": setup.lora_layers, "training": setup.training}
+    shared = {"lora": setup.lora, "lora_seed": setup.lora_seed, "lora_layers": setup.lora_layers, "training": setup.training,
+              "wire_dtype": setup.wire_dtype}
     settings = FlowerSettings(fed.flower_superlink, certificates, fed.flower_round_timeout_s, fed.flower_connect_timeout_s)
     return FlowerTransport(shared, fed.clients, model_digest(Path(setup.model_dir)), settings, log)
