@@ -39,8 +39,10 @@ class InlineTransport:
             except Exception as exc:  # a client failing must not take the server down
                 yield TaskFailure(task.round, task.client, f"{type(exc).__name__}: {exc}", worker=0)
 
-    def broadcast_layers(self, payload: bytes) -> None:
-        self.runtime.apply_layers(payload)
+    def broadcast_layers(self, layers: bytes, delta: bytes | None = None) -> int:
+        sent = delta if delta is not None else layers
+        self.runtime.apply_layers(sent)
+        return len(sent)
 
     def stats(self) -> dict[str, Any]:
         return {"model_loads": {0: self.model_loads}, "processes_started": 0}

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Mapping
+import os
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -69,12 +71,16 @@ def make_delta(base: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]
         tensors[key + ".changed"] = _pack_bits(changed)
         tensors[key + ".bytes"] = chunks.clone()
         meta[key] = {"dtype": str(new[key].dtype).removeprefix("torch."), "shape": list(new[key].shape)}
-    header = {"tensors": json.dumps(meta, sort_keys=True), "base": base_digest(base, [k for k in meta if k in base])}
+    # "keys" names the whole new artifact: the tensors that did not change come from the base, so
+    # the receiver can hand complete modules (every quantization constant) to the model.
+    header = {"tensors": json.dumps(meta, sort_keys=True), "keys": json.dumps(sorted(new)),
+              "base": base_digest(base, [k for k in meta if k in base])}
     return save(tensors, metadata=header)
 
 
 def apply_delta(base: Mapping[str, torch.Tensor], delta: bytes) -> dict[str, torch.Tensor]:
-    """The tensors a delta changes, rebuilt from `base` (ValueError when it was made against another base)."""
+    """The whole new artifact: the tensors the delta changes rebuilt from `base`, the others taken
+    from it (ValueError when the delta was made against another base)."""
     from safetensors.torch import load
 
     tensors = load(delta)
@@ -97,6 +103,11 @@ def apply_delta(base: Mapping[str, torch.Tensor], delta: bytes) -> dict[str, tor
         fill = torch.cat([chunks, chunks.new_zeros(int(changed.sum()) * CHUNK - chunks.numel())]).view(-1, CHUNK)
         padded[changed] = fill
         out[key] = padded.reshape(-1)[:size].clone().view(dtype).reshape(shape)
+    for key in json.loads(header["keys"]):
+        if key not in out:
+            if key not in base:
+                raise ValueError(f"the realignment delta leaves {key} unchanged, but the held version has no such tensor")
+            out[key] = base[key]
     return out
 
 
@@ -115,3 +126,48 @@ def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
 def _unpack_bits(packed: torch.Tensor) -> torch.Tensor:
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
     return ((packed.view(-1, 1) & weights) != 0).reshape(-1)
+
+
+def is_delta(blob: bytes) -> bool:
+    """Whether a layers message is a delta (`make_delta`) rather than the whole partial layers."""
+    return "base" in _metadata(blob) and "tensors" in _metadata(blob)
+
+
+class HeldLayers(Mapping):
+    """The version of the client model's tensors a holder has: its model file (what it downloaded)
+    overlaid with every realignment it applied since. Reads the file lazily, tensor by tensor."""
+
+    def __init__(self, weights_file: str | os.PathLike):
+        self.weights_file = Path(weights_file)
+        self.overrides: dict[str, torch.Tensor] = {}
+        self._keys: set[str] | None = None
+
+    def _file_keys(self) -> set[str]:
+        if self._keys is None:
+            from safetensors import safe_open
+
+            with safe_open(str(self.weights_file), framework="pt") as f:
+                self._keys = set(f.keys())
+        return self._keys
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self.overrides:
+            return self.overrides[key]
+        if key not in self._file_keys():
+            raise KeyError(key)
+        from safetensors import safe_open
+
+        with safe_open(str(self.weights_file), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.overrides or key in self._file_keys()
+
+    def __iter__(self):
+        return iter(self._file_keys() | set(self.overrides))
+
+    def __len__(self) -> int:
+        return len(self._file_keys() | set(self.overrides))
+
+    def update(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.overrides.update({k: v.detach().clone() for k, v in tensors.items()})

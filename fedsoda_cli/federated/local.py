@@ -88,11 +88,16 @@ class LocalWorkerPool:
                 outstanding -= 1
                 yield outcome
 
-    def broadcast_layers(self, payload: bytes) -> None:
-        self._layers = payload
+    def broadcast_layers(self, layers: bytes, delta: bytes | None = None) -> int:
+        # Every ready worker got every broadcast since it became ready, so it holds the previous
+        # version and takes the delta; a worker still loading (or a replacement) gets the whole
+        # layers when it reports ready, as a fresh download would.
+        self._layers = layers
+        sent = delta if delta is not None else layers
         for worker in self._workers.values():
-            if worker.ready:  # workers still loading get the layers when they report ready
-                worker.conn.send_bytes(pack("layers", {}, payload))
+            if worker.ready:
+                worker.conn.send_bytes(pack("layers", {}, sent))
+        return len(sent)
 
     def stats(self) -> dict[str, Any]:
         return {"model_loads": dict(self._loads), "processes_started": self._processes_started,

@@ -26,6 +26,7 @@ from fedsoda_cli.plugins.contracts import Aggregator, ClientUpdate
 from fedsoda_cli.seeding import stable_seed
 
 if TYPE_CHECKING:
+    from fedsoda_cli.federated.layer_delta import HeldLayers
     from fedsoda_cli.federated.transport import ClientTransport
     from fedsoda_cli.plugins.contracts import AdapterState
 
@@ -110,10 +111,13 @@ class FederatedServer:
 
     def __init__(self, plan: RoundPlan, transport: "ClientTransport", aggregator: Aggregator, aggregator_name: str,
                  store: CheckpointStore, *, realigner: Realigner | None = None, reporter: RoundReporter | None = None,
-                 model_bytes: int = 0, evaluator: Evaluator | None = None):
+                 model_bytes: int = 0, evaluator: Evaluator | None = None, held_layers: "HeldLayers | None" = None):
         self.plan, self.transport, self.aggregator, self.aggregator_name = plan, transport, aggregator, aggregator_name
         self.store, self.realigner, self.reporter, self.model_bytes = store, realigner, reporter or RoundReporter(), model_bytes
         self.evaluator = evaluator
+        # With held_layers (federate.realign_wire = "delta"): the partial layers every client holds,
+        # so a realignment ships only the blocks that changed against them.
+        self.held_layers = held_layers
         self.global_adapter: AdapterState = {}
         self.history: list[dict[str, Any]] = []
         self.ledger = Ledger()
@@ -186,6 +190,10 @@ class FederatedServer:
         if self.realigner is not None and checkpoint.realign_layers is not None:
             self.realigner.load_state_dict(checkpoint.realigner_state)
         self.realign_layers = checkpoint.realign_layers
+        if self.held_layers is not None and checkpoint.realign_layers is not None:
+            from safetensors.torch import load
+
+            self.held_layers.update(load(checkpoint.realign_layers))
         self.history = list(checkpoint.history)
         self.ledger = Ledger.from_state(checkpoint.ledger)
         restore_rng(checkpoint.rng)
@@ -270,11 +278,20 @@ class FederatedServer:
         """Realign on the server; every client (all K hold the model) downloads the new layers."""
         self._plugin("before_realign", round)
         self.realign_layers = self.realigner.realign(round, self.global_adapter)
-        self.transport.broadcast_layers(self.realign_layers)
+        delta = None
+        if self.held_layers is not None:
+            from safetensors.torch import load
+
+            from fedsoda_cli.federated.layer_delta import make_delta
+
+            new = load(self.realign_layers)
+            delta = make_delta(self.held_layers, new)
+            self.held_layers.update(new)
+        sent = self.transport.broadcast_layers(self.realign_layers, delta)  # bytes each client received
         for client in range(self.plan.clients):
-            self.ledger.add("realign", client, len(self.realign_layers))
+            self.ledger.add("realign", client, sent)
         self._plugin("after_realign", round)
-        self.reporter.realigned(round, len(self.realign_layers))
+        self.reporter.realigned(round, sent)
 
     def record(self, round: int, clients: list[int], collected: _Collected) -> dict[str, Any]:
         """The round's line of metrics.jsonl (bytes and seconds are added by run_round)."""

@@ -28,8 +28,11 @@ class ClientTransport(Protocol):
         """Run the tasks; yield exactly one outcome per task, in completion order. A task whose
         worker died or timed out yields a TaskFailure; a replacement worker takes over."""
 
-    def broadcast_layers(self, payload: bytes) -> None:
-        """Send realigned partial layers to every model holder; later tasks train on them."""
+    def broadcast_layers(self, layers: bytes, delta: bytes | None = None) -> int:
+        """Send realigned partial layers to every model holder; later tasks train on them. `delta`
+        (federated.layer_delta), when given, is what a holder at the previous version needs; a
+        backend that cannot keep holders at the previous version sends `layers`. Returns the bytes
+        one client received."""
 
     def stats(self) -> dict[str, Any]:
         """Counters for the summary, at least {"model_loads": {holder: loads}, "processes_started": n}."""

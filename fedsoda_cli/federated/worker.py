@@ -61,6 +61,10 @@ class ClientRuntime:
         self.slots = lora_slots(self.model)
         self.training = LocalTraining(**setup.training)
         self.wire_dtype = setup.wire_dtype
+        from fedsoda_cli.federated.layer_delta import HeldLayers
+        from fedsoda_cli.models.quantized import WEIGHTS
+
+        self.held = HeldLayers(Path(setup.model_dir) / WEIGHTS)  # the version of the layers this holder has
         self.shards = {client: [Example(f"client{client}-{i}", prompt, answer, None, None) for i, (prompt, answer) in enumerate(pairs)]
                        for client, pairs in setup.shards.items()}
 
@@ -72,9 +76,15 @@ class ClientRuntime:
         return adapter_to_bytes(adapter_state(self.model))
 
     def apply_layers(self, payload: bytes) -> None:
-        from fedsoda_cli.federated.client import apply_realigned_layers
+        """Swap in realigned partial layers: the whole layers, or a delta against the version held."""
+        from safetensors.torch import load
 
-        apply_realigned_layers(self.model, payload)
+        from fedsoda_cli.federated.layer_delta import apply_delta, is_delta
+        from fedsoda_cli.oda.realign import apply_partial_layers
+
+        tensors = apply_delta(self.held, payload) if is_delta(payload) else load(payload)
+        apply_partial_layers(self.model, tensors)
+        self.held.update(tensors)
 
     def handle(self, task: ClientTask, worker: int) -> ClientResult:
         """Train `task.client` from the global adapter in `task.adapter`; the result as bytes."""

@@ -197,6 +197,7 @@ class FederateSpec(Section):
     partition: Literal["iid", "dirichlet", "shards"] = Field("iid", description="How task data is split over clients.")
     dirichlet_alpha: float = Field(0.5, gt=0, description="Label-skew concentration for partition = dirichlet.")
     shards_per_client: int = Field(2, ge=1, description="Label-sorted shards per client for partition = shards.")
+    realign_wire: Literal["delta", "full"] = Field("delta", description="How realigned partial layers reach the clients: delta (only the 32-byte chunks of quantized codes and constants that changed against the version every client holds; applying it gives the same bytes as a re-download) or full (the whole layers). The Flower backend always sends the whole layers, and counts them.")
     wire_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="How adapter tensors travel in both directions (bytes are counted as serialized); the server keeps an fp32 master, aggregates in fp32, and clients train in fp32 from the rounded global adapter.")
     weighting: Literal["examples", "shard", "uniform"] = Field("examples", description="Aggregation weight n_k of each client update: the examples it trained on this round (equal for clients that all finish local_steps, unlike shard sizes under skew), its shard size, or equal weights.")
     eval_every: int = Field(0, ge=0, description="The server evaluates the global adapter on task.val_examples validation examples every k rounds and after the last (0 = only at the end, in eval); results go into metrics.jsonl.")

@@ -63,9 +63,11 @@ def federate(ctx: StageContext, shards: dict[int, list[tuple[str, str]]], out: P
     resume = resume_point(ctx, store)
     transport = client_transport(worker_setup(spec, model_dir, shards, lora_layers), spec, ctx.console)
     reporter = ConsoleReporter(ctx.console)
+    realigner = realigner_for(ctx, layer_map)
     server = FederatedServer(plan_of(spec), transport, aggregator, fed.aggregator, store,
-                             realigner=realigner_for(ctx, layer_map), reporter=reporter, model_bytes=model_download_bytes(model_dir),
-                             evaluator=evaluator_for(ctx, model_dir, peft_config, lora_layers))
+                             realigner=realigner, reporter=reporter, model_bytes=model_download_bytes(model_dir),
+                             evaluator=evaluator_for(ctx, model_dir, peft_config, lora_layers),
+                             held_layers=held_layers_for(spec, model_dir) if realigner is not None else None)
     try:
         result = server.run(resume)
     finally:
@@ -160,6 +162,14 @@ def resume_point(ctx: StageContext, store: CheckpointStore):
     if dropped:
         ctx.console.print(f"starting afresh: removed {dropped} checkpoint(s) of an earlier run in {escape(str(store.folder))} (--resume continues one)")
     return None
+
+
+def held_layers_for(spec: Spec, model_dir: Path):
+    """What every client holds of the client model, for realignment deltas (None: ship whole layers)."""
+    from fedsoda_cli.federated.layer_delta import HeldLayers
+    from fedsoda_cli.models.quantized import WEIGHTS
+
+    return HeldLayers(model_dir / WEIGHTS) if spec.federate.realign_wire == "delta" else None
 
 
 def plan_of(spec: Spec) -> RoundPlan:

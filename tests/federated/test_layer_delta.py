@@ -31,11 +31,14 @@ def test_applying_the_delta_gives_the_new_artifact_bit_for_bit(where):
     delta = make_delta(base, new)
     rebuilt = {**base, **apply_delta(base, delta)}
     assert same(rebuilt, new)
-    assert set(apply_delta(base, delta)) == {"l.0.q.weight", "l.0.q.weight.nested_absmax"}  # unchanged tensors do not travel
+    from safetensors.torch import load
+
+    travelled = {k.rsplit(".", 1)[0] for k in load(delta)}
+    assert travelled == {"l.0.q.weight", "l.0.q.weight.nested_absmax"}  # unchanged tensors do not travel
 
 
 def test_few_changed_blocks_cost_few_bytes():
-    from safetensors.torch import save
+    from safetensors.torch import load, save
 
     base = {"w": torch.randint(0, 256, (64 * 1024,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))}
     new = {"w": base["w"].clone()}
@@ -43,7 +46,7 @@ def test_few_changed_blocks_cost_few_bytes():
     delta = make_delta(base, new)
     assert len(delta) < 20 * CHUNK + 2048 // 8 + 600  # changed chunks + bitmap + header
     assert len(delta) < len(save(new)) / 20
-    assert make_delta(base, base) != b"" and apply_delta(base, make_delta(base, base)) == {}
+    assert not load(make_delta(base, base)) and same(apply_delta(base, make_delta(base, base)), base)
 
 
 def test_a_delta_against_another_base_is_refused():

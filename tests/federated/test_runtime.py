@@ -65,7 +65,15 @@ def test_end_to_end_with_two_worker_processes(reference, sub_llm):
     realigned = (out / "realigned_layers.safetensors").stat().st_size
     # realign_every = 2 over 4 rounds: after round 2 only, as no round follows round 4
     assert [line["bytes_realign"] > 0 for line in lines] == [False, True, False, False]
-    assert lines[1]["bytes_realign"] == 4 * realigned  # all K = 4 clients download the partial layers
+    # All K = 4 clients download what changed in the partial layers since their model download
+    # (federate.realign_wire = "delta"): fewer bytes than the whole layers.
+    from safetensors.torch import load
+
+    from fedsoda_cli.federated.layer_delta import HeldLayers, make_delta
+
+    held = HeldLayers(workdir / "quantize" / "model" / "model.safetensors")
+    delta = make_delta(held, load((out / "realigned_layers.safetensors").read_bytes()))
+    assert lines[1]["bytes_realign"] == 4 * len(delta) and len(delta) < realigned
     assert summary["bytes"]["model"] == 4 * folder_bytes(workdir / "quantize" / "model")
     assert summary["bytes"]["total"] == summary["bytes"]["model"] + 2 * 12 * adapter_bytes + summary["bytes"]["realign"]
     assert summary["model_loads_per_worker"] == {"0": 1, "1": 1} and summary["worker_processes_started"] == 2

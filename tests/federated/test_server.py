@@ -230,3 +230,49 @@ def test_a_narrow_wire_halves_adapter_bytes_and_keeps_an_fp32_master(tmp_path, s
     diff = torch.cat([(thin.adapter[n] - t).reshape(-1) for n, t in wide.adapter.items()]).norm()
     norm = torch.cat([t.reshape(-1) for t in wide.adapter.values()]).norm()
     assert 0 < diff / norm < 0.02
+
+
+class Keeping(InlineTransport):
+    """The inline backend, keeping its client model after the run for inspection."""
+
+    def close(self) -> None:
+        self.kept = self.runtime
+        super().close()
+
+
+def test_a_client_that_applies_the_realign_delta_ends_bit_identical_to_a_redownload(tmp_path, setup, sub_llm, client_model_dir):
+    from safetensors.torch import load
+
+    from fedsoda_cli.federated.layer_delta import HeldLayers
+    from fedsoda_cli.federated.realigner import ServerRealigner
+    from fedsoda_cli.federated.worker import ClientRuntime
+    from fedsoda_cli.models.quantized import WEIGHTS, client_state_dict
+
+    runs = {}
+    for wire in ("full", "delta"):
+        transport = Keeping(setup)
+        plan = RoundPlan(seed=1, clients=4, clients_per_round=2, rounds=3, realign_every=1)
+        store = CheckpointStore(tmp_path / wire / "ckpt", IDENTITY, lora_config(LoraSpec(r=4, alpha=8)))
+        held = HeldLayers(client_model_dir / WEIGHTS) if wire == "delta" else None
+        loop = FederatedServer(plan, transport, aggregators.create("fedavg", seed=0), "fedavg", store, model_bytes=1000,
+                               realigner=ServerRealigner(_realign_spec(), sub_llm["float"], LAYER_MAP), held_layers=held)
+        runs[wire] = (loop.run(), transport.kept)
+    (full, full_client), (delta, delta_client) = runs["full"], runs["delta"]
+    # The same training on the same layers: every round's global adapter is bit-identical.
+    assert [h["global_digest"] for h in delta.history] == [h["global_digest"] for h in full.history]
+    assert delta.realign_layers == full.realign_layers
+    # Cheaper: only the changed chunks travel (the first realign changes more than the second).
+    assert 0 < delta.history[0]["bytes_realign"] < full.history[0]["bytes_realign"]
+    assert 0 < delta.history[1]["bytes_realign"] < full.history[1]["bytes_realign"]
+    # The client that applied two deltas holds, tensor for tensor and bit for bit, the layers of a
+    # fresh client model that downloaded the latest whole layers.
+    fresh = ClientRuntime(setup)
+    fresh.apply_layers(full.realign_layers)
+    base_only = lambda state: {k: v for k, v in state.items() if "lora_" not in k}  # noqa: E731  (adapters differ: trained vs fresh)
+    ours, theirs = base_only(client_state_dict(delta_client.model)), base_only(client_state_dict(fresh.model))
+    assert ours.keys() == theirs.keys()
+    changed = set(load(full.realign_layers))
+    assert any(k in ours for k in changed)
+    for key in ours:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key].view(torch.uint8) if ours[key].is_floating_point() else ours[key],
+                                                                     theirs[key].view(torch.uint8) if theirs[key].is_floating_point() else theirs[key]), key

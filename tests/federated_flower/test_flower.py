@@ -33,7 +33,9 @@ pytestmark = pytest.mark.skipif(shutil.which("flower-superlink", path=os.pathsep
                                 reason="flwr is not installed")
 
 # Two clients, both sampled every round, realignment after every round (so realigned layers reach the sites).
-OVERRIDES = ["federate.clients=2", "federate.clients_per_round=2", "federate.rounds=2", "federate.realign_every=1"]
+# Flower sites always receive the whole realigned layers (they are prepared by its digest), so the
+# local reference ships them whole too, for byte-for-byte equal accounting.
+OVERRIDES = ["federate.clients=2", "federate.clients_per_round=2", "federate.rounds=2", "federate.realign_every=1", 'federate.realign_wire="full"']
 
 
 def federate(spec, workdir, **options):

@@ -126,12 +126,14 @@ class FlowerTransport:
             node, task = ready[outcome.index]
             yield self._task_outcome(node, task, outcome)
 
-    def broadcast_layers(self, payload: bytes) -> None:
+    def broadcast_layers(self, layers: bytes, delta: bytes | None = None) -> int:
         """New realigned layers: every live site swaps them in now; one that fails gets them before
-        its next task."""
-        self._set_layers(payload)
+        its next task. Sites are prepared by the digest of the whole layers (a restarted site must
+        catch up from its download), so the whole layers travel and are counted, delta or not."""
+        self._set_layers(layers)
         for failure in self._prepare(self._live_nodes()):
             self.log(failure)
+        return len(layers)
 
     def stats(self) -> dict[str, Any]:
         return {"model_loads": dict(sorted(self._loads.items())), "processes_started": 0, "flower_run_id": self.run_id,
