@@ -9,7 +9,8 @@ for run.method "local" also the minimum and the accuracy of each client).
 Out (in DIR): report.md (main table, change vs FedPETuning, across seeds, step time and RSS vs the
 fair control, wall time per stage, plots), report.csv (one row per run),
 communication_per_round.png and, when some run evaluated during federate, accuracy_per_round.png
-and accuracy_vs_communication.png.
+and accuracy_vs_communication.png; when some run measured drift (federate.realign_when = "drift"),
+drift_per_round.png.
 
 Runs are labelled by run.name; runs that share a name get their seed ("seed 1") or, when the seeds
 do not tell them apart either, their workdir's folder name.
@@ -45,6 +46,7 @@ ROUND_KINDS = {"adapter_down": "bytes_down", "adapter_up": "bytes_up", "realign"
 ACCURACY_PNG = "accuracy_per_round.png"
 ACCURACY_BYTES_PNG = "accuracy_vs_communication.png"
 COMMUNICATION_PNG = "communication_per_round.png"
+DRIFT_PNG = "drift_per_round.png"
 CONTROL_QUANT = "nf4"  # fedpetuning on the NF4 full model: the control that saves by quantizing alone
 SEED_FREE_KEYS = (("run", "seed"), ("run", "workdir"))  # what may differ between the runs of one seed group
 
@@ -102,6 +104,10 @@ class RunSummary:
             for target, entry in (record.get("eval") or {}).items():
                 curves.setdefault(target, []).append((int(record["round"]), float(entry["accuracy"]), cumulative[int(record["round"])]))
         return curves
+
+    def drift_rounds(self) -> list[tuple[int, float, bool]]:
+        """[(round, drift as a multiple of its reference, realigned after it)] from the rounds that measured drift."""
+        return [(int(r["round"]), float(r["drift"]["ratio"]), bool(r.get("bytes_realign"))) for r in self.rounds if r.get("drift")]
 
     @property
     def communication_total(self) -> int | None:
@@ -253,6 +259,8 @@ def write_report(workdirs: list[Path], out_dir: Path) -> list[Path]:
     plots = _plot_communication(runs, out_dir / COMMUNICATION_PNG)
     if any(r.eval_rounds() for r in runs):
         plots += _plot_accuracy(runs, out_dir / ACCURACY_PNG) + _plot_accuracy_vs_bytes(runs, out_dir / ACCURACY_BYTES_PNG)
+    if any(r.drift_rounds() for r in runs):
+        plots += _plot_drift(runs, out_dir / DRIFT_PNG)
     (out_dir / "report.md").write_text(render_markdown(runs, [p.name for p in plots]))
     return [out_dir / "report.md", *files, *plots]
 
@@ -372,6 +380,8 @@ def _round_record(line: bytes, where: str) -> dict[str, Any]:
             record[key] = _integer(record.get(key, 0) or 0)
         evals = record.get("eval") or {}
         record["eval"] = {str(t): {**e, "accuracy": float(e["accuracy"])} for t, e in evals.items()}
+        if record.get("drift") is not None:
+            record["drift"] = {**record["drift"], "ratio": float(record["drift"]["ratio"])}
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise ArtifactError(f"{where}: not a round record fedsoda wrote ({type(exc).__name__}: {str(exc)[:120]}); {_FEDERATE_REBUILD}") from None
     return record
@@ -640,6 +650,30 @@ def _plot_accuracy_vs_bytes(runs: list[RunSummary], path: Path) -> list[Path]:
     ax.set_xlabel("cumulative communication (MiB, model download included)")
     ax.set_ylabel("accuracy on the validation slice (%)")
     ax.set_title("accuracy vs communication")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    return [path]
+
+
+def _plot_drift(runs: list[RunSummary], path: Path) -> list[Path]:
+    """Drift per round as a multiple of the drift right after the last alignment; a filled marker
+    where the server realigned, the threshold as a dashed line."""
+    figure, ax = _figure()
+    for run in runs:
+        points = run.drift_rounds()
+        if not points:
+            continue
+        (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", mfc="none", label=run.label)
+        hits = [p for p in points if p[2]]
+        ax.plot([p[0] for p in hits], [p[1] for p in hits], "o", color=line.get_color())
+        threshold = run.spec.get("federate", {}).get("drift_threshold")
+        if threshold:
+            ax.axhline(float(threshold), color=line.get_color(), linestyle="--", linewidth=0.8)
+    ax.set_xlabel("round (filled: realigned after it)")
+    ax.set_ylabel("drift (KL / KL after the last alignment)")
+    ax.set_title("drift per round")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     figure.tight_layout()

@@ -58,6 +58,8 @@ class ConsoleReporter(RoundReporter):
         parts = [f"{len(record['updated'])}/{len(record['clients'])} updates"]
         parts += [f"{len(record[key])} {key}" for key in ("excluded", "failed") if record[key]]
         parts += [f"loss {record['train_loss']:.4f}", f"down {fmt(record['bytes_down'])}", f"up {fmt(record['bytes_up'])}"]
+        if "drift" in record:
+            parts.append(f"drift {record['drift']['ratio']:.2f}x (threshold {record['drift']['threshold']:.2f}x)")
         if record["bytes_realign"]:
             parts.append(f"realign {fmt(record['bytes_realign'])}")
         for target, entry in record.get("eval", {}).items():

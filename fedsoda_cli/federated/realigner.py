@@ -65,6 +65,21 @@ class ServerRealigner:
         # No metadata: safetensors writes it in hash order, and the same layers must be the same bytes.
         return save(partial_layer_artifact(self.partial_state, broadcast_format(self.spec.align, self.spec.quantize)))
 
+    def drift(self, round: int, global_adapter: "AdapterState") -> float:
+        """The deployed client model's KL to the full LLM, both with the global adapter, on the
+        first federate.drift_sequences public (training-split) windows: a fixed batch, so the
+        numbers of different rounds compare."""
+        import torch
+
+        from fedsoda_cli.oda.realign import adapter_drift
+
+        self._load()
+        ids = self.public_ids[: self.spec.federate.drift_sequences]
+        with torch.random.fork_rng(devices=[]):  # attaching LoRA draws an init: leave the run's RNG as it was
+            measured = adapter_drift(self.teacher, self.student, global_adapter, self.kept, self.removed_groups, ids,
+                                     config=self.spec.align, lora=self.spec.lora, quant=self.spec.quantize)
+        return float(measured["kl"])
+
     def _log(self, entry: dict[str, Any]) -> None:
         import json
         import logging

@@ -46,6 +46,8 @@ class RoundPlan:
     eval_every: int = 0
     retries: int = 1  # a client whose worker died is tried again this many times in the same round
     wire_dtype: str = "fp32"  # adapter tensors on the wire; the server's master and aggregation stay fp32
+    realign_when: str = "every"  # "every" realign_every rounds, or on measured "drift"
+    drift_threshold: float = 1.5  # realign when drift > threshold x the drift right after the last alignment
 
 
 class Realigner(Protocol):
@@ -58,6 +60,9 @@ class Realigner(Protocol):
         """State carried between realignments (e.g. the float master copy of the partial layers)."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def drift(self, round: int, global_adapter: "AdapterState") -> float:
+        """How far the client model with `global_adapter` is from the full LLM with it (KL on a fixed batch)."""
 
 
 class Evaluator(Protocol):
@@ -122,6 +127,9 @@ class FederatedServer:
         self.history: list[dict[str, Any]] = []
         self.ledger = Ledger()
         self.realign_layers: bytes | None = None
+        self.initial_adapter: AdapterState | None = None
+        self.drift_reference: float | None = None  # drift right after the last (re)alignment
+        self.drift_now: float | None = None
 
     # ---- the template -------------------------------------------------------------------------
 
@@ -153,8 +161,12 @@ class FederatedServer:
         if self.evaluates(round):
             # before any realignment: the adapter is scored on the client model it was trained on
             record["eval"] = self.evaluator.evaluate(round, self.global_adapter, self.realign_layers)
+        if self.measures_drift():
+            record["drift"] = self.measure_drift(round)
         if self.realigns(round):
             self.realign(round)
+            if self.measures_drift():  # the new layers under the same adapter: the next reference
+                self.drift_reference = record["drift"]["after_realign"] = self.realigner.drift(round, self.global_adapter)
         traffic = self.ledger.take_round()
         record.update(bytes_down=traffic["adapter_down"], bytes_up=traffic["adapter_up"], bytes_realign=traffic["realign"],
                       seconds=round_(time.perf_counter() - started))
@@ -165,10 +177,27 @@ class FederatedServer:
     # ---- steps --------------------------------------------------------------------------------
 
     def realigns(self, round: int) -> bool:
-        """Every r rounds, and only when another round follows: new base weights under an adapter
-        that no client trains on again would only change what the clients hold, and cost bytes."""
+        """Every r rounds (with realign_when = "drift": those of them where the drift passed the
+        threshold), and only when another round follows: new base weights under an adapter that no
+        client trains on again would only change what the clients hold, and cost bytes."""
         every = self.plan.realign_every
-        return self.realigner is not None and bool(every) and round % every == 0 and round < self.plan.rounds
+        if self.realigner is None or round >= self.plan.rounds or not every or round % every:
+            return False
+        if self.plan.realign_when == "drift":  # a scheduled realignment happens only if drift passed the threshold
+            return self.drift_now is not None and self.drift_now > self.plan.drift_threshold * self.drift_reference
+        return True
+
+    def measures_drift(self) -> bool:
+        return self.realigner is not None and self.plan.realign_when == "drift"
+
+    def measure_drift(self, round: int) -> dict[str, Any]:
+        """This round's drift, against the reference (the drift right after the last alignment;
+        before round 1: the aligned client model under the initial adapter, whose LoRA B is zero)."""
+        if self.drift_reference is None:
+            self.drift_reference = self.realigner.drift(0, self.initial_adapter if self.initial_adapter is not None else self.global_adapter)
+        self.drift_now = self.realigner.drift(round, self.global_adapter)
+        return {"kl": self.drift_now, "reference": self.drift_reference, "ratio": self.drift_now / max(self.drift_reference, 1e-12),
+                "threshold": self.plan.drift_threshold}
 
     def evaluates(self, round: int) -> bool:
         """Every `eval_every` rounds, and after the last one."""
@@ -177,7 +206,7 @@ class FederatedServer:
 
     def begin(self) -> int:
         """A fresh run: the clients' initial adapter, and every client's one-time model download."""
-        self.global_adapter = adapter_from_bytes(self.transport.initial_adapter())
+        self.global_adapter = self.initial_adapter = adapter_from_bytes(self.transport.initial_adapter())
         for client in range(self.plan.clients):
             self.ledger.add("model", client, self.model_bytes)
         self.ledger.take_round()
@@ -195,6 +224,9 @@ class FederatedServer:
 
             self.held_layers.update(load(checkpoint.realign_layers))
         self.history = list(checkpoint.history)
+        drifts = [h["drift"] for h in self.history if "drift" in h]
+        if drifts:  # the reference a drift-triggered run compares against carries over
+            self.drift_reference = drifts[-1].get("after_realign", drifts[-1]["reference"])
         self.ledger = Ledger.from_state(checkpoint.ledger)
         restore_rng(checkpoint.rng)
         return checkpoint.round + 1

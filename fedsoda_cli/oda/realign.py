@@ -84,6 +84,32 @@ def realign(teacher_full, student_sub, adapter_state_sub: dict[str, torch.Tensor
     return RealignResult(state, metrics)
 
 
+def adapter_drift(teacher_full, student_sub, adapter_state_sub: dict[str, torch.Tensor], kept: list[int],
+                  removed_groups: list[list[int]], ids: torch.Tensor, *, config: AlignSpec, lora: LoraSpec,
+                  quant: QuantizeSpec) -> dict[str, Any]:
+    """How far the client model with the global adapter has drifted from the full LLM with the
+    adapter mapped through `kept`: `evaluate_alignment` (KL, hidden NMSE, perplexities) of the
+    student as deployed (its frozen layers in `quant`, see `deployed_view`) on the windows `ids`.
+    Both models come back without LoRA and unchanged."""
+    from fedsoda_cli.models.adapters import attach_lora, load_adapter_state, sub_to_full_adapter
+    from fedsoda_cli.models.layers import decoder_layers_path
+    from fedsoda_cli.oda.distill import deployed_view, evaluate_alignment, partial_layers
+
+    partial = partial_layers(config.partial, kept, removed_groups)
+    student = attach_lora(student_sub, lora)
+    try:
+        teacher = attach_lora(teacher_full, lora, layers=kept)
+        try:
+            load_adapter_state(student, adapter_state_sub)
+            load_adapter_state(teacher, sub_to_full_adapter(adapter_state_sub, kept, layers_path=decoder_layers_path(teacher_full)))
+            with torch.no_grad(), deployed_view(student, quant, config, partial):
+                return evaluate_alignment(teacher, student, kept, removed_groups, ids, config)
+        finally:
+            teacher.unload()
+    finally:
+        student.unload()
+
+
 def broadcast_format(align: AlignSpec, quant: QuantizeSpec) -> QuantizeSpec:
     """The format the partial layers travel and live in on the client: `quant`, or bf16 when the
     client keeps them in bf16 (quant_aware = "bf16_partial")."""

@@ -176,7 +176,8 @@ def plan_of(spec: Spec) -> RoundPlan:
     fed = spec.federate
     return RoundPlan(seed=spec.run.seed, clients=fed.clients, clients_per_round=fed.clients_per_round, rounds=fed.rounds,
                      min_clients=fed.min_clients, max_update_norm=fed.max_update_norm, realign_every=fed.realign_every,
-                     weighting=fed.weighting, eval_every=fed.eval_every, wire_dtype=fed.wire_dtype)
+                     weighting=fed.weighting, eval_every=fed.eval_every, wire_dtype=fed.wire_dtype,
+                     realign_when=fed.realign_when, drift_threshold=fed.drift_threshold)
 
 
 def worker_setup(spec: Spec, model_dir: Path, shards: dict[int, list[tuple[str, str]]], lora_layers: list[int] | None) -> WorkerSetup:

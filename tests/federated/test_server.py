@@ -276,3 +276,55 @@ def test_a_client_that_applies_the_realign_delta_ends_bit_identical_to_a_redownl
     for key in ours:
         assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key].view(torch.uint8) if ours[key].is_floating_point() else ours[key],
                                                                      theirs[key].view(torch.uint8) if theirs[key].is_floating_point() else theirs[key]), key
+
+
+def _drift_spec(threshold: float):
+    from fedsoda_cli.spec import Spec
+
+    spec = _realign_spec()
+    return Spec.model_validate({**spec.model_dump(), "federate": {**spec.federate.model_dump(), "realign_when": "drift",
+                                                                "drift_threshold": threshold, "drift_sequences": 2}})
+
+
+@pytest.mark.parametrize("threshold", [1.0 + 1e-9, 1e9])
+def test_drift_triggered_realignment_realigns_exactly_when_drift_passes_the_threshold(tmp_path, setup, sub_llm, threshold):
+    from fedsoda_cli.federated.realigner import ServerRealigner
+
+    def run(folder, when, realigner):
+        plan = RoundPlan(seed=1, clients=4, clients_per_round=2, rounds=4, realign_every=1, realign_when=when, drift_threshold=threshold)
+        store = CheckpointStore(tmp_path / folder, IDENTITY, lora_config(LoraSpec(r=4, alpha=8)))
+        return FederatedServer(plan, InlineTransport(setup), aggregators.create("fedavg", seed=0), "fedavg", store,
+                               realigner=realigner, model_bytes=1000).run()
+
+    result = run("drift", "drift", ServerRealigner(_drift_spec(threshold), sub_llm["float"], LAYER_MAP))
+    drifts = [h["drift"] for h in result.history]
+    assert all(d["kl"] > 0 and d["ratio"] == pytest.approx(d["kl"] / d["reference"]) and d["threshold"] == threshold for d in drifts)
+    realigned = [h["round"] for h in result.history if h["bytes_realign"]]
+    assert realigned == [h["round"] for h, d in zip(result.history, drifts) if d["ratio"] > threshold and h["round"] < 4]
+    for h, d in zip(result.history, drifts):  # after a realignment, the reference is the drift under the new layers
+        assert ("after_realign" in d) == (h["round"] in realigned)
+    later = [(d, nxt) for d, nxt in zip(drifts, drifts[1:]) if "after_realign" in d]
+    assert all(nxt["reference"] == d["after_realign"] for d, nxt in later)
+    if threshold > 1e6:
+        # Never realigned: measuring drift changed nothing about training.
+        plain = run("plain", "every", None)
+        assert realigned == [] and [h["global_digest"] for h in result.history] == [h["global_digest"] for h in plain.history]
+    else:
+        assert realigned  # the adapter trains away from the aligned layers, so drift grows past 1x
+
+
+def test_report_plots_the_drift_the_server_wrote(tmp_path, setup, sub_llm):
+    from fedsoda_cli.compare import DRIFT_PNG, read_run, write_report
+    from fedsoda_cli.federated.realigner import ServerRealigner
+    from tests.test_report import _run as report_run
+    from tests.test_report import _spec as report_spec
+
+    plan = RoundPlan(seed=1, clients=4, clients_per_round=2, rounds=2, realign_every=1, realign_when="drift", drift_threshold=1.5)
+    store = CheckpointStore(tmp_path / "ckpt", IDENTITY, lora_config(LoraSpec(r=4, alpha=8)))
+    history = FederatedServer(plan, InlineTransport(setup), aggregators.create("fedavg", seed=0), "fedavg", store, model_bytes=1000,
+                              realigner=ServerRealigner(_drift_spec(1.5), sub_llm["float"], LAYER_MAP)).run().history
+    spec = report_spec("drifting", "fedsoda", federate={"realign_when": "drift", "drift_threshold": 1.5})
+    workdir = report_run(tmp_path, "drifting", spec, rounds=history, accuracy={"plugin": 0.5})
+    assert [p[0] for p in read_run(workdir).drift_rounds()] == [1, 2]
+    files = write_report([workdir], tmp_path / "report")
+    assert tmp_path / "report" / DRIFT_PNG in files and (tmp_path / "report" / DRIFT_PNG).stat().st_size > 1000
