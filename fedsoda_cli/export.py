@@ -94,10 +94,11 @@ def merge_plugin(spec, sub_adapter: Path, layer_map_path: Path, plugin_dir: Path
     """(full model with the mapped adapter merged in, tokenizer); the PEFT plugin folder is written
     to `plugin_dir` on the way."""
     from fedsoda_cli.evaluation import targets
+    from fedsoda_cli.models.layer_map import read_layer_map
     from fedsoda_cli.models.layers import decoder_layers_path
 
     full, tokenizer = targets.load_full(spec)
-    layer_map = targets.read_layer_map(layer_map_path)
+    layer_map = read_layer_map(layer_map_path)
     targets.check_layer_map(full, layer_map, layer_map_path)
     targets.write_plugin_adapter(sub_adapter, layer_map, decoder_layers_path(full), plugin_dir)
     merged = targets.with_adapter(full, plugin_dir).merge_and_unload()

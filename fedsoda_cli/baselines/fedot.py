@@ -45,11 +45,12 @@ def emulator(ctx: StageContext) -> StageResult:
 def align(ctx: StageContext) -> StageResult:
     """Distil every kept middle layer of the emulator (the adapter layers stay as they are)."""
     from fedsoda_cli.baselines.overrides import with_overrides
+    from fedsoda_cli.models.layer_map import LAYER_MAP, read_layer_map
     from fedsoda_cli.stages import align as align_stage
 
-    layer_map = align_stage.read_layer_map(ctx.inputs["prune"])
-    ends = set(adapter_layers(layer_map["num_layers"], ctx.spec.fedot.adapter_layers))
-    middle = [layer for layer in layer_map["kept"] if layer not in ends]
+    layer_map = read_layer_map(ctx.inputs["prune"] / LAYER_MAP)
+    ends = set(adapter_layers(layer_map.num_layers, ctx.spec.fedot.adapter_layers))
+    middle = [layer for layer in layer_map.kept if layer not in ends]
     return align_stage.run(with_overrides(ctx, align={"partial": middle}))
 
 
@@ -57,8 +58,8 @@ def federate(ctx: StageContext) -> StageResult:
     """The federated rounds with LoRA on the bottom and top k layers only, and no realignment."""
     from fedsoda_cli.baselines.overrides import with_overrides
     from fedsoda_cli.stages.federate import run
-    from fedsoda_cli.stages.align import read_layer_map
+    from fedsoda_cli.models.layer_map import LAYER_MAP, read_layer_map
 
-    num_layers = read_layer_map(ctx.inputs["quantize"])["num_layers"]
+    num_layers = read_layer_map(ctx.inputs["quantize"] / LAYER_MAP).num_layers
     layers = adapter_layers(num_layers, ctx.spec.fedot.adapter_layers)
     return run(with_overrides(ctx, federate={"realign_every": 0}, lora={"layers": layers}))

@@ -10,43 +10,19 @@ LoRA tensors (A and B), so their update B@A is exactly zero and stock
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fedsoda_cli.errors import ArtifactError, ModelError
+from fedsoda_cli.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, sub_to_full_adapter
+from fedsoda_cli.models.layer_map import LayerMap, read_layer_map
 
 TARGETS = ("plugin", "sub", "zero-shot")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-@dataclass(frozen=True)
-class LayerMap:
-    """quantize/layer_map.json: kept[k] = original index of sub-LLM layer k, of `num_layers`."""
-
-    kept: list[int]
-    num_layers: int
-
-
-def read_layer_map(path: Path) -> LayerMap:
-    """The layer map at `path`; ArtifactError naming the file when it is absent or malformed."""
-    try:
-        data = json.loads(path.read_text())
-        kept, num_layers = [int(k) for k in data["kept"]], int(data["num_layers"])
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: no layer map; rerun `fedsoda quantize SPEC` (it copies the prune stage's layer_map.json)") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{path}: malformed layer map ({type(exc).__name__}: {exc}); rerun `fedsoda prune SPEC`") from None
-    if kept != sorted(set(kept)) or not kept or kept[0] < 0 or kept[-1] >= num_layers:
-        raise ArtifactError(f"{path}: 'kept' must be increasing original indices in 0..{num_layers - 1}; rerun `fedsoda prune SPEC`")
-    return LayerMap(kept, num_layers)
 
 
 def layer_map_for(spec, path: Path, full_model) -> LayerMap:
@@ -57,35 +33,6 @@ def layer_map_for(spec, path: Path, full_model) -> LayerMap:
         n = len(decoder_layers(full_model))
         return LayerMap(list(range(n)), n)
     return read_layer_map(path)
-
-
-def map_adapter_to_full(state: dict[str, torch.Tensor], layer_map: LayerMap, layers_path: str) -> dict[str, torch.Tensor]:
-    """Sub-LLM LoRA tensors (PEFT names) -> full-model LoRA tensors: layer k becomes kept[k]; every
-    LoRA tensor of a layer the adapter does not cover is added as zeros of the same shape.
-
-    `layers_path` is the dotted path of the decoder ModuleList ("model.layers"), the part of a
-    PEFT name followed by the layer index.
-    """
-    # TODO(lead): use models.adapters.sub_to_full_adapter once available, if it zero-fills the same way.
-    pattern = re.compile(rf"(^|\.){re.escape(layers_path)}\.(\d+)\.")
-    mapped: dict[str, torch.Tensor] = {}
-    templates: dict[str, torch.Tensor] = {}  # "prefix|suffix" -> one tensor with that role
-    for name, tensor in state.items():
-        found = pattern.search(name)
-        if found is None:
-            mapped[name] = tensor  # not inside a decoder layer (e.g. lm_head): same name in the full model
-            continue
-        k = int(found.group(2))
-        if k >= len(layer_map.kept):
-            raise ArtifactError(f"adapter tensor {name!r} is for sub-LLM layer {k}, but the layer map keeps only {len(layer_map.kept)} layers; the adapter and quantize/layer_map.json come from different runs")
-        head, tail = name[:found.start(2)], name[found.end(2):]
-        mapped[f"{head}{layer_map.kept[k]}{tail}"] = tensor
-        templates.setdefault(f"{head}|{tail}", tensor)
-    for key, tensor in templates.items():
-        head, tail = key.split("|")
-        for layer in range(layer_map.num_layers):
-            mapped.setdefault(f"{head}{layer}{tail}", torch.zeros_like(tensor))
-    return mapped
 
 
 def write_plugin_adapter(sub_adapter: Path, layer_map: LayerMap, layers_path: str, out_dir: Path) -> Path:
@@ -100,7 +47,7 @@ def write_plugin_adapter(sub_adapter: Path, layer_map: LayerMap, layers_path: st
         # indices there are sub-LLM layers; the full model needs original ones
         settings["layers_to_transform"] = [layer_map.kept[k] for k in settings["layers_to_transform"]]
     out_dir.mkdir(parents=True, exist_ok=True)
-    full = map_adapter_to_full(load_file(weights), layer_map, layers_path)
+    full = sub_to_full_adapter(load_file(weights), layer_map.kept, layers_path=layers_path, num_layers=layer_map.num_layers)
     save_file({k: v.contiguous() for k, v in full.items()}, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True))
     return out_dir

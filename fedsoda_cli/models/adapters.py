@@ -3,8 +3,8 @@
 In: adapter state dicts in peft's serialized form (`get_peft_model_state_dict` / the
 `adapter_model.safetensors` of a PEFT folder), e.g.
 `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`, and the layer map `kept`.
-Out: the same tensors keyed by the full LLM's layer indices (pruned layers simply have no LoRA,
-i.e. a zero update), or a LoRA-wrapped model.
+Out: the same tensors keyed by the full LLM's layer indices (pruned layers have no LoRA, i.e. a zero
+update, or all-zero LoRA tensors for a stock-PEFT plugin folder), or a LoRA-wrapped model.
 
 The layer index inside a key is found after `layers_path` (the model's decoder-layer ModuleList,
 `models.layers.decoder_layers_path`) when given, else as the first all-digit path segment, which is
@@ -16,25 +16,50 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from fedsoda_cli.errors import ModelError
+from fedsoda_cli.errors import ArtifactError, ModelError
 from fedsoda_cli.spec.schema import LoraSpec
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def sub_to_full_adapter(adapter_state: dict[str, torch.Tensor], kept: list[int], *, layers_path: str | None = None) -> dict[str, torch.Tensor]:
-    """Rename `...layers.{k}...` to `...layers.{kept[k]}...` (sub-LLM -> full LLM)."""
-    def to_full(k: int) -> int:
-        if not 0 <= k < len(kept):
-            raise ModelError(f"adapter has LoRA weights for sub-LLM layer {k}, but the sub-LLM has {len(kept)} layers; the adapter belongs to another sub-LLM")
-        return kept[k]
+def sub_to_full_adapter(adapter_state: dict[str, torch.Tensor], kept: list[int], *, layers_path: str | None = None,
+                        num_layers: int | None = None) -> dict[str, torch.Tensor]:
+    """Rename `...layers.{k}...` to `...layers.{kept[k]}...` (sub-LLM -> full LLM); tensors outside
+    the decoder layers (e.g. lm_head) keep their names.
 
-    return {_renumber(key, to_full, layers_path): value for key, value in adapter_state.items()}
+    With `num_layers` (the full LLM's, from the layer map), every LoRA tensor of a layer the adapter
+    does not cover (a pruned one) is added as zeros of the same shape, so that stock
+    `PeftModel.from_pretrained` loads the result with no missing key and no random init, and the
+    update B@A of those layers is exactly zero: the plugin adapter. A sub-LLM layer the map does not
+    have then means the adapter and the layer map come from different runs (ArtifactError); without
+    `num_layers` the adapter belongs to another sub-LLM (ModelError).
+    """
+    pattern = _index_pattern(layers_path)
+    mapped: dict[str, torch.Tensor] = {}
+    templates: dict[tuple[str, str], torch.Tensor] = {}  # (prefix, suffix) around the index -> one tensor with that role
+    for key, value in adapter_state.items():
+        match = pattern.search(key)
+        if match is None:
+            mapped[key] = value
+            continue
+        k = int(match.group(2))
+        if k >= len(kept):
+            if num_layers is not None:
+                raise ArtifactError(f"adapter tensor {key!r} is for sub-LLM layer {k}, but the layer map keeps only {len(kept)} layers; "
+                                    "the adapter and quantize/layer_map.json come from different runs")
+            raise ModelError(f"adapter has LoRA weights for sub-LLM layer {k}, but the sub-LLM has {len(kept)} layers; the adapter belongs to another sub-LLM")
+        head, tail = key[:match.start(2)], key[match.end(2):]
+        mapped[f"{head}{kept[k]}{tail}"] = value
+        templates.setdefault((head, tail), value)
+    if num_layers is not None:
+        for (head, tail), value in templates.items():
+            for layer in range(num_layers):
+                mapped.setdefault(f"{head}{layer}{tail}", torch.zeros_like(value))
+    return mapped
 
 
 def layer_index(key: str, layers_path: str | None = None) -> int | None:
@@ -47,15 +72,6 @@ def _index_pattern(layers_path: str | None) -> re.Pattern:
     if layers_path:
         return re.compile(r"(^|\.)" + re.escape(layers_path) + r"\.(\d+)(?=\.)")
     return re.compile(r"(^|\.)(\d+)(?=\.)")
-
-
-def _renumber(key: str, mapping: Callable[[int], int], layers_path: str | None) -> str:
-    pattern = _index_pattern(layers_path)
-    match = pattern.search(key)
-    if match is None:
-        return key
-    start, end = match.span(2)
-    return key[:start] + str(mapping(int(match.group(2)))) + key[end:]
 
 
 def lora_config(lora: LoraSpec, layers: list[int] | None = None, *, layers_pattern: str | None = None):

@@ -20,15 +20,13 @@ The loss and loop live in `oda/distill.py`, the client-format emulation in `mode
 from __future__ import annotations
 
 import json
-import shutil
 
-from fedsoda_cli.errors import ArtifactError
+from fedsoda_cli.models import layer_map as layer_maps
+from fedsoda_cli.models.layer_map import LAYER_MAP
 from fedsoda_cli.stages.contract import StageContext, StageResult
 
-LAYER_MAP = "layer_map.json"
 MODEL_DIR = "model"
 STEP_METRICS = "metrics.jsonl"
-VARIANTS = ("pruned_bf16", "aligned_bf16", "deployed_unaligned", "deployed_aligned")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -41,8 +39,8 @@ def run(ctx: StageContext) -> StageResult:
     from fedsoda_cli.oda.distill import align_partial_layers, check_trainable, measure, partial_layers, regressions, seeded_batches
 
     spec, config = ctx.spec, ctx.spec.align
-    layer_map = read_layer_map(ctx.inputs["prune"])
-    kept, groups = layer_map["kept"], layer_map["removed_groups"]
+    layer_map = layer_maps.read_layer_map(ctx.inputs["prune"] / LAYER_MAP)
+    kept, groups = layer_map.kept, layer_map.removed_groups
     partial = partial_layers(config.partial, kept, groups)  # SpecError before any model is loaded
     check_trainable(config, kept, groups, partial)
     teacher, tokenizer = load_causal_lm(spec.model)
@@ -68,7 +66,7 @@ def run(ctx: StageContext) -> StageResult:
 
     save_checkpoint(student, tokenizer, ctx.out / MODEL_DIR)
     partial_original = [kept[k] for k in partial]
-    write_layer_map(ctx.out / LAYER_MAP, layer_map, partial_original, partial_original if config.quant_aware == "bf16_partial" else [])
+    layer_map.with_alignment(partial_original, partial_original if config.quant_aware == "bf16_partial" else []).write(ctx.out / LAYER_MAP)
     seconds = sum(row["seconds"] for row in history)
     measured = {"pruned_bf16": before["bf16"], "aligned_bf16": after["bf16"],
                 "deployed_unaligned": before["deployed"], "deployed_aligned": after["deployed"]}
@@ -90,22 +88,9 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics, summary=rows)
 
 
-def write_layer_map(path, layer_map: dict, partial_original: list[int], bf16_original: list[int]) -> None:
-    """prune's layer map plus the partial layers and the layers the client keeps in bf16."""
-    path.write_text(json.dumps({**layer_map, "partial_layers": partial_original, "bf16_layers": bf16_original}, indent=2))
-
-
 def read_layer_map(folder) -> dict:
-    """The layer map of a prune/align/quantize stage folder, checked for the keys we use."""
-    path = folder / LAYER_MAP
-    try:
-        data = json.loads(path.read_text())
-        kept, groups, n = data["kept"], data["removed_groups"], data["num_layers"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"{path}: missing or malformed layer map ({type(exc).__name__}); rerun `fedsoda prune SPEC --force`") from None
-    if sorted(set(kept) | {l for g in groups for l in g}) != list(range(n)):
-        raise ArtifactError(f"{path}: kept and removed_groups do not cover layers 0..{n - 1} exactly once; rerun `fedsoda prune SPEC --force`")
-    return data
+    """Transitional, for stages/federate.py until it reads a LayerMap itself: the map as a dict."""
+    return layer_maps.read_layer_map(folder / LAYER_MAP).to_dict()
 
 
 def summary_rows(measured: dict, partial_original: list[int], steps: int, config, warnings: list[str]) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+from fedsoda_cli.models.layer_map import LAYER_MAP
 from fedsoda_cli.stages.contract import StageContext, StageResult
 
 RESULTS = "results.json"
@@ -48,29 +49,12 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(metrics=_metrics(results), summary=_summary(results))
 
 
-def evaluate_adapter_on_full(full_model, tokenizer, adapter, adapter_config, layer_map, examples, spec):
-    """Accuracy of the plugin target for an in-memory global adapter, for federate's per-round
-    evaluation (`federate.eval_every`): a TaskScore (.accuracy, .correct, .count, .ci95, .summary()).
-
-    In: the plain full LLM (no adapter attached; it is left unchanged), its tokenizer, the sub-LLM
-    adapter tensors by PEFT name, the peft LoraConfig they were made with, the LayerMap
-    (`evaluation.targets.read_layer_map(quantize/layer_map.json)`), the eval examples
-    (`load_task(spec.task, ..., "eval", seed)`) and the spec (task.name, task.max_len, eval.*).
-    """
-    from fedsoda_cli.evaluation.targets import plugin_model
-    from fedsoda_cli.evaluation.task import evaluate_task
-
-    with plugin_model(full_model, adapter, adapter_config, layer_map) as model:
-        return evaluate_task(model, tokenizer, spec.task.name, examples, batch_size=spec.eval.batch_size,
-                             max_len=spec.task.max_len, max_new_tokens=spec.eval.max_new_tokens)
-
-
 def run_folders(ctx: StageContext) -> dict[str, Path]:
     """federate's adapter, and quantize's client model and layer map (quantize is checked intact)."""
     quantize = ctx.inputs["quantize"]
     return {"adapter": ctx.inputs["federate"] / "adapter", "client_model": quantize / "model",
             "realigned_layers": ctx.inputs["federate"] / "realigned_layers.safetensors",
-            "layer_map": quantize / "layer_map.json"}
+            "layer_map": quantize / LAYER_MAP}
 
 
 def build_target(target: str, spec, folders: dict[str, Path], plugin_dir: Path):

@@ -4,7 +4,7 @@ In: `profile/distances.json` (the full model's LayerProfile) and the spec's [pru
 Out (in the stage folder):
   model/           the sub-LLM as a float32 HF checkpoint, layers re-indexed (KV cache works)
   layer_map.json   {"kept": [original index of each sub-LLM layer], "removed_groups": [[...], ...],
-                    "num_layers": L, "strategy": name, "iterative": bool}
+                    "num_layers": L, "strategy": name, "iterative": bool} (models/layer_map.py)
 
 Any strategy's output, built-in or third-party, is checked by `validate_selection` before a layer
 is touched. With `prune.iterative`, groups are accepted one at a time and the pruned model is
@@ -13,18 +13,17 @@ re-profiled on the same public text before the next choice.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from dataclasses import replace
 
 from fedsoda_cli.errors import ArtifactError, FedsodaError, PluginError, SpecError
+from fedsoda_cli.models.layer_map import LAYER_MAP, LayerMap
 from fedsoda_cli.stages.contract import StageContext, StageResult
 from fedsoda_cli.plugins.contracts import LayerProfile, Pruner
 from fedsoda_cli.plugins.pruners import SimilarityGroupPruner, check_request, protected_layers
 from fedsoda_cli.spec.schema import PruneSpec
 
-LAYER_MAP = "layer_map.json"
 MODEL_DIR = "model"
 
 
@@ -149,10 +148,7 @@ def write_sub_llm(ctx: StageContext, model, tokenizer, groups: list[list[int]], 
     kept = [l for l in range(num_layers) if l not in removed]
     params_sub = _parameter_count(model)
     save_checkpoint(model, tokenizer, ctx.out / MODEL_DIR)
-    layer_map = {"kept": kept, "removed_groups": groups, "num_layers": num_layers, "strategy": strategy, "iterative": iterative}
-    if budget is not None:
-        layer_map["storage_budget"] = budget
-    (ctx.out / LAYER_MAP).write_text(json.dumps(layer_map, indent=2))
+    LayerMap(kept, num_layers, groups, strategy, iterative, storage_budget=budget).write(ctx.out / LAYER_MAP)
     metrics = {"removed_groups": groups, "kept": len(kept), "params_full": params_full, "params_sub": params_sub}
     if budget is not None:
         metrics["storage_budget"] = budget

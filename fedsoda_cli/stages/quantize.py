@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import shutil
 
+from fedsoda_cli.models.layer_map import LAYER_MAP, read_layer_map
 from fedsoda_cli.stages.contract import StageContext, StageResult
 
-LAYER_MAP = "layer_map.json"
 MODEL_DIR = "model"
 BF16_BYTES = 2
 PPL_BATCH = 4  # windows per forward pass when measuring perplexity
@@ -36,17 +36,17 @@ def run(ctx: StageContext) -> StageResult:
     from fedsoda_cli.models import quantized
     from fedsoda_cli.models.load import load_causal_lm, load_checkpoint
     from fedsoda_cli.oda.distill import evaluate_alignment
-    from fedsoda_cli.stages.align import read_layer_map
 
     spec, quant = ctx.spec, ctx.spec.quantize
     (upstream,) = ctx.inputs.values()  # align for fedsoda and fedot; the full model for fedpetuning
     source = upstream / MODEL_DIR
-    layer_map = read_layer_map(upstream)
+    layer_map = read_layer_map(upstream / LAYER_MAP)
     float_model, tokenizer = load_checkpoint(source, dtype=torch.float32)
-    params_sub, params_full = parameter_counts(float_model, layer_map["num_layers"])
+    params_sub, params_full = parameter_counts(float_model, layer_map.num_layers)
 
-    kept, groups = layer_map["kept"], layer_map["removed_groups"]
-    bf16_layers = [kept.index(l) for l in layer_map.get("bf16_layers", [])]
+    kept, groups = layer_map.kept, layer_map.removed_groups
+    bf16_original = layer_map.bf16_layers or []  # prune's map (fedpetuning's base) has none
+    bf16_layers = [kept.index(l) for l in bf16_original]
     client = quantized.quantize_checkpoint(source, quant, bf16_layers=bf16_layers)
     quantized.save_client_model(client, tokenizer, ctx.out / MODEL_DIR)
     shutil.copyfile(upstream / LAYER_MAP, ctx.out / LAYER_MAP)
@@ -85,11 +85,11 @@ def run(ctx: StageContext) -> StageResult:
         "heldout_ppl_sub_bf16": bf16["ppl_student"],
         "heldout_ppl_sub_quantized": deployed["ppl_student"],
         "heldout_tokens": deployed["tokens"],
-        "bf16_layers": layer_map.get("bf16_layers", []),
+        "bf16_layers": bf16_original,
         "measured": {"aligned_bf16": bf16, "deployed_aligned": deployed, "deployed_unaligned": control},
         "warnings": warnings,
     }
-    budget = layer_map.get("storage_budget")
+    budget = layer_map.storage_budget
     if budget is not None:  # prune.storage_budget: the prediction prune chose by, against what was written
         metrics["storage_budget"] = {**budget, "actual_client_bytes": client_bytes, "within_budget": client_bytes <= budget["budget_bytes"],
                                      "predicted_over_actual": round(budget["predicted_client_bytes"] / client_bytes, 4)}
@@ -112,7 +112,7 @@ def run(ctx: StageContext) -> StageResult:
     if budget is not None:
         summary.append(("storage budget", f"{client_bytes:,} B of {budget['budget_bytes']:,} B (predicted {budget['predicted_client_bytes']:,} B)"))
     if bf16_layers:
-        summary.append(("kept in bf16", "layers " + ", ".join(map(str, layer_map["bf16_layers"])) + " (align.quant_aware = bf16_partial)"))
+        summary.append(("kept in bf16", "layers " + ", ".join(map(str, bf16_original)) + " (align.quant_aware = bf16_partial)"))
     if warnings:
         summary.insert(0, ("WARNING", "the client model is not better than the unaligned control: " + "; ".join(warnings)))
     if budget is not None and not metrics["storage_budget"]["within_budget"]:

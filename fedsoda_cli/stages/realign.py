@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import shutil
 
+from fedsoda_cli.models.layer_map import LAYER_MAP, read_layer_map
 from fedsoda_cli.stages.contract import StageContext, StageResult
 
 MODEL_DIR = "model"
-LAYER_MAP = "layer_map.json"
 STEP_METRICS = "metrics.jsonl"
 PARTIAL_LAYERS_FLOAT = "partial_layers.float.safetensors"
 
@@ -36,12 +36,10 @@ def run(ctx: StageContext) -> StageResult:
     from fedsoda_cli.models.quantized import folder_bytes, load_client_model, save_client_model
     from fedsoda_cli.oda.distill import seeded_batches
     from fedsoda_cli.oda.realign import PARTIAL_LAYERS, apply_partial_layers, broadcast_format, realign, write_partial_layers
-    from fedsoda_cli.stages.align import read_layer_map
 
     spec, out, adapter_dir = ctx.spec, ctx.out, ctx.options["adapter"]
     adapter_state, lora = read_adapter_dir(adapter_dir)
-    layer_map = read_layer_map(ctx.inputs["quantize"])
-    kept, groups = layer_map["kept"], layer_map["removed_groups"]
+    layer_map = read_layer_map(ctx.inputs["quantize"] / LAYER_MAP)
 
     teacher, tokenizer = load_causal_lm(spec.model)
     student, _ = load_checkpoint(ctx.inputs["align"] / MODEL_DIR, dtype=torch.float32)
@@ -54,7 +52,7 @@ def run(ctx: StageContext) -> StageResult:
             lines.write(json.dumps(row) + "\n")
             bar.update(task, advance=1, status=f"loss {row['loss']:.4f}")
 
-        result = realign(teacher, student, adapter_state, kept, groups, batches, config=spec.align, lora=lora,
+        result = realign(teacher, student, adapter_state, layer_map.kept, layer_map.removed_groups, batches, config=spec.align, lora=lora,
                          steps=spec.realign.steps, heldout_ids=heldout_ids, quant=spec.quantize, progress=on_step)
     artifact_bytes = write_partial_layers(result.partial_layer_state, broadcast_format(spec.align, spec.quantize), out / PARTIAL_LAYERS)
     save_file({k: v.contiguous() for k, v in result.partial_layer_state.items()}, out / PARTIAL_LAYERS_FLOAT, metadata={"format": "pt"})

@@ -61,7 +61,8 @@ def test_merged_export_loads_with_stock_transformers_and_matches_peft(tmp_path):
     assert not any("lora" in name for name, _ in merged.named_parameters())
 
     # the reference: stock PEFT on the plugin adapter, written here through the eval stage's code
-    from fedsoda_cli.evaluation.targets import LayerMap, write_plugin_adapter
+    from fedsoda_cli.evaluation.targets import write_plugin_adapter
+    from fedsoda_cli.models.layer_map import LayerMap
 
     layer_map = json.loads((workdir / "quantize" / "layer_map.json").read_text())
     plugin = write_plugin_adapter(workdir / "federate" / "adapter", LayerMap(layer_map["kept"], 6), "model.layers", tmp_path / "plugin")

@@ -8,9 +8,10 @@ import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 
 from fedsoda_cli.errors import ArtifactError, ModelError
-from fedsoda_cli.evaluation.targets import (LayerMap, check_layer_map, map_adapter_to_full, plugin_model, read_layer_map,
-                                            write_plugin_adapter)
+from fedsoda_cli.evaluation.targets import check_layer_map, plugin_model, write_plugin_adapter
 from fedsoda_cli.federated.client import lora_config
+from fedsoda_cli.models.adapters import sub_to_full_adapter
+from fedsoda_cli.models.layer_map import LayerMap, read_layer_map
 from fedsoda_cli.models.layers import decoder_layers, drop_layers
 from fedsoda_cli.models.load import load_causal_lm
 from fedsoda_cli.spec.schema import LoraSpec, ModelSpec
@@ -63,7 +64,7 @@ def test_stock_peft_loading_of_the_plugin_adapter_equals_hand_mapping(tmp_path):
     # every layer has LoRA tensors; those of the pruned layers are all zero
     saved = json.loads((plugin_dir / "adapter_config.json").read_text())
     assert saved["r"] == 4
-    mapped = map_adapter_to_full(state, layer_map, "model.layers")
+    mapped = sub_to_full_adapter(state, layer_map.kept, layers_path="model.layers", num_layers=layer_map.num_layers)
     assert len(mapped) == len(state) * 6 // 4
     assert all(t.abs().sum() == 0 for n, t in mapped.items() if ".layers.2." in n or ".layers.3." in n)
 
@@ -96,4 +97,5 @@ def test_layer_map_errors_name_the_file(tmp_path):
     with pytest.raises(ModelError, match="8 layers"):
         check_layer_map(full, LayerMap([0, 1], 8), path)
     with pytest.raises(ArtifactError, match="sub-LLM layer 4"):
-        map_adapter_to_full({"base_model.model.model.layers.4.self_attn.q_proj.lora_A.weight": torch.zeros(2, 2)}, LayerMap([0, 1, 5], 6), "model.layers")
+        sub_to_full_adapter({"base_model.model.model.layers.4.self_attn.q_proj.lora_A.weight": torch.zeros(2, 2)}, [0, 1, 5],
+                            layers_path="model.layers", num_layers=6)

@@ -15,13 +15,15 @@ from fedsoda_cli.data.paths import resolve_data_dir
 from fedsoda_cli.data.tasks import load_task
 from fedsoda_cli.errors import ArtifactError
 from fedsoda_cli.evaluation.scoring import label_word_logprobs
-from fedsoda_cli.evaluation.targets import LayerMap
+from fedsoda_cli.evaluation.targets import plugin_model
+from fedsoda_cli.evaluation.task import evaluate_task
 from fedsoda_cli.federated.client import lora_config
+from fedsoda_cli.models.layer_map import LayerMap
 from fedsoda_cli.models.layers import drop_layers
 from fedsoda_cli.models.load import load_causal_lm, save_checkpoint
 from fedsoda_cli.models.quantized import quantize_checkpoint, save_client_model
 from fedsoda_cli.spec import Spec
-from fedsoda_cli.stages.eval import PREDICTIONS, RESULTS, evaluate_adapter_on_full
+from fedsoda_cli.stages.eval import PREDICTIONS, RESULTS
 
 from tests.stage_folders import write_stage_folder
 
@@ -111,7 +113,9 @@ def test_eval_stage_writes_results_and_predictions_for_every_target(tmp_path, da
     assert not torch.allclose(torch.tensor(by_target["plugin"]), torch.tensor(zero_shot), atol=1e-3)
 
 
-def test_evaluate_adapter_on_full_matches_the_stage_plugin_target(tmp_path, data_dir):
+def test_the_in_memory_plugin_model_matches_the_stage_plugin_target(tmp_path, data_dir):
+    """What federate's per-round evaluator scores (plugin_model on an in-memory adapter) is what
+    the eval stage scores from the adapter folder."""
     spec = _spec(eval_examples=4)
     spec.eval.targets = ["plugin"]
     spec.eval.perplexity = False
@@ -126,7 +130,9 @@ def test_evaluate_adapter_on_full_matches_the_stage_plugin_target(tmp_path, data
     # PEFT saves names without the adapter name; per-round callers hold get_peft_model_state_dict's, the same.
     full, tokenizer = load_causal_lm(spec.model)
     examples = load_task(spec.task, data_dir, "eval", spec.run.seed)
-    score = evaluate_adapter_on_full(full, tokenizer, adapter, lora_config(spec.lora), LayerMap(kept, 6), examples, spec)
+    with plugin_model(full, adapter, lora_config(spec.lora), LayerMap(kept, 6)) as model:
+        score = evaluate_task(model, tokenizer, spec.task.name, examples, batch_size=spec.eval.batch_size,
+                              max_len=spec.task.max_len, max_new_tokens=spec.eval.max_new_tokens)
     assert score.summary() == {k: stage_result[k] for k in score.summary()}
     assert not any("lora" in name for name, _ in full.named_modules())
 
