@@ -33,7 +33,7 @@ def export_merged(spec, workdir: Path, out_dir: Path, *, dtype: str = "float32")
     workdir, out = Path(workdir), Path(out_dir)
     # An export killed mid-swap left the earlier one under its retired name: back first, then replaced.
     artifacts.recover_folder(out, complete=lambda folder: (folder / PROVENANCE).is_file())
-    check_out_dir(out, workdir, spec)  # before the merge, so a refusal costs nothing
+    check_out_dir(out, workdir)  # before the merge, so a refusal costs nothing
     federate = _current_stage(spec, workdir, "federate")
     quantize = _current_stage(spec, workdir, "quantize")
     provenance = {"workdir": str(workdir.resolve()), "method": spec.run.method, "run": spec.run.name,
@@ -45,18 +45,18 @@ def export_merged(spec, workdir: Path, out_dir: Path, *, dtype: str = "float32")
         merged, tokenizer = merge_plugin(spec, federate / "adapter", quantize / "layer_map.json", Path(scratch) / "plugin")
         staged = save_checkpoint(merged.to(DTYPES[dtype]), tokenizer, Path(scratch) / "export")
         (staged / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True))
-        check_out_dir(out, workdir, spec)  # again: `out` may have been filled while the merge ran
+        check_out_dir(out, workdir)  # again: `out` may have been filled while the merge ran
         artifacts.replace_folder(staged, out)
     return out
 
 
-def check_out_dir(out: Path, workdir: Path, spec) -> None:
+def check_out_dir(out: Path, workdir: Path) -> None:
     """An ArtifactError unless `out` may receive an export: absent, an empty folder, or an earlier
     fedsoda export (it carries fedsoda_export.json), and clear of every run's stage folders."""
     from fedsoda_cli import artifacts, pipeline
 
     resolved, run = out.resolve(), workdir.resolve()
-    stage_names = {*pipeline.ALL_STAGE_NAMES, "realign", *(stage.name for stage in pipeline.stages_for(spec))}
+    stage_names = pipeline.all_stage_names()  # every method's: the workdir may hold another method's folders
     how = "choose another --out (a new folder, or an earlier fedsoda export to replace)"
     if resolved == run or resolved in run.parents:
         raise ArtifactError(f"{out}: is or contains the run's workdir {run}, which the export would replace; {how}")

@@ -18,7 +18,7 @@ from fedsoda_cli.errors import ArtifactError, SpecError
 from fedsoda_cli.spec import Spec, sections_hash
 from fedsoda_cli.stages.contract import Stage, StageContext, StageResult
 
-__all__ = ["PIPELINES", "REALIGN", "Stage", "StageContext", "StageResult", "execute", "input_folders", "record_spec",
+__all__ = ["PIPELINES", "REALIGN", "Stage", "StageContext", "StageResult", "all_stage_names", "execute", "input_folders", "record_spec",
            "stage_named", "stages_for", "status"]
 
 _SOURCES = ("model", "data")  # every stage that loads the model or data depends on these
@@ -64,7 +64,10 @@ PIPELINES: dict[str, tuple[Stage, ...]] = {
 REALIGN = Stage("realign", ("align", "quantize"), (*_SOURCES, "public_data", "align", "realign", "quantize", "run.seed"),
                 "fedsoda_cli.stages.realign:run")
 
-ALL_STAGE_NAMES = ("profile", "prune", "align", "quantize", "federate", "eval")
+
+def all_stage_names() -> frozenset[str]:
+    """The name of every stage folder some method, or `fedsoda realign`, writes into a workdir."""
+    return frozenset({REALIGN.name, *(stage.name for stages in PIPELINES.values() for stage in stages)})
 
 
 def stages_for(spec: Spec) -> tuple[Stage, ...]:

@@ -4,7 +4,7 @@
                  realignment, accounting, checkpoints, resume
   transport.py   the protocol a way of reaching clients implements
   local.py       ... over worker processes on this machine (the default backend)
-  inline.py      ... inside the server process (debugging, tests, benchmarks)
+  inline.py      ... inside the server process (debugging, tests)
   worker.py      a worker: one client model loaded once, serving many clients' tasks
   client.py      a client's local training (SFT + FedProx proximal term) and its model
   messages.py    what crosses the boundary, as bytes (safetensors + JSON, never pickle)

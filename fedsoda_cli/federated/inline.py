@@ -1,8 +1,8 @@
 """The inline backend: clients train one after another inside the server process.
 
 Same client code and the same byte messages as the worker processes (local.py), without the
-processes: for debugging, tests of the round loop, and as the single-process baseline of
-bench/federate_runtime.py.
+processes: for debugging and for the round loop's tests (tests/federated/test_server.py), where a
+subclass can tamper with or hold back a client's reply.
 """
 
 from __future__ import annotations
