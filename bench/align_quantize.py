@@ -70,7 +70,7 @@ def load(args):
     torch.set_num_threads(args.threads)
     teacher, tokenizer = load_causal_lm(ModelSpec(name=args.model))
     student = copy.deepcopy(teacher)
-    kept = drop_layers(student, [l for g in groups_of(args.groups) for l in g])
+    kept = drop_layers(student, [layer for g in groups_of(args.groups) for layer in g])
     return teacher, student, kept, tokenizer
 
 

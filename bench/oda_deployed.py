@@ -110,7 +110,7 @@ def main(args) -> None:
     teacher, tokenizer = load_causal_lm(ModelSpec(name=args.model))
     groups = groups_of(args.groups)
     pruned = copy.deepcopy(teacher)
-    kept = drop_layers(pruned, [l for g in groups for l in g])
+    kept = drop_layers(pruned, [layer for g in groups for layer in g])
     train = windows(tokenizer, "valid", args.train, args.seq_len)
     heldout = windows(tokenizer, "test", args.heldout, args.seq_len)
     quant = QuantizeSpec()

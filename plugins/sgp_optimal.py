@@ -67,8 +67,8 @@ class OptimalGroupPruner(Pruner):
     @staticmethod
     def _block_costs(distances, n, protected):
         """cost[l] = d_n(l), or inf when block l..l+n-1 touches a protected layer or is unmeasurable."""
-        return [d if math.isfinite(d) and not set(range(l, l + n)) & protected else math.inf
-                for l, d in enumerate(distances)]
+        return [d if math.isfinite(d) and not set(range(layer, layer + n)) & protected else math.inf
+                for layer, d in enumerate(distances)]
 
     @staticmethod
     def _solve(cost, L, n, p):

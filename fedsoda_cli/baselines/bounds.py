@@ -69,9 +69,7 @@ def local(ctx: StageContext) -> StageResult:
 
 def local_eval(ctx: StageContext) -> StageResult:
     """The eval stage over every client's adapter: per target, the mean and the worst client."""
-    import dataclasses
     import gc
-    import json
 
     from fedsoda_cli import artifacts, terminal
     from fedsoda_cli.baselines.overrides import with_overrides

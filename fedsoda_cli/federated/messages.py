@@ -104,7 +104,6 @@ def adapter_from_bytes(blob: bytes) -> "AdapterState":
     """Deserialize safetensors bytes, floating tensors back in float32 (the precision both sides
     train and aggregate in, whatever the wire carried); ValueError on anything that is not a
     safetensors blob."""
-    import torch
     from safetensors.torch import load
 
     try:

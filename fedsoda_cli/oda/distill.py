@@ -97,10 +97,10 @@ def partial_layers(partial: str | list[int], kept: list[int], removed_groups: li
     right after each removed group; the last kept layer for a gap at the end), both_neighbours
     (also the kept layer right before), all_kept, or a list of ORIGINAL layer indices."""
     if isinstance(partial, list):
-        missing = [l for l in partial if l not in kept]
+        missing = [layer for layer in partial if layer not in kept]
         if missing:
             raise SpecError(f"align.partial = {partial}: layers {missing} are not kept layers of the sub-LLM (kept: {kept}); list original indices of kept layers")
-        return sorted({kept.index(l) for l in partial})
+        return sorted({kept.index(layer) for layer in partial})
     if partial == "all_kept":
         return list(range(len(kept)))
     if partial not in ("after_gap", "both_neighbours"):

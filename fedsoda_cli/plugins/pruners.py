@@ -75,7 +75,7 @@ class SimilarityGroupPruner(Pruner):
         protected = protected_layers(L, config)
         taken: set[int] = set()
         accepted: list[list[int]] = []
-        for start in sorted(range(len(distances)), key=lambda l: (distances[l], l)):
+        for start in sorted(range(len(distances)), key=lambda layer: (distances[layer], layer)):
             block = set(range(start, start + n))
             if not math.isfinite(distances[start]) or block & (taken | protected):
                 continue
@@ -98,8 +98,8 @@ class BlockInfluencePruner(Pruner):
         check_request(L, config)
         protected = protected_layers(L, config)
         influence = profile.block_influence
-        candidates = sorted((l for l in range(L) if l not in protected), key=lambda l: (influence[l], l))
-        return [[l] for l in sorted(candidates[: config.groups * config.group_size])]
+        candidates = sorted((layer for layer in range(L) if layer not in protected), key=lambda layer: (influence[layer], layer))
+        return [[layer] for layer in sorted(candidates[: config.groups * config.group_size])]
 
 
 class UniformPruner(Pruner):
@@ -110,7 +110,7 @@ class UniformPruner(Pruner):
         L = profile.num_layers
         check_request(L, config)
         protected = protected_layers(L, config)
-        middle = [l for l in range(L) if l not in protected]
+        middle = [layer for layer in range(L) if layer not in protected]
         k = config.groups * config.group_size
         # k <= len(middle) - 1 (check_request), so the slices are at least one layer wide and the
         # picks are distinct.
@@ -160,7 +160,7 @@ def budget_blocks(profile: LayerProfile, config: PruneSpec, remove_at_least: int
             if cost < best[i + 1][k][0]:  # keep layer i
                 best[i + 1][k] = (cost, choice)
             for s in spans:
-                if i + s > L or k + s > limit or any(l in protected for l in range(i, i + s)):
+                if i + s > L or k + s > limit or any(layer in protected for layer in range(i, i + s)):
                     continue
                 d = profile.distances[s][i] if i < len(profile.distances[s]) else inf
                 if not math.isfinite(d):

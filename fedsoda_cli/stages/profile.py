@@ -73,8 +73,8 @@ def public_input_ids(spec, tokenizer):
 def most_redundant(profile: LayerProfile, span: int, top: int = TOP_BLOCKS) -> list[tuple[int, float]]:
     """The `top` starts l with the lowest d_span(l), as (l, distance), lowest first ([] if unmeasured)."""
     row = profile.distances.get(span, [])
-    ranked = sorted(range(len(row)), key=lambda l: (row[l], l))
-    return [(l, row[l]) for l in ranked[:top]]
+    ranked = sorted(range(len(row)), key=lambda layer: (row[layer], layer))
+    return [(layer, row[layer]) for layer in ranked[:top]]
 
 
 def write_profile(folder: Path, profile: LayerProfile, meta: dict) -> None:
@@ -92,11 +92,11 @@ def write_profile(folder: Path, profile: LayerProfile, meta: dict) -> None:
         writer = csv.writer(handle)
         writer.writerow(["n", "l", "distance"])
         for n, row in sorted(profile.distances.items()):
-            writer.writerows((n, l, repr(d)) for l, d in enumerate(row))
+            writer.writerows((n, layer, repr(d)) for layer, d in enumerate(row))
     with open(folder / BLOCK_INFLUENCE_CSV, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["layer", "block_influence"])
-        writer.writerows((l, repr(bi)) for l, bi in enumerate(profile.block_influence))
+        writer.writerows((layer, repr(bi)) for layer, bi in enumerate(profile.block_influence))
 
 
 def read_profile(folder: Path) -> LayerProfile:
@@ -162,6 +162,6 @@ def _summary(profile: LayerProfile, span: int, metrics: dict, count: int, seq_le
     blocks = most_redundant(profile, span)
     if not blocks:
         rows.append((f"most redundant n={span}", f"not measured: prune.group_size {span} > profile.max_span {max(profile.distances)}"))
-    for rank, (l, distance) in enumerate(blocks, start=1):
-        rows.append((f"most redundant n={span} #{rank}", f"layers {l}..{l + span - 1}  d = {distance:.4f}"))
+    for rank, (layer, distance) in enumerate(blocks, start=1):
+        rows.append((f"most redundant n={span} #{rank}", f"layers {layer}..{layer + span - 1}  d = {distance:.4f}"))
     return rows

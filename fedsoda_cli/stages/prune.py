@@ -53,15 +53,15 @@ def run(ctx: StageContext) -> StageResult:
     budget = rerank = None
     if config.storage_budget is not None:
         groups, budget = _select_to_budget(ctx, profile, model, tokenizer, params_full)
-        drop_layers(model, [l for group in groups for l in group])
+        drop_layers(model, [layer for group in groups for layer in group])
     elif config.rerank_top_k > 1:
         groups, rerank = _select_reranked(ctx, profile, model, tokenizer)
-        drop_layers(model, [l for group in groups for l in group])
+        drop_layers(model, [layer for group in groups for layer in group])
     elif config.iterative:
         groups = _select_iteratively(ctx, pruner, profile, model, tokenizer)
     else:
         groups = validate_selection(_call(pruner, profile, config), num_layers, config, config.strategy)
-        drop_layers(model, [l for group in groups for l in group])
+        drop_layers(model, [layer for group in groups for layer in group])
     return write_sub_llm(ctx, model, tokenizer, groups, num_layers, params_full, config.strategy, config.iterative, budget, rerank)
 
 
@@ -91,15 +91,15 @@ def _select_reranked(ctx: StageContext, profile: LayerProfile, model, tokenizer)
     with terminal.progress(ctx.console) as bar:
         task = bar.add_task("re-rank", total=p * k, status=f"top {k} blocks by distance, by perplexity")
         for _ in range(p):
-            taken = {l for g in accepted for l in g} | protected
-            ranked = [l for l in sorted(range(len(distances)), key=lambda l: (distances[l], l))
-                      if math.isfinite(distances[l]) and not taken & set(range(l, l + n))][:k]
+            taken = {layer for g in accepted for layer in g} | protected
+            ranked = [layer for layer in sorted(range(len(distances)), key=lambda layer: (distances[layer], layer))
+                      if math.isfinite(distances[layer]) and not taken & set(range(layer, layer + n))][:k]
             if not ranked:
                 raise SpecError(f"prune.groups = {p} x prune.group_size = {n}: only {len(accepted)} non-overlapping blocks fit; lower prune.groups or prune.group_size")
             scored = []
             for start in ranked:
                 trial = copy.deepcopy(model)
-                drop_layers(trial, [l for g in accepted for l in g] + list(range(start, start + n)))
+                drop_layers(trial, [layer for g in accepted for layer in g] + list(range(start, start + n)))
                 ppl = perplexity(trial.eval(), windows, batch_size=spec.profile.batch_size).perplexity
                 del trial
                 scored.append((ppl, ranked.index(start), start))
@@ -144,8 +144,8 @@ def write_sub_llm(ctx: StageContext, model, tokenizer, groups: list[list[int]], 
     bytes; `rerank`: prune.rerank_top_k's trials."""
     from fedsoda_cli.models.load import save_checkpoint
 
-    removed = {l for group in groups for l in group}
-    kept = [l for l in range(num_layers) if l not in removed]
+    removed = {layer for group in groups for layer in group}
+    kept = [layer for layer in range(num_layers) if layer not in removed]
     params_sub = _parameter_count(model)
     save_checkpoint(model, tokenizer, ctx.out / MODEL_DIR)
     LayerMap(kept, num_layers, groups, strategy, iterative, storage_budget=budget).write(ctx.out / LAYER_MAP)
@@ -192,9 +192,9 @@ def validate_selection(groups: object, num_layers: int, config: PruneSpec, strat
             raise broken(f"group {group} is not a run of consecutive layers")
         if group[0] < 0 or group[-1] >= num_layers:
             raise broken(f"group {group} is outside the layers 0..{num_layers - 1}")
-    flat = [l for group in clean for l in group]
+    flat = [layer for group in clean for layer in group]
     if len(flat) != len(set(flat)):
-        twice = sorted({l for l in flat if flat.count(l) > 1})
+        twice = sorted({layer for layer in flat if flat.count(layer) > 1})
         raise broken(f"groups overlap at layers {twice}")
     touched = sorted(set(flat) & protected_layers(num_layers, config))
     if touched:
@@ -242,7 +242,7 @@ def _without_straddling(profile: LayerProfile, kept: list[int], span: int) -> La
     consecutive in original indices (it would straddle a gap left by an earlier group)."""
     if span not in profile.distances:
         return profile
-    row = [d if kept[l + span - 1] - kept[l] == span - 1 else math.inf for l, d in enumerate(profile.distances[span])]
+    row = [d if kept[layer + span - 1] - kept[layer] == span - 1 else math.inf for layer, d in enumerate(profile.distances[span])]
     return replace(profile, distances={**profile.distances, span: row})
 
 

@@ -46,7 +46,7 @@ def run(ctx: StageContext) -> StageResult:
 
     kept, groups = layer_map.kept, layer_map.removed_groups
     bf16_original = layer_map.bf16_layers or []  # prune's map (fedpetuning's base) has none
-    bf16_layers = [kept.index(l) for l in bf16_original]
+    bf16_layers = [kept.index(layer) for layer in bf16_original]
     client = quantized.quantize_checkpoint(source, quant, bf16_layers=bf16_layers)
     quantized.save_client_model(client, tokenizer, ctx.out / MODEL_DIR)
     shutil.copyfile(upstream / LAYER_MAP, ctx.out / LAYER_MAP)

@@ -98,8 +98,8 @@ def test_two_rounds_through_flower_match_the_local_backend(tmp_path, sub_llm, lo
     assert summary["failed_tasks"] == 0 and manifest.metrics["rounds"] == 2
     wire = summary["wire_bytes"]  # what Flower itself shipped: at least the adapters and layers it carried
     assert wire["down"] >= summary["bytes"]["adapter_down"] + summary["bytes"]["realign"] and wire["up"] >= summary["bytes"]["adapter_up"]
-    print(f"\nflower: {seconds:.1f} s for 2 rounds incl. SuperLink/SuperNode start; rounds {[l['seconds'] for l in lines]} s; "
-          f"local rounds {[l['seconds'] for l in local_lines]} s; wire {wire}; accounted {summary['bytes']}")
+    print(f"\nflower: {seconds:.1f} s for 2 rounds incl. SuperLink/SuperNode start; rounds {[line['seconds'] for line in lines]} s; "
+          f"local rounds {[line['seconds'] for line in local_lines]} s; wire {wire}; accounted {summary['bytes']}")
 
 
 def _kill_site_when(fed, round_to_kill: int, client: int, monkeypatch):

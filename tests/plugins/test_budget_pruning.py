@@ -24,12 +24,12 @@ def random_profile(rng: random.Random, num_layers: int, max_span: int) -> LayerP
 def brute_force(profile: LayerProfile, config: PruneSpec, need: int) -> float:
     """The lowest total distance over every set of disjoint blocks removing >= need layers."""
     L, protected = profile.num_layers, protected_layers(profile.num_layers, config)
-    blocks = [(l, n) for n, row in profile.distances.items() for l in range(len(row))
-              if l + n <= L and not protected & set(range(l, l + n))]
+    blocks = [(layer, n) for n, row in profile.distances.items() for layer in range(len(row))
+              if layer + n <= L and not protected & set(range(layer, layer + n))]
     best = math.inf
     for k in range(1, L + 1):
         for combo in itertools.combinations(blocks, k):
-            layers = [l for start, n in combo for l in range(start, start + n)]
+            layers = [layer for start, n in combo for layer in range(start, start + n)]
             if len(layers) != len(set(layers)) or not need <= len(layers) <= removable_budget(L, config):
                 continue
             best = min(best, sum(profile.distances[n][start] for start, n in combo))
@@ -48,7 +48,7 @@ def test_budget_choice_is_the_brute_force_optimum(seed):
     profile = random_profile(rng, L, span)
     need = rng.randint(1, removable_budget(L, config))
     groups = budget_blocks(profile, config, need)
-    removed = [l for g in groups for l in g]
+    removed = [layer for g in groups for layer in g]
     assert len(removed) == len(set(removed)) >= need
     assert not set(removed) & protected_layers(L, config)
     assert all(g == list(range(g[0], g[0] + len(g))) and len(g) <= span for g in groups)

@@ -76,7 +76,7 @@ def test_sgp_properties_on_random_profiles(seed, num_layers, n, p, first, last):
         return
     assert n * p <= removable_budget(num_layers, config)
     assert len(groups) == p
-    flat = [l for g in groups for l in g]
+    flat = [layer for g in groups for layer in g]
     assert len(flat) == len(set(flat)) == n * p, "groups overlap"
     assert not set(flat) & protected
     assert all(g == list(range(g[0], g[0] + n)) for g in groups)

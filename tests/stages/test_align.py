@@ -31,7 +31,7 @@ def tiny_teacher():
 def pruned(teacher, groups=GROUPS):
     """(student, kept): a deep copy of `teacher` without the layers of `groups`."""
     student = copy.deepcopy(teacher)
-    kept = drop_layers(student, [l for g in groups for l in g])
+    kept = drop_layers(student, [layer for g in groups for layer in g])
     return student, kept
 
 
@@ -288,7 +288,7 @@ def test_align_stage_writes_the_aligned_model_and_measurements(tmp_path, tiny_te
     result = align.run(ctx)
 
     lines = (ctx.out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     assert json.loads((ctx.out / "layer_map.json").read_text())["kept"] == [0, 1, 3, 5]
     aligned, _ = load_checkpoint(ctx.out / "model")
     original, _ = load_checkpoint(prune_dir / "model")
@@ -362,7 +362,7 @@ def test_short_alignment_of_smollm2_lowers_heldout_kl():
     teacher, tokenizer = load_causal_lm(ModelSpec(name="smollm2-135m"))
     groups = [[12, 13, 14], [18, 19, 20], [24, 25, 26]]
     student = copy.deepcopy(teacher)
-    kept = drop_layers(student, [l for g in groups for l in g])
+    kept = drop_layers(student, [layer for g in groups for layer in g])
     data_dir = resolve_data_dir(DataSpec(), None)
     train = public_sequences(data_dir, "valid", tokenizer, 8, 64)
     heldout = public_sequences(data_dir, "test", tokenizer, 4, 64)

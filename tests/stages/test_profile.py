@@ -60,18 +60,18 @@ def boundaries(model, ids: torch.Tensor) -> list[torch.Tensor]:
 def brute_force(model, ids, mask, max_span, tokens):
     """d_n(l) and BI_l computed directly from every sequence run alone, all boundaries kept."""
     L = model.config.num_hidden_layers
-    angles = {(n, l): [] for n in range(1, max_span + 1) for l in range(L - n + 1)}
-    cosines = {l: [] for l in range(L)}
+    angles = {(n, layer): [] for n in range(1, max_span + 1) for layer in range(L - n + 1)}
+    cosines = {layer: [] for layer in range(L)}
     for row in range(ids.shape[0]):
         length = int(mask[row].sum())
         h = boundaries(model, ids[row, :length])
-        for (n, l), bucket in angles.items():
-            cos = torch.nn.functional.cosine_similarity(h[l], h[l + n], dim=-1).clamp(-1, 1)
+        for (n, layer), bucket in angles.items():
+            cos = torch.nn.functional.cosine_similarity(h[layer], h[layer + n], dim=-1).clamp(-1, 1)
             chosen = cos[-1:] if tokens == "last" else cos
             bucket.extend((torch.arccos(chosen) / math.pi).tolist())
-        for l in range(L):
-            cosines[l].extend(torch.nn.functional.cosine_similarity(h[l], h[l + 1], dim=-1).tolist())
-    distances = {n: [sum(angles[n, l]) / len(angles[n, l]) for l in range(L - n + 1)] for n in range(1, max_span + 1)}
+        for layer in range(L):
+            cosines[layer].extend(torch.nn.functional.cosine_similarity(h[layer], h[layer + 1], dim=-1).tolist())
+    distances = {n: [sum(angles[n, layer]) / len(angles[n, layer]) for layer in range(L - n + 1)] for n in range(1, max_span + 1)}
     influence = [1 - sum(c) / len(c) for c in cosines.values()]
     return distances, influence
 
@@ -128,8 +128,8 @@ def test_accumulator_memory_does_not_grow_with_batches():
     acc = AngularDistanceAccumulator(num_layers=10, max_span=2, tokens="all")
     for _ in range(3):
         acc.begin_batch(torch.ones(2, 4, dtype=torch.long))
-        for l in range(11):
-            acc.add_boundary(l, torch.randn(2, 4, 8))
+        for layer in range(11):
+            acc.add_boundary(layer, torch.randn(2, 4, 8))
             assert len(acc._recent) <= 2
     assert acc.angle_counts[0, 0] == 3 * 8
 
@@ -146,8 +146,8 @@ def test_identical_boundaries_have_zero_distance():
     acc = AngularDistanceAccumulator(num_layers=3, max_span=3, tokens="last")
     h = torch.randn(2, 5, 8)
     acc.begin_batch(torch.ones(2, 5, dtype=torch.long))
-    for l in range(4):
-        acc.add_boundary(l, h * (l + 1))  # same direction, different length
+    for layer in range(4):
+        acc.add_boundary(layer, h * (layer + 1))  # same direction, different length
     profile = acc.result()
     assert all(d == pytest.approx(0, abs=1e-6) for row in profile.distances.values() for d in row)
     assert profile.block_influence == pytest.approx([0, 0, 0], abs=1e-12)

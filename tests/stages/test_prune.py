@@ -75,9 +75,9 @@ def test_layer_map_follows_the_profile(pruned):
     layer_map = json.loads((workdir / "prune" / "layer_map.json").read_text())
     profile = read_profile(workdir / "profile")
     d2 = profile.distances[2]
-    best = min(range(1, len(d2) - 1), key=lambda l: d2[l])  # blocks 0..1 and 4..5 touch protected layers
+    best = min(range(1, len(d2) - 1), key=lambda layer: d2[layer])  # blocks 0..1 and 4..5 touch protected layers
     assert layer_map["removed_groups"] == [[best, best + 1]]
-    assert layer_map["kept"] == [l for l in range(6) if l not in (best, best + 1)]
+    assert layer_map["kept"] == [layer for layer in range(6) if layer not in (best, best + 1)]
     assert layer_map["num_layers"] == 6 and layer_map["strategy"] == "sgp" and layer_map["iterative"] is False
     manifest = json.loads((workdir / "prune" / "manifest.json").read_text())
     assert manifest["metrics"]["kept"] == 4
@@ -87,7 +87,7 @@ def test_layer_map_follows_the_profile(pruned):
 def test_sub_llm_equals_full_model_with_layers_skipped(pruned):
     spec, workdir = pruned
     layer_map = json.loads((workdir / "prune" / "layer_map.json").read_text())
-    removed = {l for g in layer_map["removed_groups"] for l in g}
+    removed = {layer for g in layer_map["removed_groups"] for layer in g}
     sub, tokenizer = load_checkpoint(workdir / "prune" / "model")
     assert sub.config.num_hidden_layers == 6 - 2 == len(decoder_layers(sub))
     assert next(sub.parameters()).dtype == torch.float32
@@ -124,15 +124,15 @@ def test_iterative_reprofiles_the_pruned_model(tmp_path):
     model, tokenizer = load_causal_lm(ModelSpec(name="tiny-random-llama"))
     ids = public_input_ids(spec, tokenizer)
     full = read_profile(workdir / "profile")
-    first = min(range(1, 5), key=lambda l: full.distances[1][l])
+    first = min(range(1, 5), key=lambda layer: full.distances[1][layer])
     from fedsoda_cli.models.layers import drop_layers
 
     kept = drop_layers(model, [first])
     again = measure(model, ids, None, 1, "last", 2)
-    second = kept[min(range(1, 4), key=lambda l: again.distances[1][l])]
+    second = kept[min(range(1, 4), key=lambda layer: again.distances[1][layer])]
     removed = {g[0] for g in layer_map["removed_groups"]}
     assert first in removed and second in removed
-    assert layer_map["removed_groups"] == [[l] for l in sorted(removed)]
+    assert layer_map["removed_groups"] == [[layer] for layer in sorted(removed)]
     sub, _ = load_checkpoint(workdir / "prune" / "model")
     assert sub.config.num_hidden_layers == 3
 
@@ -145,7 +145,7 @@ def test_third_party_strategy_from_the_spec(tmp_path):
     layer_map = json.loads((workdir / "prune" / "layer_map.json").read_text())
     assert layer_map["strategy"] == "sgp-optimal" and len(layer_map["kept"]) == 4
     d1 = read_profile(workdir / "profile").distances[1]
-    assert layer_map["removed_groups"] == [[l] for l in sorted(sorted(range(1, 5), key=lambda l: d1[l])[:2])]
+    assert layer_map["removed_groups"] == [[layer] for layer in sorted(sorted(range(1, 5), key=lambda layer: d1[layer])[:2])]
 
 
 def test_broken_third_party_output_stops_before_any_file(tmp_path):

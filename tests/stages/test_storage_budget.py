@@ -56,7 +56,7 @@ def test_budget_prunes_to_fit_and_quantize_stays_within_it(tmp_path, embeddings)
     assert done.returncode == 0, done.stdout + done.stderr
 
     layer_map = json.loads((tmp_path / "run" / "prune" / "layer_map.json").read_text())
-    removed = [l for g in layer_map["removed_groups"] for l in g]
+    removed = [layer for g in layer_map["removed_groups"] for layer in g]
     assert 2 <= len(removed) <= 2 + 3 - 1 and 0 not in removed and layers - 1 not in removed
     record = json.loads((tmp_path / "run" / "quantize" / "manifest.json").read_text())["metrics"]["storage_budget"]
     actual = record["actual_client_bytes"]
@@ -95,7 +95,7 @@ def test_rerank_picks_the_lowest_perplexity_block_among_the_top_k(tmp_path):
     groups = json.loads((tmp_path / "run" / "prune" / "layer_map.json").read_text())["removed_groups"]
     assert len(record["trials"]) <= 2 * 3 and record["sequences"] == 3
     first = [t for t in record["trials"] if t["group"] == 1]
-    assert len(first) == 3 and [t["block"][0] for t in first] == sorted((t["block"][0] for t in first), key=lambda l: next(x["distance"] for x in first if x["block"][0] == l))
+    assert len(first) == 3 and [t["block"][0] for t in first] == sorted((t["block"][0] for t in first), key=lambda layer: next(x["distance"] for x in first if x["block"][0] == layer))
     best_first = min(first, key=lambda t: t["ppl"])["block"][0]
     assert [best_first] in groups
     # Each trial's perplexity is the pruned model's, measured again here on the same windows.
