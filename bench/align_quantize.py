@@ -87,8 +87,8 @@ def windows(tokenizer, split: str, n: int, seq_len: int):
 
 def child(args) -> None:
     from fedsoda_cli.models.load import save_checkpoint
-    from fedsoda_cli.spec.schema import AlignSpec
     from fedsoda_cli.oda.distill import align_partial_layers, seeded_batches
+    from fedsoda_cli.spec.schema import AlignSpec
 
     teacher, student, kept, tokenizer = load(args)
     train = windows(tokenizer, "valid", args.train, args.seq_len)

@@ -32,11 +32,11 @@ from fedsoda_cli.spec import load_spec  # noqa: E402
 
 def build_sub_llm(root: Path) -> dict[str, Path]:
     """The tests' tiny sub-LLM (tiny random llama, layer 3 pruned), float and NF4."""
-    from tests.federated.conftest import LAYER_MAP
     from fedsoda_cli.models.layers import drop_layers
     from fedsoda_cli.models.load import load_causal_lm, save_checkpoint
     from fedsoda_cli.models.quantized import quantize_checkpoint, save_client_model
     from fedsoda_cli.spec.schema import ModelSpec, QuantizeSpec
+    from tests.federated.conftest import LAYER_MAP
 
     model, tokenizer = load_causal_lm(ModelSpec(name="tiny-random-llama"))
     drop_layers(model, LAYER_MAP["removed_groups"][0])

@@ -97,13 +97,17 @@ def real_client(student, tokenizer, partial: list[int], quant_aware: str, scratc
     return quantized.load_client_model(scratch / "client", torch.float32, prepare_for_training=False)[0]
 
 
+def mark(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
 def main(args) -> None:
     import torch
 
     from fedsoda_cli.models.layers import drop_layers
     from fedsoda_cli.models.load import load_causal_lm
-    from fedsoda_cli.spec.schema import AlignSpec, ModelSpec, QuantizeSpec
     from fedsoda_cli.oda.distill import align_partial_layers, evaluate_alignment, measure, partial_layers, seeded_batches
+    from fedsoda_cli.spec.schema import AlignSpec, ModelSpec, QuantizeSpec
 
     torch.set_num_threads(args.threads)
     started_all = time.perf_counter()
@@ -164,7 +168,6 @@ def main(args) -> None:
         ratios = [a["hidden_nmse"][g] / max(v, 1e-12) for g, v in b["hidden_nmse"].items()]
         kl = a["kl"] / max(b["kl"], 1e-12)
         ppl = a["ppl_student"] / r["after"]["bf16"]["ppl_student"]
-        mark = lambda ok: "yes" if ok else "NO"
         print(f"| {r['design']} | {', '.join(f'{x:.2f}' for x in ratios)} ({mark(all(x <= 0.5 for x in ratios))}) | "
               f"{kl:.2f} ({mark(kl <= 0.6)}) | {ppl:.2f} ({mark(ppl <= 1.2)}) | {r['wall_s']:.0f} |")
     print(f"\ntotal {time.perf_counter() - started_all:.0f} s")

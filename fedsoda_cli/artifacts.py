@@ -17,9 +17,10 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from fedsoda_cli import __version__
 from fedsoda_cli.errors import ArtifactError
@@ -66,7 +67,7 @@ def inside(root: Path, path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def write_stage(workdir: Path, stage: str, spec_hash: str, inputs: dict[str, str]) -> Iterator["StageWriter"]:
+def write_stage(workdir: Path, stage: str, spec_hash: str, inputs: dict[str, str]) -> Iterator[StageWriter]:
     """Yield a writer whose `.path` is a scratch folder; on clean exit it becomes `<workdir>/<stage>`."""
     ensure_workdir(workdir)
     check_replaceable(workdir, stage)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from fedsoda_cli.artifacts import Manifest
@@ -16,8 +16,8 @@ def quiet_third_party() -> None:
     import logging
     import warnings
 
-    import transformers
     import datasets
+    import transformers
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..." on AVX512 CPUs
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes (as the workers do)

@@ -14,14 +14,12 @@ from pathlib import Path
 import pytest
 
 from fedsoda_cli import artifacts, pipeline
+from fedsoda_cli.compare import baseline_for, change_vs, label_runs, read_run, seed_groups, step_time_control, write_report
 from fedsoda_cli.errors import ArtifactError, SpecError
 from fedsoda_cli.federated.accounting import Ledger
 from fedsoda_cli.federated.server import RunResult
-from fedsoda_cli.stages.federate import summarize
-from fedsoda_cli.compare import (baseline_for, change_vs, label_runs, read_run, seed_groups, step_time_control,
-                                write_report)
 from fedsoda_cli.spec.load import validate
-
+from fedsoda_cli.stages.federate import summarize
 from tests.stage_folders import write_stage_folder
 
 WALLS = {"quantize": 2.0, "federate": 10.0, "eval": 3.0}

@@ -40,8 +40,8 @@ def local(ctx: StageContext) -> StageResult:
 
     from fedsoda_cli import artifacts
     from fedsoda_cli.baselines.overrides import with_overrides
-    from fedsoda_cli.stages import federate as stage
     from fedsoda_cli.federated.console import partition_table
+    from fedsoda_cli.stages import federate as stage
 
     fed = ctx.spec.federate
     shards, stats = stage.client_shards(ctx.spec, ctx.out)

@@ -57,8 +57,8 @@ def align(ctx: StageContext) -> StageResult:
 def federate(ctx: StageContext) -> StageResult:
     """The federated rounds with LoRA on the bottom and top k layers only, and no realignment."""
     from fedsoda_cli.baselines.overrides import with_overrides
-    from fedsoda_cli.stages.federate import run
     from fedsoda_cli.models.layer_map import LAYER_MAP, read_layer_map
+    from fedsoda_cli.stages.federate import run
 
     num_layers = read_layer_map(ctx.inputs["quantize"] / LAYER_MAP).num_layers
     layers = adapter_layers(num_layers, ctx.spec.fedot.adapter_layers)

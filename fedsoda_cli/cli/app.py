@@ -6,8 +6,8 @@ import sys
 
 import typer
 
-from fedsoda_cli.cli import run as run_module
 from fedsoda_cli.cli import export, federate, realign, report, stages, status, validate
+from fedsoda_cli.cli import run as run_module
 
 app = typer.Typer(
     name="fedsoda",

@@ -9,8 +9,9 @@ import os
 import re
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,8 +25,8 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="The TOML experiment spec.", show_default=False)]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec key: --set federate.rounds=3 (repeatable).")]
-WorkdirOpt = Annotated[Optional[Path], typer.Option("--workdir", help="Artifact folder (default: run.workdir of the spec).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a spec key: --set federate.rounds=3 (repeatable).")]
+WorkdirOpt = Annotated[Path | None, typer.Option("--workdir", help="Artifact folder (default: run.workdir of the spec).")]
 
 
 def open_spec(path: Path, overrides: list[str] | None, workdir: Path | None) -> tuple[Spec, Path]:

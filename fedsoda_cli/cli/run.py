@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -31,10 +31,10 @@ def run(
     set: SetOpt = None,
     workdir: WorkdirOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun stages even when up to date.")] = False,
-    from_stage: Annotated[Optional[str], typer.Option("--from", help="First stage to run.")] = None,
-    to_stage: Annotated[Optional[str], typer.Option("--to", help="Last stage to run.")] = None,
+    from_stage: Annotated[str | None, typer.Option("--from", help="First stage to run.")] = None,
+    to_stage: Annotated[str | None, typer.Option("--to", help="Last stage to run.")] = None,
     resume: ResumeOpt = False,
-    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Run once per seed, e.g. 0,1,2, into sibling workdirs <workdir>-seed<k>; "
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Run once per seed, e.g. 0,1,2, into sibling workdirs <workdir>-seed<k>; "
                                                  "stages that do not depend on run.seed are copied from the first seed's workdir.")] = None,
 ) -> None:
     """Run the pipeline end to end (or the range --from..--to), for one seed or several (--seeds)."""

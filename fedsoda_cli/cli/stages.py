@@ -5,7 +5,7 @@ Each reruns its stage from the artifacts of the stage before, whatever its statu
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from fedsoda_cli import artifacts, pipeline
 from fedsoda_cli.cli.common import SetOpt, SpecArg, WorkdirOpt, console, handles_errors, open_spec

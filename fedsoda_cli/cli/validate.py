@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.markup import escape
+
 from fedsoda_cli import pipeline
 from fedsoda_cli.cli.common import SetOpt, SpecArg, WorkdirOpt, console, handles_errors, open_spec
 from fedsoda_cli.errors import SpecError

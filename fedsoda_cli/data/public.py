@@ -19,8 +19,9 @@ profile, align, realign and every perplexity see text the way the model was trai
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 

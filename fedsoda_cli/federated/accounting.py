@@ -45,7 +45,7 @@ class Ledger:
                 "per_client": {str(c): dict(v) for c, v in sorted(self.per_client.items())}}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "Ledger":
+    def from_state(cls, state: dict[str, Any]) -> Ledger:
         ledger = cls()
         ledger.totals.update(state["totals"])
         for client, counts in state["per_client"].items():

@@ -49,7 +49,7 @@ class Checkpoint:
     """The server's state after round `round`."""
 
     round: int
-    adapter: "AdapterState"
+    adapter: AdapterState
     aggregator_state: dict[str, Any] = field(default_factory=dict)
     realign_layers: bytes | None = None
     realigner_state: dict[str, Any] = field(default_factory=dict)
@@ -61,7 +61,7 @@ class Checkpoint:
 class CheckpointStore:
     """Checkpoints of one run in `folder`, tagged with `identity` (spec hash, input digest)."""
 
-    def __init__(self, folder: Path, identity: dict[str, str], lora: "LoraConfig", keep: int = 2):
+    def __init__(self, folder: Path, identity: dict[str, str], lora: LoraConfig, keep: int = 2):
         self.folder, self.identity, self.lora, self.keep = Path(folder), identity, lora, keep
 
     def save(self, checkpoint: Checkpoint, aggregator: str) -> Path:
@@ -198,7 +198,7 @@ def _verified_state(folder: Path) -> dict[str, Any]:
     return state
 
 
-def write_peft_adapter(folder: Path, adapter: "AdapterState", lora: "LoraConfig") -> Path:
+def write_peft_adapter(folder: Path, adapter: AdapterState, lora: LoraConfig) -> Path:
     """An adapter folder that `PeftModel.from_pretrained(sub_llm, folder)` loads."""
     from safetensors.torch import save_file
 
@@ -208,7 +208,7 @@ def write_peft_adapter(folder: Path, adapter: "AdapterState", lora: "LoraConfig"
     return folder
 
 
-def read_peft_adapter(folder: Path) -> "AdapterState":
+def read_peft_adapter(folder: Path) -> AdapterState:
     from safetensors.torch import load_file
 
     return load_file(folder / ADAPTER_WEIGHTS)

@@ -9,9 +9,10 @@ previous client, so clients that share a worker process cannot leak weights into
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import torch
@@ -39,14 +40,14 @@ class LocalTraining:
 class LocalResult:
     """A client's trained adapter, its FedAvg weight and its loss."""
 
-    adapter: "AdapterState"
+    adapter: AdapterState
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
     start_digest: str = ""
     train_seconds: float = 0.0
 
 
-def lora_config(lora: "LoraSpec", layers: list[int] | None = None, layers_pattern: str = "layers") -> "LoraConfig":
+def lora_config(lora: LoraSpec, layers: list[int] | None = None, layers_pattern: str = "layers") -> LoraConfig:
     """The PEFT LoRA config of a [lora] section, the one adapters are attached and saved with.
     `layers`: the client model's layer indices that get LoRA (None = all); `layers_pattern` names
     its decoder-layer list (the last part of `models.layers.decoder_layers_path`)."""
@@ -55,7 +56,7 @@ def lora_config(lora: "LoraSpec", layers: list[int] | None = None, layers_patter
     return adapters_lora_config(lora, layers, layers_pattern=layers_pattern if layers is not None else None)
 
 
-def load_client(model_dir: Path, lora: "LoraSpec", seed: int, layers: list[int] | None = None):
+def load_client(model_dir: Path, lora: LoraSpec, seed: int, layers: list[int] | None = None):
     """The client model of the quantize stage with LoRA attached (on `layers`, client-model
     indices, or on every layer): (peft model, tokenizer).
 
@@ -74,14 +75,14 @@ def load_client(model_dir: Path, lora: "LoraSpec", seed: int, layers: list[int] 
     return model, tokenizer
 
 
-def adapter_state(model) -> "AdapterState":
+def adapter_state(model) -> AdapterState:
     """The model's LoRA tensors by PEFT name (copies, so later training cannot change them)."""
     from fedsoda_cli.models.adapters import adapter_state as peft_adapter_state
 
     return peft_adapter_state(model)
 
 
-def lora_slots(model) -> dict[str, "torch.nn.Parameter"]:
+def lora_slots(model) -> dict[str, torch.nn.Parameter]:
     """The model's LoRA parameters keyed by their PEFT adapter names. peft's own state-dict
     functions walk every module on each call (~20 ms on a tiny model, per direction, per task), so
     a worker looks the parameters up once and copies adapters in and out of them directly."""
@@ -95,7 +96,7 @@ def lora_slots(model) -> dict[str, "torch.nn.Parameter"]:
     return slots
 
 
-def train_client(model, tokenizer, global_adapter: "AdapterState", shard: Sequence[Any], config: LocalTraining, seed: int,
+def train_client(model, tokenizer, global_adapter: AdapterState, shard: Sequence[Any], config: LocalTraining, seed: int,
                  slots: dict[str, Any] | None = None) -> LocalResult:
     """Train the global adapter on one client's shard; return the trained adapter.
 
@@ -142,7 +143,7 @@ def train_client(model, tokenizer, global_adapter: "AdapterState", shard: Sequen
     return LocalResult(trained, len(order), metrics, start_digest, seconds)
 
 
-def _load_into(slots: dict[str, Any], adapter: "AdapterState") -> None:
+def _load_into(slots: dict[str, Any], adapter: AdapterState) -> None:
     """Overwrite every LoRA parameter with the adapter's tensor of the same name (all must exist)."""
     import torch
 
@@ -154,13 +155,13 @@ def _load_into(slots: dict[str, Any], adapter: "AdapterState") -> None:
             param.copy_(adapter[name])
 
 
-def _proximal_term(params: dict[str, "torch.Tensor"], anchors: dict[str, "torch.Tensor"], mu: float):
+def _proximal_term(params: dict[str, torch.Tensor], anchors: dict[str, torch.Tensor], mu: float):
     if mu == 0:
         return 0.0
     return (mu / 2) * sum(((p - anchors[name]) ** 2).sum() for name, p in params.items())
 
 
-def _optimizer(config: LocalTraining, params: list["torch.Tensor"]):
+def _optimizer(config: LocalTraining, params: list[torch.Tensor]):
     import torch
 
     if config.optimizer == "sgd":

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 class ServerEvaluator:
-    def __init__(self, spec: "Spec", client_model_dir: Path, layer_map_path: Path, peft_config, lora_layers: list[int] | None,
+    def __init__(self, spec: Spec, client_model_dir: Path, layer_map_path: Path, peft_config, lora_layers: list[int] | None,
                  examples: list, targets: list[str]):
         if not examples:
             raise ValueError("no validation examples")
@@ -35,7 +35,7 @@ class ServerEvaluator:
         self._full = None  # (full model, tokenizer, layer map)
         self._layers_applied: bytes | None = None
 
-    def evaluate(self, round: int, global_adapter: "AdapterState", realign_layers: bytes | None) -> dict[str, Any]:
+    def evaluate(self, round: int, global_adapter: AdapterState, realign_layers: bytes | None) -> dict[str, Any]:
         import torch
 
         # Loading models draws from torch's global RNG (LoRA init, missing-key init); the server's RNG
@@ -43,7 +43,7 @@ class ServerEvaluator:
         with torch.random.fork_rng(devices=[]):
             return self._evaluate(global_adapter, realign_layers)
 
-    def _evaluate(self, global_adapter: "AdapterState", realign_layers: bytes | None) -> dict[str, Any]:
+    def _evaluate(self, global_adapter: AdapterState, realign_layers: bytes | None) -> dict[str, Any]:
         results = {}
         for target in self.targets:
             started = time.perf_counter()
@@ -51,7 +51,7 @@ class ServerEvaluator:
             results[target] = {**summarize(score, self.examples), "seconds": round_s(time.perf_counter() - started)}
         return results
 
-    def _score_sub(self, adapter: "AdapterState", realign_layers: bytes | None):
+    def _score_sub(self, adapter: AdapterState, realign_layers: bytes | None):
         from fedsoda_cli.federated.client import _load_into, apply_realigned_layers, load_client, lora_slots
 
         if self._sub is None:
@@ -65,7 +65,7 @@ class ServerEvaluator:
         model.eval()
         return self._score(model, tokenizer)
 
-    def _score_plugin(self, adapter: "AdapterState"):
+    def _score_plugin(self, adapter: AdapterState):
         from fedsoda_cli.evaluation.targets import layer_map_for, load_full, plugin_model
 
         if self._full is None:

@@ -7,7 +7,8 @@ subclass can tamper with or hold back a client's reply.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from fedsoda_cli.federated.messages import ClientTask, TaskFailure
 from fedsoda_cli.federated.transport import TaskOutcome

@@ -13,9 +13,10 @@ import shutil
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from fedsoda_cli.errors import FedsodaError
 from fedsoda_cli.federated.messages import ClientTask, TaskFailure, pack, pack_task, unpack, unpack_result

@@ -89,7 +89,7 @@ def unpack_result(header: dict[str, Any], payload: bytes) -> ClientResult:
 WIRE_DTYPES = ("fp32", "bf16", "fp16")  # federate.wire_dtype: how adapter tensors travel
 
 
-def adapter_to_bytes(adapter: "AdapterState", wire_dtype: str = "fp32") -> bytes:
+def adapter_to_bytes(adapter: AdapterState, wire_dtype: str = "fp32") -> bytes:
     """Serialize adapter tensors with safetensors (contiguous copies; names sorted by safetensors),
     floating tensors rounded to `wire_dtype` ("fp32", "bf16" or "fp16")."""
     import torch
@@ -100,7 +100,7 @@ def adapter_to_bytes(adapter: "AdapterState", wire_dtype: str = "fp32") -> bytes
                  for name, tensor in adapter.items()})
 
 
-def adapter_from_bytes(blob: bytes) -> "AdapterState":
+def adapter_from_bytes(blob: bytes) -> AdapterState:
     """Deserialize safetensors bytes, floating tensors back in float32 (the precision both sides
     train and aggregate in, whatever the wire carried); ValueError on anything that is not a
     safetensors blob."""
@@ -113,7 +113,7 @@ def adapter_from_bytes(blob: bytes) -> "AdapterState":
     return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
 
 
-def adapter_digest(adapter: "AdapterState") -> str:
+def adapter_digest(adapter: AdapterState) -> str:
     """A digest of names, dtypes, shapes and values: equal digests mean bit-identical adapters."""
     import torch
 

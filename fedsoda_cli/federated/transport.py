@@ -7,11 +7,12 @@ machines elsewhere in a future backend). Everything handed over is already bytes
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, Union
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from fedsoda_cli.federated.messages import ClientResult, ClientTask, TaskFailure
 
-TaskOutcome = Union[ClientResult, TaskFailure]
+TaskOutcome = ClientResult | TaskFailure
 
 
 class ClientTransport(Protocol):

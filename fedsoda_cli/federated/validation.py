@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from fedsoda_cli.plugins.contracts import AdapterState
 
 
-def check_update(global_adapter: "AdapterState", update: "AdapterState", max_update_norm: float) -> str | None:
+def check_update(global_adapter: AdapterState, update: AdapterState, max_update_norm: float) -> str | None:
     """Why `update` must be excluded, or None if it is usable.
 
     Rejects missing or unexpected tensor names, wrong shapes or dtypes, NaN/Inf values, and an
@@ -45,7 +45,7 @@ def check_update(global_adapter: "AdapterState", update: "AdapterState", max_upd
     return None
 
 
-def check_aggregate(aggregator: str, global_adapter: "AdapterState", new: object) -> "AdapterState":
+def check_aggregate(aggregator: str, global_adapter: AdapterState, new: object) -> AdapterState:
     """`new` if it is a proper adapter (the global adapter's names, shapes, dtypes; finite), else a
     PluginError naming the aggregator and what is wrong."""
     import torch

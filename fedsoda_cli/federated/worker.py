@@ -40,7 +40,7 @@ class WorkerSetup:
         return path
 
     @classmethod
-    def read(cls, path: Path) -> "WorkerSetup":
+    def read(cls, path: Path) -> WorkerSetup:
         data = json.loads(Path(path).read_text())
         data["shards"] = {int(client): [tuple(pair) for pair in pairs] for client, pairs in data["shards"].items()}
         return cls(**data)

@@ -21,8 +21,8 @@ So the deployed model is emulated on the float model instead:
 from __future__ import annotations
 
 import types
-from contextlib import contextmanager
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F

@@ -14,9 +14,10 @@ Used by the federated runtime every r rounds, by the on-demand realign stage
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 

@@ -84,7 +84,7 @@ class Pruner(ABC):
     supports_iterative: bool = False
 
     @abstractmethod
-    def select(self, profile: LayerProfile, config: "PruneSpec") -> list[list[int]]:
+    def select(self, profile: LayerProfile, config: PruneSpec) -> list[list[int]]:
         """Return the removed groups, each a list of consecutive original layer indices.
 
         Groups must not overlap, must lie in 0..num_layers-1, must respect config.protect_first /

@@ -18,7 +18,8 @@ the depth.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 

@@ -6,19 +6,15 @@ import difflib
 import hashlib
 import json
 import re
-import sys
+import tomllib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from fedsoda_cli.errors import SpecError
 from fedsoda_cli.spec.schema import SECTIONS, Spec
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:

@@ -36,7 +36,14 @@ def run(ctx: StageContext) -> StageResult:
     from fedsoda_cli import seeding, terminal
     from fedsoda_cli.data.public import public_windows
     from fedsoda_cli.models.load import load_causal_lm, load_checkpoint, save_checkpoint
-    from fedsoda_cli.oda.distill import align_partial_layers, check_trainable, measure, partial_layers, regressions, seeded_batches
+    from fedsoda_cli.oda.distill import (
+        align_partial_layers,
+        check_trainable,
+        measure,
+        partial_layers,
+        regressions,
+        seeded_batches,
+    )
 
     spec, config = ctx.spec, ctx.spec.align
     layer_map = layer_maps.read_layer_map(ctx.inputs["prune"] / LAYER_MAP)

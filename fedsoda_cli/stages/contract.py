@@ -8,9 +8,10 @@ them; the orchestrator names a stage by a "module:function" string and imports i
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rich.console import Console
 
@@ -22,9 +23,9 @@ class Stage:
     name: str
     inputs: tuple[str, ...]
     sections: tuple[str, ...]
-    entry: str | Callable[["StageContext"], "StageResult"]  # "module:function" is imported only when run
+    entry: str | Callable[[StageContext], StageResult]  # "module:function" is imported only when run
 
-    def function(self) -> Callable[["StageContext"], "StageResult"]:
+    def function(self) -> Callable[[StageContext], StageResult]:
         if callable(self.entry):
             return self.entry
         module, _, attr = self.entry.partition(":")

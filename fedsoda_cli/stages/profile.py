@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from fedsoda_cli.errors import ArtifactError
-from fedsoda_cli.stages.contract import StageContext, StageResult
 from fedsoda_cli.plugins.contracts import LayerProfile
 from fedsoda_cli.sgp.angular import measure
+from fedsoda_cli.stages.contract import StageContext, StageResult
 
 __all__ = ["measure", "most_redundant", "public_input_ids", "read_profile", "run", "write_heatmap", "write_profile"]
 
@@ -137,7 +137,7 @@ def write_heatmap(path: Path, profile: LayerProfile, tokens: str) -> None:
         grid[row, : len(profile.distances[n])] = profile.distances[n]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * L + 2), max(3.0, 0.45 * len(spans) + 1.5)))
     image = ax.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap="viridis")
-    for row, n in enumerate(spans):
+    for row in range(len(spans)):
         best = int(np.nanargmin(grid[row]))
         ax.plot(best, row, marker="x", color="white", markersize=7, markeredgewidth=2)
     step = 1 if L <= 32 else math.ceil(L / 32)

@@ -19,10 +19,10 @@ from dataclasses import replace
 
 from fedsoda_cli.errors import ArtifactError, FedsodaError, PluginError, SpecError
 from fedsoda_cli.models.layer_map import LAYER_MAP, LayerMap
-from fedsoda_cli.stages.contract import StageContext, StageResult
 from fedsoda_cli.plugins.contracts import LayerProfile, Pruner
 from fedsoda_cli.plugins.pruners import SimilarityGroupPruner, check_request, protected_layers
 from fedsoda_cli.spec.schema import PruneSpec
+from fedsoda_cli.stages.contract import StageContext, StageResult
 
 MODEL_DIR = "model"
 

@@ -113,8 +113,11 @@ def test_fedot_drops_middle_layers_and_adapts_only_the_ends(tmp_path):
 def test_fedsoda_quantized_client_is_smaller_than_fedpetuning(tmp_path):
     _, soda = run_method(tmp_path, "fedsoda", quant="nf4")
     _, petuning = run_method(tmp_path, "fedpetuning")
-    size = lambda w: json.loads((w / "quantize" / "manifest.json").read_text())["metrics"]["client_model_bytes"]
-    assert size(soda) < size(petuning)
+    assert client_model_bytes(soda) < client_model_bytes(petuning)
+
+
+def client_model_bytes(workdir):
+    return json.loads((workdir / "quantize" / "manifest.json").read_text())["metrics"]["client_model_bytes"]
 
 
 @pytest.mark.parametrize("layers, k, ratio, expected", [(10, 2, 0.5, [3, 5, 7]), (30, 2, 0.35, None)])

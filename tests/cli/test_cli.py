@@ -9,8 +9,7 @@ from typer.testing import CliRunner
 
 from fedsoda_cli import pipeline
 from fedsoda_cli.cli.app import app
-
-from tests.pipeline.test_staleness import STAGES, CALLS  # noqa: F401  (toy stages)
+from tests.pipeline.test_staleness import CALLS, STAGES  # noqa: F401  (toy stages)
 
 runner = CliRunner()
 

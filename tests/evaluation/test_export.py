@@ -17,7 +17,6 @@ from fedsoda_cli.federated.client import lora_config
 from fedsoda_cli.models.layers import drop_layers
 from fedsoda_cli.models.load import load_causal_lm
 from fedsoda_cli.spec import Spec
-
 from tests.stage_folders import write_stage_folder
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedsoda_cli.data.tasks import Example
-from fedsoda_cli.federated.client import LocalTraining, batch_order, adapter_state, load_client, train_client
+from fedsoda_cli.federated.client import LocalTraining, adapter_state, batch_order, load_client, train_client
 from fedsoda_cli.federated.messages import adapter_digest
 from fedsoda_cli.federated.server import sample_clients
 
@@ -89,10 +89,10 @@ def test_lora_layers_put_the_adapter_on_those_original_layers_only(client_model_
     from fedsoda_cli.errors import SpecError
     from fedsoda_cli.federated.checkpoint import write_peft_adapter
     from fedsoda_cli.federated.client import lora_config
-    from fedsoda_cli.stages.federate import client_lora_layers, decoder_layers_name
     from fedsoda_cli.models.adapters import layer_index
     from fedsoda_cli.models.quantized import load_client_model
     from fedsoda_cli.spec import Spec
+    from fedsoda_cli.stages.federate import client_lora_layers, decoder_layers_name
 
     from .conftest import LAYER_MAP
 

@@ -31,6 +31,10 @@ def profile_from(distances: dict[int, list[float]], num_layers: int, influence: 
     return LayerProfile(num_layers=num_layers, distances=distances, block_influence=influence or [0.5] * num_layers)
 
 
+def total_distance(profile: LayerProfile, n: int, groups: list[list[int]]) -> float:
+    return sum(profile.distances[n][g[0]] for g in groups)
+
+
 def random_profile(rng: random.Random, num_layers: int, max_span: int) -> LayerProfile:
     distances = {n: [rng.random() for _ in range(num_layers - n + 1)] for n in range(1, max_span + 1)}
     return profile_from(distances, num_layers, [rng.random() for _ in range(num_layers)])
@@ -218,8 +222,7 @@ def test_example_plugin_is_optimal_on_random_profiles(tmp_path):
         except SpecError:
             continue
         chosen = validate_selection(optimal.select(profile, config), L, config, "sgp-optimal")
-        total = lambda groups: sum(profile.distances[n][g[0]] for g in groups)  # noqa: E731
-        assert total(chosen) <= total(expected) + 1e-12
+        assert total_distance(profile, n, chosen) <= total_distance(profile, n, expected) + 1e-12
 
 
 def test_entry_point_pruner_is_found(tmp_path, monkeypatch):

@@ -176,8 +176,8 @@ def test_report_on_a_damaged_file_is_an_artifact_error(template, tmp_path_factor
 
 
 def test_a_replaced_rng_state_stops_resume(spec_path, workdir):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     latest = sorted((workdir / CHECKPOINTS).glob("round-*"))[-1]
     save_file({"torch": torch.Generator().manual_seed(1).get_state()}, latest / "rng.safetensors")

@@ -12,8 +12,8 @@ import torch
 from fedsoda_cli.errors import SpecError
 from fedsoda_cli.models.layers import drop_layers
 from fedsoda_cli.models.load import load_causal_lm, load_checkpoint, save_checkpoint
-from fedsoda_cli.spec.schema import AlignSpec, ModelSpec
 from fedsoda_cli.oda import distill
+from fedsoda_cli.spec.schema import AlignSpec, ModelSpec
 
 GROUPS = [[2], [4]]  # of the tiny model's 6 layers: kept = [0, 1, 3, 5]
 

@@ -24,7 +24,6 @@ from fedsoda_cli.models.load import load_causal_lm, save_checkpoint
 from fedsoda_cli.models.quantized import quantize_checkpoint, save_client_model
 from fedsoda_cli.spec import Spec
 from fedsoda_cli.stages.eval import PREDICTIONS, RESULTS
-
 from tests.stage_folders import write_stage_folder
 
 REMOVED = [2, 3]

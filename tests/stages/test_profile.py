@@ -15,9 +15,9 @@ from rich.console import Console
 from fedsoda_cli import pipeline
 from fedsoda_cli.errors import ArtifactError
 from fedsoda_cli.models.load import load_causal_lm
+from fedsoda_cli.sgp.angular import AngularDistanceAccumulator, measure
 from fedsoda_cli.spec import load_spec
 from fedsoda_cli.spec.schema import ModelSpec
-from fedsoda_cli.sgp.angular import AngularDistanceAccumulator, measure
 from fedsoda_cli.stages.profile import most_redundant, read_profile
 
 LENGTHS = [16, 9, 12, 5]  # a right-padded batch of different lengths

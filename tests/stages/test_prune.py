@@ -16,9 +16,9 @@ from fedsoda_cli import pipeline
 from fedsoda_cli.errors import ArtifactError, PluginError, SpecError
 from fedsoda_cli.models.layers import decoder_layers
 from fedsoda_cli.models.load import load_causal_lm, load_checkpoint
+from fedsoda_cli.sgp.angular import measure
 from fedsoda_cli.spec import load_spec
 from fedsoda_cli.spec.schema import ModelSpec
-from fedsoda_cli.sgp.angular import measure
 from fedsoda_cli.stages.profile import public_input_ids, read_profile
 
 REPO = Path(__file__).resolve().parents[2]

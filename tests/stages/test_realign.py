@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from fedsoda_cli.models import adapters, quantized
 from fedsoda_cli.models.layers import drop_layers
 from fedsoda_cli.models.load import load_causal_lm, save_checkpoint
-from fedsoda_cli.spec.schema import AlignSpec, LoraSpec, ModelSpec, QuantizeSpec
 from fedsoda_cli.oda import distill
 from fedsoda_cli.oda.realign import apply_partial_layers, partial_layer_artifact, realign, write_partial_layers
+from fedsoda_cli.spec.schema import AlignSpec, LoraSpec, ModelSpec, QuantizeSpec
 
 GROUPS = [[2], [4]]
 LORA = LoraSpec(r=4, alpha=8)

@@ -46,7 +46,7 @@ class LoopbackFederation:
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[int, subprocess.Popen] = {}  # client -> its SuperNode
 
-    def __enter__(self) -> "LoopbackFederation":
+    def __enter__(self) -> LoopbackFederation:
         try:
             self.start()
         except BaseException:

@@ -23,9 +23,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from fedsoda_cli.errors import FedsodaError
 from fedsoda_cli.federated.flower.bundle import offline_env, write_app, write_cli_home
@@ -176,7 +177,7 @@ class FlowerTransport:
         self._listener.settimeout(self.settings.connect_timeout_s)
         try:
             link, _ = self._listener.accept()
-        except socket.timeout:
+        except TimeoutError:
             raise FedsodaError(f"the SuperLink at {self.settings.superlink} did not start fedsoda's ServerApp (run {self.run_id}) within "
                                f"federate.flower_connect_timeout_s = {self.settings.connect_timeout_s:g} s; it must run on this machine "
                                f"with fedsoda installed (`flwr log {self.run_id}` shows why)") from None
@@ -322,11 +323,11 @@ class FlowerTransport:
 def flower_transport(setup, spec, log: Callable[[str], None] = print) -> FlowerTransport:
     """A FlowerTransport for the federate stage: `setup` is the local backend's WorkerSetup (its
     shards stay on the server: each site reads its own); refuses plain HTTP beyond loopback."""
+    import importlib.util
+
     from fedsoda_cli.errors import SpecError
     from fedsoda_cli.federated.flower.site import model_digest
     from fedsoda_cli.spec import spec_dir
-
-    import importlib.util
 
     if importlib.util.find_spec("flwr") is None:
         raise SpecError('federate.backend = "flower" needs Flower: pip install "fedsoda[flower]" (flwr 1.42)')
