@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
@@ -132,13 +131,19 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, reference, sub_l
 
 
 class Saboteur(RoundReporter):
-    """Mid round 1 (0.3 s after dispatch) SIGKILLs a busy worker; mid round 2 presses Ctrl-C."""
+    """Mid round 1 (when its first client is done, the other worker still training) SIGKILLs a busy
+    worker; mid round 2 (when its first client is done) presses Ctrl-C. Keyed to events, not to a
+    timer: a timer thread starved by a busy machine fired after round 2 had finished."""
 
     def __init__(self, pool: LocalWorkerPool):
-        self.pool, self.killed, self.failures = pool, [], []
+        self.pool, self.killed, self.failures, self.finished = pool, [], [], {}
 
-    def round_started(self, round, clients):
-        threading.Timer(0.3, self._kill_worker if round == 1 else self._interrupt).start()
+    def client_finished(self, round, client, loss):
+        self.finished[round] = self.finished.get(round, 0) + 1
+        if round == 1 and not self.killed and self.pool.stats()["busy"]:
+            self._kill_worker()
+        elif round == 2 and self.finished[round] == 1:
+            self._interrupt()
 
     def _kill_worker(self):
         stats = self.pool.stats()
