@@ -137,7 +137,9 @@ def test_resume_refuses_checkpoints_of_another_spec(spec_path, workdir):
 @pytest.mark.timeout(600)
 def test_ctrl_c_ends_every_worker_and_keeps_finished_work(spec_path, workdir, tmp_path):
     before = stage_files(workdir)
-    run = start(tmp_path, "federate", spec_path, "--workdir", workdir)
+    # Many rounds, so that the run is still mid-federation when Ctrl-C comes, however slowly this
+    # process gets to send it (on a loaded machine the 3 rounds of the spec were over first).
+    run = start(tmp_path, "federate", spec_path, "--workdir", workdir, "--set", "federate.rounds=40")
     try:
         wait_for(workdir / CHECKPOINTS / "round-0001" / "state.json", run)
         family = psutil.Process(run.pid).children(recursive=True)
