@@ -300,7 +300,7 @@ def test_align_stage_writes_the_aligned_model_and_measurements(tmp_path, tiny_te
     assert m["after"]["ppl_teacher"] == pytest.approx(m["before"]["ppl_teacher"])
     assert set(m["measured"]) == {"pruned_bf16", "aligned_bf16", "deployed_unaligned", "deployed_aligned"}
     assert all(set(v["hidden_nmse"]) == {"2", "4"} for v in m["measured"].values())
-    assert m["quant_aware"] == "ste" and m["hidden_at"] == "output"
+    assert m["quant_aware"] == "off" and m["hidden_at"] == "output"
     assert any(label.startswith("KL") for label, _ in result.summary)
     layer_map = json.loads((ctx.out / "layer_map.json").read_text())
     assert layer_map["partial_layers"] == [3, 5] and layer_map["bf16_layers"] == []
