@@ -39,7 +39,7 @@ def build_sub_llm(root: Path) -> dict[str, Path]:
     from tests.federated.conftest import LAYER_MAP
 
     model, tokenizer = load_causal_lm(ModelSpec(name="tiny-random-llama"))
-    drop_layers(model, LAYER_MAP["removed_groups"][0])
+    drop_layers(model, LAYER_MAP.removed_groups[0])
     save_checkpoint(model, tokenizer, root / "float")
     save_client_model(quantize_checkpoint(root / "float", QuantizeSpec()), tokenizer, root / "client")
     return {"float": root / "float", "client": root / "client"}

@@ -18,7 +18,7 @@ do not tell them apart either, their workdir's folder name.
 Change vs FedPETuning: each run is compared with the `fedpetuning` run of the same model and task
 (the first one given). Communication and storage as a signed relative change in % (the paper's
 -70.6 % and -75.6 %), accuracy as the difference in percentage points of the plugin target.
-Communication includes each client's one-time model download (METHOD.md, "What is counted").
+Communication includes each client's one-time model download (docs/method.md, "What is counted").
 
 Across seeds: runs whose spec.json are equal except for run.seed and run.workdir form a group
 (`fedsoda run SPEC --seeds 0,1,2` makes one); each accuracy is given as mean ± sample std over n.
@@ -35,13 +35,12 @@ from typing import Any
 
 from fedsoda_cli import artifacts
 from fedsoda_cli.errors import ArtifactError
+from fedsoda_cli.evaluation.targets import TARGETS
 from fedsoda_cli.terminal import format_bytes
-
 
 BASELINE = "fedpetuning"
 KINDS = ("model", "adapter_down", "adapter_up", "realign")  # as in fedsoda_cli.federated.accounting
 STAGE_ORDER = ("profile", "prune", "align", "quantize", "federate", "eval")
-TARGETS = ("plugin", "sub", "zero-shot")
 ROUND_KINDS = {"adapter_down": "bytes_down", "adapter_up": "bytes_up", "realign": "bytes_realign"}
 ACCURACY_PNG = "accuracy_per_round.png"
 ACCURACY_BYTES_PNG = "accuracy_vs_communication.png"
@@ -531,7 +530,7 @@ def _step_time(runs: list[RunSummary]) -> list[str]:
     if not measured:
         return []
     control, why = step_time_control(runs)
-    intro = (f"Measured in the client workers during federate: mean seconds per optimizer step and the largest RSS of any round. "
+    intro = ("Measured in the client workers during federate: mean seconds per optimizer step and the largest RSS of any round. "
              + (f"Ratios to {why}." if control else "No `fedpetuning` run was given, so no ratio is computed."))
 
     def ratio(ours, theirs):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fedsoda_cli.errors import ArtifactError, SpecError
+from fedsoda_cli.models.layer_map import LAYER_MAP, read_layer_map
 
 PROVENANCE = "fedsoda_export.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -42,7 +43,7 @@ def export_merged(spec, workdir: Path, out_dir: Path, *, dtype: str = "float32")
     # Beside `out`, so the finished folder is renamed into place: a half export never sits at `out`,
     # and the marker is inside before it gets there.
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as scratch:
-        merged, tokenizer = merge_plugin(spec, federate / "adapter", quantize / "layer_map.json", Path(scratch) / "plugin")
+        merged, tokenizer = merge_plugin(spec, federate / "adapter", quantize / LAYER_MAP, Path(scratch) / "plugin")
         staged = save_checkpoint(merged.to(DTYPES[dtype]), tokenizer, Path(scratch) / "export")
         (staged / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True))
         check_out_dir(out, workdir)  # again: `out` may have been filled while the merge ran
@@ -94,7 +95,6 @@ def merge_plugin(spec, sub_adapter: Path, layer_map_path: Path, plugin_dir: Path
     """(full model with the mapped adapter merged in, tokenizer); the PEFT plugin folder is written
     to `plugin_dir` on the way."""
     from fedsoda_cli.evaluation import targets
-    from fedsoda_cli.models.layer_map import read_layer_map
     from fedsoda_cli.models.layers import decoder_layers_path
 
     full, tokenizer = targets.load_full(spec)

@@ -24,6 +24,7 @@ from fedsoda_cli.errors import ArtifactError
 from fedsoda_cli.seeding import stable_seed
 
 if TYPE_CHECKING:
+    from fedsoda_cli.models.layer_map import LayerMap
     from fedsoda_cli.plugins.contracts import AdapterState
     from fedsoda_cli.spec import Spec
 
@@ -31,17 +32,17 @@ if TYPE_CHECKING:
 class ServerRealigner:
     """Realigns with the full LLM of `spec.model` and the float sub-LLM in `align_model_dir`."""
 
-    def __init__(self, spec: "Spec", align_model_dir: Path, layer_map: dict[str, Any], log_path: Path | None = None):
+    def __init__(self, spec: Spec, align_model_dir: Path, layer_map: LayerMap, log_path: Path | None = None):
         if not (Path(align_model_dir) / "config.json").is_file():
             raise ArtifactError(f"{align_model_dir}: realignment needs the align stage's float sub-LLM; rerun `fedsoda align SPEC`")
         self.spec, self.align_model_dir = spec, Path(align_model_dir)
-        self.kept, self.removed_groups = layer_map["kept"], layer_map["removed_groups"]
+        self.kept, self.removed_groups = layer_map.kept, layer_map.removed_groups
         self.teacher = self.student = self.public_ids = self.heldout_ids = None
         self.log_path = Path(log_path) if log_path is not None else None
         self.partial_state: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
 
-    def realign(self, round: int, global_adapter: "AdapterState") -> bytes:
+    def realign(self, round: int, global_adapter: AdapterState) -> bytes:
         """Realign the master copy for `spec.realign.steps` steps; the partial layers as client bytes.
         Batches and dropout derive from (run.seed, round), so a resumed run realigns identically."""
         import torch
@@ -65,7 +66,7 @@ class ServerRealigner:
         # No metadata: safetensors writes it in hash order, and the same layers must be the same bytes.
         return save(partial_layer_artifact(self.partial_state, broadcast_format(self.spec.align, self.spec.quantize)))
 
-    def drift(self, round: int, global_adapter: "AdapterState") -> float:
+    def drift(self, round: int, global_adapter: AdapterState) -> float:
         """The deployed client model's KL to the full LLM, both with the global adapter, on the
         first federate.drift_sequences public (training-split) windows: a fixed batch, so the
         numbers of different rounds compare."""
@@ -107,8 +108,8 @@ class ServerRealigner:
             return
         import torch
 
-        from fedsoda_cli.models.load import load_causal_lm, load_checkpoint
         from fedsoda_cli.data.public import public_windows
+        from fedsoda_cli.models.load import load_causal_lm, load_checkpoint
 
         self.teacher, tokenizer = load_causal_lm(self.spec.model)
         self.student, _ = load_checkpoint(self.align_model_dir, dtype=torch.float32)

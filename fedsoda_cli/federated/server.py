@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fedsoda_cli.errors import FedsodaError, PluginError
 from fedsoda_cli.federated.accounting import Ledger
 from fedsoda_cli.federated.checkpoint import Checkpoint, CheckpointStore, capture_rng, restore_rng
-from fedsoda_cli.federated.messages import ClientResult, ClientTask, TaskFailure, adapter_digest, adapter_from_bytes, adapter_to_bytes
+from fedsoda_cli.federated.messages import (
+    ClientResult,
+    ClientTask,
+    TaskFailure,
+    adapter_digest,
+    adapter_from_bytes,
+    adapter_to_bytes,
+)
 from fedsoda_cli.federated.validation import check_aggregate, check_update
 from fedsoda_cli.plugins.contracts import Aggregator, ClientUpdate
 from fedsoda_cli.seeding import stable_seed
@@ -53,7 +60,7 @@ class RoundPlan:
 class Realigner(Protocol):
     """Server-side ODA realignment: new partial layers from the current global adapter."""
 
-    def realign(self, round: int, global_adapter: "AdapterState") -> bytes:
+    def realign(self, round: int, global_adapter: AdapterState) -> bytes:
         """Realign and re-quantize; return the partial layers serialized exactly as sent to clients."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -61,14 +68,14 @@ class Realigner(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def drift(self, round: int, global_adapter: "AdapterState") -> float:
+    def drift(self, round: int, global_adapter: AdapterState) -> float:
         """How far the client model with `global_adapter` is from the full LLM with it (KL on a fixed batch)."""
 
 
 class Evaluator(Protocol):
     """Server-side per-round evaluation of the global adapter on validation examples."""
 
-    def evaluate(self, round: int, global_adapter: "AdapterState", realign_layers: bytes | None) -> dict[str, Any]:
+    def evaluate(self, round: int, global_adapter: AdapterState, realign_layers: bytes | None) -> dict[str, Any]:
         """{target: {accuracy, ci95, correct, count, label_shares, loss}} for the adapter as clients hold it
         (on the client model with `realign_layers`, the latest realigned partial layers, swapped in)."""
 
@@ -93,7 +100,7 @@ class RoundReporter:
 
 @dataclass
 class RunResult:
-    adapter: "AdapterState"
+    adapter: AdapterState
     history: list[dict[str, Any]]
     ledger: Ledger
     resumed_after: int  # the checkpoint round a resumed run continued after (0 = fresh run)
@@ -114,9 +121,9 @@ class _Collected:
 class FederatedServer:
     """Runs rounds over a `ClientTransport`; override a step method to change one step."""
 
-    def __init__(self, plan: RoundPlan, transport: "ClientTransport", aggregator: Aggregator, aggregator_name: str,
+    def __init__(self, plan: RoundPlan, transport: ClientTransport, aggregator: Aggregator, aggregator_name: str,
                  store: CheckpointStore, *, realigner: Realigner | None = None, reporter: RoundReporter | None = None,
-                 model_bytes: int = 0, evaluator: Evaluator | None = None, held_layers: "HeldLayers | None" = None):
+                 model_bytes: int = 0, evaluator: Evaluator | None = None, held_layers: HeldLayers | None = None):
         self.plan, self.transport, self.aggregator, self.aggregator_name = plan, transport, aggregator, aggregator_name
         self.store, self.realigner, self.reporter, self.model_bytes = store, realigner, reporter or RoundReporter(), model_bytes
         self.evaluator = evaluator
@@ -275,7 +282,7 @@ class FederatedServer:
         collected.updates.append(ClientUpdate(result.client, adapter, self.weight(result), dict(result.metrics)))
         self.reporter.client_finished(round, result.client, result.metrics.get("train_loss"))
 
-    def screen(self, round: int, result: ClientResult, global_digest: str, collected: _Collected) -> tuple["AdapterState | None", str | None]:
+    def screen(self, round: int, result: ClientResult, global_digest: str, collected: _Collected) -> tuple[AdapterState | None, str | None]:
         """(the uploaded adapter, None) if the result is usable, else (anything, why it is not)."""
         if result.round != round or any(u.client == result.client for u in collected.updates):
             return None, f"unexpected result for round {result.round} (a duplicate or a stale answer)"
@@ -297,10 +304,10 @@ class FederatedServer:
             return int(result.metrics.get("shard_size", result.num_samples))
         return int(result.num_samples)
 
-    def validate(self, adapter: "AdapterState") -> str | None:
+    def validate(self, adapter: AdapterState) -> str | None:
         return check_update(self.global_adapter, adapter, self.plan.max_update_norm)
 
-    def aggregate(self, round: int, updates: list[ClientUpdate]) -> "AdapterState":
+    def aggregate(self, round: int, updates: list[ClientUpdate]) -> AdapterState:
         """The aggregator's new global adapter, checked (PluginError naming it if malformed)."""
         global_copy = {name: tensor.clone() for name, tensor in self.global_adapter.items()}
         new = self._plugin("aggregate", round, global_copy, updates)

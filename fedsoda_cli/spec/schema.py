@@ -6,9 +6,8 @@ field carries a `description`, from which `docs/spec-reference.md` is generated.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import json
 
-from fedsoda_cli.models import layer_map as layer_maps
-from fedsoda_cli.models.layer_map import LAYER_MAP
+from fedsoda_cli.models.layer_map import LAYER_MAP, read_layer_map
 from fedsoda_cli.stages.contract import StageContext, StageResult
 
 MODEL_DIR = "model"
@@ -46,7 +45,7 @@ def run(ctx: StageContext) -> StageResult:
     )
 
     spec, config = ctx.spec, ctx.spec.align
-    layer_map = layer_maps.read_layer_map(ctx.inputs["prune"] / LAYER_MAP)
+    layer_map = read_layer_map(ctx.inputs["prune"] / LAYER_MAP)
     kept, groups = layer_map.kept, layer_map.removed_groups
     partial = partial_layers(config.partial, kept, groups)  # SpecError before any model is loaded
     check_trainable(config, kept, groups, partial)
@@ -93,11 +92,6 @@ def run(ctx: StageContext) -> StageResult:
     }
     rows = summary_rows(measured, partial_original, len(history), config, warnings)
     return StageResult(metrics=metrics, summary=rows)
-
-
-def read_layer_map(folder) -> dict:
-    """Transitional, for stages/federate.py until it reads a LayerMap itself: the map as a dict."""
-    return layer_maps.read_layer_map(folder / LAYER_MAP).to_dict()
 
 
 def summary_rows(measured: dict, partial_original: list[int], steps: int, config, warnings: list[str]) -> list[tuple[str, str]]:

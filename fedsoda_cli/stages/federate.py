@@ -25,6 +25,7 @@ from typing import Any
 from rich.markup import escape
 
 from fedsoda_cli import artifacts, terminal
+from fedsoda_cli.data.partition import client_shards
 from fedsoda_cli.errors import ArtifactError, SpecError
 from fedsoda_cli.federated.accounting import model_download_bytes
 from fedsoda_cli.federated.checkpoint import CheckpointStore, write_peft_adapter, write_state
@@ -32,9 +33,9 @@ from fedsoda_cli.federated.client import LocalTraining, lora_config
 from fedsoda_cli.federated.console import ConsoleReporter, partition_table
 from fedsoda_cli.federated.server import FederatedServer, RoundPlan, RunResult
 from fedsoda_cli.federated.worker import WorkerSetup
+from fedsoda_cli.models.layer_map import LAYER_MAP, LayerMap, read_layer_map
 from fedsoda_cli.plugins import aggregators
 from fedsoda_cli.seeding import stable_seed
-from fedsoda_cli.data.partition import client_shards
 from fedsoda_cli.spec import Spec, sections_hash, spec_dir
 from fedsoda_cli.stages.contract import StageContext, StageResult
 
@@ -56,7 +57,7 @@ def federate(ctx: StageContext, shards: dict[int, list[tuple[str, str]]], out: P
     started = time.perf_counter()
     aggregator = aggregators.create(fed.aggregator, seed=stable_seed(spec.run.seed, "aggregator"), **fed.aggregator_options)
     model_dir = client_model_dir(ctx)
-    layer_map = read_layer_map(ctx.inputs["quantize"])
+    layer_map = read_layer_map(ctx.inputs["quantize"] / LAYER_MAP)
     lora_layers = client_lora_layers(spec, layer_map)
     peft_config = lora_config(spec.lora, lora_layers, decoder_layers_name(model_dir) if lora_layers is not None else "layers")
     store = CheckpointStore(ctx.workdir / checkpoints, run_identity(ctx), peft_config)
@@ -82,17 +83,11 @@ def client_model_dir(ctx: StageContext) -> Path:
     return folder
 
 
-def read_layer_map(folder: Path) -> dict[str, Any]:
-    from fedsoda_cli.stages.align import read_layer_map as read_checked
-
-    return read_checked(folder)
-
-
-def client_lora_layers(spec: Spec, layer_map: dict[str, Any]) -> list[int] | None:
+def client_lora_layers(spec: Spec, layer_map: LayerMap) -> list[int] | None:
     """lora.layers (original layer indices) as indices of the client model's layers, or None (all)."""
     if spec.lora.layers is None:
         return None
-    kept = layer_map["kept"]
+    kept = layer_map.kept
     absent = [layer for layer in spec.lora.layers if layer not in kept]
     if absent:
         raise SpecError(f"lora.layers: original layer(s) {absent} were pruned away; the client model holds layers {kept}")
@@ -137,7 +132,7 @@ def evaluator_for(ctx: StageContext, model_dir: Path, peft_config, lora_layers: 
 
     ctx.console.print(f"per-round evaluation every {spec.federate.eval_every} round(s) on {len(examples)} validation examples: "
                       f"{', '.join(spec.federate.eval_targets)}", highlight=False)
-    return ServerEvaluator(spec, model_dir, ctx.inputs["quantize"] / "layer_map.json", peft_config, lora_layers, examples,
+    return ServerEvaluator(spec, model_dir, ctx.inputs["quantize"] / LAYER_MAP, peft_config, lora_layers, examples,
                            spec.federate.eval_targets)
 
 
@@ -219,7 +214,7 @@ def realigns(spec: Spec) -> bool:
     return 0 < spec.federate.realign_every < spec.federate.rounds
 
 
-def realigner_for(ctx: StageContext, layer_map: dict[str, Any]):
+def realigner_for(ctx: StageContext, layer_map: LayerMap):
     """The server's realign step (full LLM + the align stage's float sub-LLM) if the run realigns."""
     if not realigns(ctx.spec):
         return None

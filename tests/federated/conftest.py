@@ -8,7 +8,6 @@ the whole chain for staleness.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from fedsoda_cli import artifacts, pipeline
+from fedsoda_cli.models.layer_map import LayerMap
 from fedsoda_cli.spec import load_spec, resolve_workdir, sections_hash
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-LAYER_MAP = {"kept": [0, 1, 2, 4, 5], "removed_groups": [[3]], "num_layers": 6, "strategy": "sgp"}
+LAYER_MAP = LayerMap([0, 1, 2, 4, 5], 6, [[3]], "sgp")
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +83,7 @@ def sub_llm(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("sub-llm")
     model, tokenizer = load_causal_lm(ModelSpec(name="tiny-random-llama"))
-    assert drop_layers(model, LAYER_MAP["removed_groups"][0]) == LAYER_MAP["kept"]
+    assert drop_layers(model, LAYER_MAP.removed_groups[0]) == LAYER_MAP.kept
     save_checkpoint(model, tokenizer, root / "float")
     quantized = quantize_checkpoint(root / "float", QuantizeSpec())
     save_client_model(quantized, tokenizer, root / "client")
@@ -117,7 +117,7 @@ def prepare_run(folder: Path, sub_llm: dict[str, Path], overrides: list[str] = (
         with artifacts.write_stage(workdir, stage.name, sections_hash(spec, stage.sections), inputs) as writer:
             if stage.name in content:
                 shutil.copytree(content[stage.name], writer.path / "model")
-                (writer.path / "layer_map.json").write_text(json.dumps(LAYER_MAP))
+                LAYER_MAP.write(writer.path / "layer_map.json")
     return spec, workdir, spec_path
 
 

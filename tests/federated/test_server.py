@@ -10,9 +10,9 @@ from rich.console import Console
 from fedsoda_cli.errors import FedsodaError, PluginError
 from fedsoda_cli.federated.checkpoint import CheckpointStore
 from fedsoda_cli.federated.client import lora_config
+from fedsoda_cli.federated.console import ConsoleReporter
 from fedsoda_cli.federated.inline import InlineTransport
 from fedsoda_cli.federated.messages import adapter_digest, adapter_from_bytes, adapter_to_bytes
-from fedsoda_cli.federated.console import ConsoleReporter
 from fedsoda_cli.federated.server import FederatedServer, RoundPlan
 from fedsoda_cli.plugins import Aggregator, aggregators
 from fedsoda_cli.spec.schema import LoraSpec
@@ -257,7 +257,7 @@ def test_a_client_that_applies_the_realign_delta_ends_bit_identical_to_a_redownl
         loop = FederatedServer(plan, transport, aggregators.create("fedavg", seed=0), "fedavg", store, model_bytes=1000,
                                realigner=ServerRealigner(_realign_spec(), sub_llm["float"], LAYER_MAP), held_layers=held)
         runs[wire] = (loop.run(), transport.kept)
-    (full, full_client), (delta, delta_client) = runs["full"], runs["delta"]
+    (full, _), (delta, delta_client) = runs["full"], runs["delta"]
     # The same training on the same layers: every round's global adapter is bit-identical.
     assert [h["global_digest"] for h in delta.history] == [h["global_digest"] for h in full.history]
     assert delta.realign_layers == full.realign_layers
