@@ -105,22 +105,50 @@ def child(args) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.perf_counter()
-    history = align_partial_layers(teacher, student, kept, groups_of(args.groups), "after_gap",
-                                   seeded_batches(train, args.batch_size, 0), config, args.steps)
+    history = align_partial_layers(
+        teacher, student, kept, groups_of(args.groups), "after_gap", seeded_batches(train, args.batch_size, 0), config, args.steps
+    )
     elapsed = time.perf_counter() - started
     done.set()
     sampler.join()
     if args.child_save:
         save_checkpoint(student, tokenizer, args.child_save)
-    print(json.dumps({"steps_per_s": args.steps / elapsed, "peak_rss_mb": peak[0] / 2**20,
-                      "increase_mb": (peak[0] - rss_before) / 2**20, "first_loss": history[0]["loss"],
-                      "last_loss": history[-1]["loss"]}))
+    print(
+        json.dumps(
+            {
+                "steps_per_s": args.steps / elapsed,
+                "peak_rss_mb": peak[0] / 2**20,
+                "increase_mb": (peak[0] - rss_before) / 2**20,
+                "first_loss": history[0]["loss"],
+                "last_loss": history[-1]["loss"],
+            }
+        )
+    )
 
 
 def run_child(args, chunk: int, save: str | None) -> dict:
-    command = [sys.executable, __file__, "--model", args.model, "--groups", args.groups, "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--train", str(args.train),
-               "--lr", str(args.lr), "--threads", str(args.threads), "--child-chunk", str(chunk)]
+    command = [
+        sys.executable,
+        __file__,
+        "--model",
+        args.model,
+        "--groups",
+        args.groups,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--train",
+        str(args.train),
+        "--lr",
+        str(args.lr),
+        "--threads",
+        str(args.threads),
+        "--child-chunk",
+        str(chunk),
+    ]
     if save:
         command += ["--child-save", save]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -156,28 +184,47 @@ def main(args) -> None:
         for emb in ("bf16", "int8"):
             client = quantized.quantize_checkpoint(scratch / "aligned", QuantizeSpec(embeddings=emb))
             quantized.save_client_model(client, tokenizer, scratch / f"client-{emb}")
-            sizes[emb] = (quantized.weight_file_bytes(scratch / f"client-{emb}"), quantized.folder_bytes(scratch / f"client-{emb}"))
+            sizes[emb] = (
+                quantized.weight_file_bytes(scratch / f"client-{emb}"),
+                quantized.folder_bytes(scratch / f"client-{emb}"),
+            )
             clients[emb] = quantized.load_client_model(scratch / f"client-{emb}", prepare_for_training=False)[0]
             del client
 
         ppl = {}
-        for name, model in [("full LLM", teacher), ("pruned sub-LLM", student), ("aligned sub-LLM", aligned),
-                            ("aligned, NF4 (bf16 emb.)", clients["bf16"]), ("aligned, NF4 (int8 emb.)", clients["int8"])]:
+        for name, model in [
+            ("full LLM", teacher),
+            ("pruned sub-LLM", student),
+            ("aligned sub-LLM", aligned),
+            ("aligned, NF4 (bf16 emb.)", clients["bf16"]),
+            ("aligned, NF4 (int8 emb.)", clients["int8"]),
+        ]:
             ppl[name] = perplexity(model, heldout, batch_size=args.batch_size).perplexity
 
-    print(f"\nSmolLM2-135M, removed {args.groups} ({len(kept)} of {len(kept) + sum(len(g) for g in groups_of(args.groups))} layers kept), "
-          f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens, {args.threads} thread(s)\n")
+    print(
+        f"\nSmolLM2-135M, removed {args.groups} ({len(kept)} of {len(kept) + sum(len(g) for g in groups_of(args.groups))} layers kept), "
+        f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens, {args.threads} thread(s)\n"
+    )
     print("| align, KL logits | steps/s | peak RSS (MB) | increase during steps (MB) | loss first -> last |")
     print("|---|---:|---:|---:|---|")
-    for label, r in [(f"chunks of {args.logit_chunk} tokens (checkpointed)", chunked), (f"one chunk of {all_tokens} (baseline)", whole)]:
-        print(f"| {label} | {r['steps_per_s']:.3f} | {r['peak_rss_mb']:.0f} | {r['increase_mb']:.0f} | {r['first_loss']:.4f} -> {r['last_loss']:.4f} |")
+    for label, r in [
+        (f"chunks of {args.logit_chunk} tokens (checkpointed)", chunked),
+        (f"one chunk of {all_tokens} (baseline)", whole),
+    ]:
+        print(
+            f"| {label} | {r['steps_per_s']:.3f} | {r['peak_rss_mb']:.0f} | {r['increase_mb']:.0f} | {r['first_loss']:.4f} -> {r['last_loss']:.4f} |"
+        )
     print("\n| model | bytes | vs full bf16 |")
     print("|---|---:|---:|")
     print(f"| full LLM, bf16 (computed: {params_full:,} params x 2) | {full_bf16:,} | - |")
-    print(f"| sub-LLM, bf16 (computed: {params_sub:,} params x 2) | {2 * params_sub:,} | {100 * (1 - params_sub / params_full):.1f} % smaller |")
+    print(
+        f"| sub-LLM, bf16 (computed: {params_sub:,} params x 2) | {2 * params_sub:,} | {100 * (1 - params_sub / params_full):.1f} % smaller |"
+    )
     for emb, (weights, total) in sizes.items():
         print(f"| client NF4+DQ, {emb} embeddings: weights | {weights:,} | {100 * (1 - weights / full_bf16):.1f} % smaller |")
-        print(f"| client NF4+DQ, {emb} embeddings: whole folder (+config, tokenizer) | {total:,} | {100 * (1 - total / full_bf16):.1f} % smaller |")
+        print(
+            f"| client NF4+DQ, {emb} embeddings: whole folder (+config, tokenizer) | {total:,} | {100 * (1 - total / full_bf16):.1f} % smaller |"
+        )
     print(f"\n| model | perplexity, WikiText-2 test ({args.heldout} x {args.seq_len}) |")
     print("|---|---:|")
     for name, value in ppl.items():

@@ -54,11 +54,15 @@ def client_shards(per_client: int) -> dict[int, list[tuple[str, str]]]:
     from fedsoda_cli.data.tasks import load_task
     from fedsoda_cli.spec.schema import DataSpec, TaskSpec
 
-    examples = load_task(TaskSpec(name="sst2", train_examples=CLIENTS * per_client), resolve_data_dir(DataSpec(), None), "train", seed=0)
+    examples = load_task(
+        TaskSpec(name="sst2", train_examples=CLIENTS * per_client), resolve_data_dir(DataSpec(), None), "train", seed=0
+    )
     return {c: [(e.prompt, e.answer) for e in examples[c * per_client : (c + 1) * per_client]] for c in range(CLIENTS)}
 
 
-def plain_peft_steps_per_s(model_dir: Path, shard, lora: LoraSpec, steps: int, batch_size: int, max_len: int, threads: int, repeats: int) -> float:
+def plain_peft_steps_per_s(
+    model_dir: Path, shard, lora: LoraSpec, steps: int, batch_size: int, max_len: int, threads: int, repeats: int
+) -> float:
     """A textbook peft loop in this process: load, get_peft_model, AdamW, sft batches; steps/s."""
     import numpy as np
     from peft import get_peft_model
@@ -101,9 +105,24 @@ class RoundClock(RoundReporter):
         self.seconds.append(time.perf_counter() - self._started)
 
 
-def federated_run(model_dir: Path, shards, lora: LoraSpec, workers: int, threads: int, rounds: int, steps: int, batch_size: int, max_len: int, folder: Path) -> dict:
-    training = dict(local_steps=steps, batch_size=batch_size, lr=1e-3, optimizer="adamw", max_grad_norm=1.0, proximal_mu=0.01, max_len=max_len)
-    setup = WorkerSetup(model_dir=str(model_dir), lora=lora.model_dump(), lora_seed=1, threads=threads, training=training, shards=shards)
+def federated_run(
+    model_dir: Path,
+    shards,
+    lora: LoraSpec,
+    workers: int,
+    threads: int,
+    rounds: int,
+    steps: int,
+    batch_size: int,
+    max_len: int,
+    folder: Path,
+) -> dict:
+    training = dict(
+        local_steps=steps, batch_size=batch_size, lr=1e-3, optimizer="adamw", max_grad_norm=1.0, proximal_mu=0.01, max_len=max_len
+    )
+    setup = WorkerSetup(
+        model_dir=str(model_dir), lora=lora.model_dump(), lora_seed=1, threads=threads, training=training, shards=shards
+    )
     plan = RoundPlan(seed=0, clients=CLIENTS, clients_per_round=CLIENTS, rounds=rounds)
     store = CheckpointStore(folder / f"ckpt-{workers}", {"bench": "1"}, lora_config(lora))
     clock = RoundClock()
@@ -141,25 +160,61 @@ def main(argv: list[str]) -> None:
         folder = Path(tmp)
         torch.set_num_threads(args.threads)
         model_dir = build_client_model(args.model, folder)
-        runs = [federated_run(model_dir, shards, lora, w, max(1, args.threads // w), args.rounds, args.steps, args.batch_size, args.max_len, folder)
-                for w in (1, 2)]
-        plain = plain_peft_steps_per_s(model_dir, shards[0], lora, args.steps * CLIENTS, args.batch_size, args.max_len, args.threads, repeats=3)
+        runs = [
+            federated_run(
+                model_dir,
+                shards,
+                lora,
+                w,
+                max(1, args.threads // w),
+                args.rounds,
+                args.steps,
+                args.batch_size,
+                args.max_len,
+                folder,
+            )
+            for w in (1, 2)
+        ]
+        plain = plain_peft_steps_per_s(
+            model_dir, shards[0], lora, args.steps * CLIENTS, args.batch_size, args.max_len, args.threads, repeats=3
+        )
     report(args, runs, plain)
 
 
 def report(args, runs: list[dict], plain: float) -> None:
     one, two = runs
     rows = [
-        ("local training throughput, worker vs plain peft loop (same threads)", f"{one['worker_steps_per_s']:.2f} vs {plain:.2f} steps/s = {one['worker_steps_per_s'] / plain:.2f}x", ">= 0.9x"),
+        (
+            "local training throughput, worker vs plain peft loop (same threads)",
+            f"{one['worker_steps_per_s']:.2f} vs {plain:.2f} steps/s = {one['worker_steps_per_s'] / plain:.2f}x",
+            ">= 0.9x",
+        ),
         ("round time outside local training, 4 clients, 1 worker", f"{100 * one['outside_share']:.1f} %", "<= 5 %"),
         ("round time outside local training, 4 clients, 2 workers", f"{100 * two['outside_share']:.1f} %", "<= 5 %"),
-        (f"model loads per worker over {args.rounds} rounds", f"1 worker: {one['model_loads']}; 2 workers: {two['model_loads']}", "1"),
-        (f"worker RSS after round {args.rounds} vs round 1", "; ".join(f"{r['workers']} worker(s): {r['rss_first']:.0f} -> {r['rss_last']:.0f} MiB ({100 * (r['rss_last'] / r['rss_first'] - 1):+.1f} %)" for r in runs), "<= +5 %"),
-        ("round wall time, 1 vs 2 workers", f"{one['round_s']:.2f} s ({one['threads']} threads) vs {two['round_s']:.2f} s (2 x {two['threads']} threads) = {one['round_s'] / two['round_s']:.2f}x", "-"),
+        (
+            f"model loads per worker over {args.rounds} rounds",
+            f"1 worker: {one['model_loads']}; 2 workers: {two['model_loads']}",
+            "1",
+        ),
+        (
+            f"worker RSS after round {args.rounds} vs round 1",
+            "; ".join(
+                f"{r['workers']} worker(s): {r['rss_first']:.0f} -> {r['rss_last']:.0f} MiB ({100 * (r['rss_last'] / r['rss_first'] - 1):+.1f} %)"
+                for r in runs
+            ),
+            "<= +5 %",
+        ),
+        (
+            "round wall time, 1 vs 2 workers",
+            f"{one['round_s']:.2f} s ({one['threads']} threads) vs {two['round_s']:.2f} s (2 x {two['threads']} threads) = {one['round_s'] / two['round_s']:.2f}x",
+            "-",
+        ),
         ("run wall time incl. worker start, 1 vs 2 workers", f"{one['wall_s']:.1f} s vs {two['wall_s']:.1f} s", "-"),
         ("train loss round 1 -> last", f"{one['loss'][0]:.3f} -> {one['loss'][1]:.3f}", "-"),
     ]
-    print(f"\n### federate runtime: {args.model}, {CLIENTS} clients/round, {args.rounds} rounds, {args.steps} local steps x batch {args.batch_size}, max_len {args.max_len}, {args.threads} cores\n")
+    print(
+        f"\n### federate runtime: {args.model}, {CLIENTS} clients/round, {args.rounds} rounds, {args.steps} local steps x batch {args.batch_size}, max_len {args.max_len}, {args.threads} cores\n"
+    )
     print("| measure | result | goal |")
     print("|---|---|---|")
     for row in rows:

@@ -63,8 +63,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    overrides = [f"federate.clients={args.clients}", f"federate.clients_per_round={args.clients}", f"federate.rounds={args.rounds}",
-                 "federate.realign_every=0", f"federate.workers={args.clients}", f"run.threads={args.clients}"]
+    overrides = [
+        f"federate.clients={args.clients}",
+        f"federate.clients_per_round={args.clients}",
+        f"federate.rounds={args.rounds}",
+        "federate.realign_every=0",
+        f"federate.workers={args.clients}",
+        f"run.threads={args.clients}",
+    ]
     with tempfile.TemporaryDirectory(prefix="fedsoda-bench-") as scratch:
         root = Path(scratch)
         sub_llm = build_sub_llm(root / "sub-llm")
@@ -88,19 +94,21 @@ def table(local: dict, flower: dict, args) -> str:
     ledger = flower["summary"]["bytes"]
     wire = flower["summary"]["wire_bytes"]
     same = local["lines"][-1]["global_digest"] == flower["lines"][-1]["global_digest"]
-    return "\n".join([
-        f"{args.clients} clients x {args.rounds} rounds, tiny random llama (NF4), SST-2",
-        "",
-        "| | local (worker processes) | flower (SuperLink + SuperNodes, loopback) |",
-        "|---|---|---|",
-        f"| round 1 (s, incl. model load) | {local['lines'][0]['seconds']:.2f} | {flower['lines'][0]['seconds']:.2f} |",
-        f"| later rounds, mean (s) | {later(local):.2f} | {later(flower):.2f} |",
-        f"| stage wall time (s) | {local['wall']:.1f} | {flower['wall']:.1f} |",
-        f"| adapters down / up, ledger (bytes) | {local['summary']['bytes']['adapter_down']} / {local['summary']['bytes']['adapter_up']} "
-        f"| {ledger['adapter_down']} / {ledger['adapter_up']} |",
-        f"| Flower messages serialized, down / up (bytes) | - | {wire['down']} / {wire['up']} ({wire['messages']} messages) |",
-        f"| final adapter bit-identical | | {'yes' if same else 'NO'} |",
-    ])
+    return "\n".join(
+        [
+            f"{args.clients} clients x {args.rounds} rounds, tiny random llama (NF4), SST-2",
+            "",
+            "| | local (worker processes) | flower (SuperLink + SuperNodes, loopback) |",
+            "|---|---|---|",
+            f"| round 1 (s, incl. model load) | {local['lines'][0]['seconds']:.2f} | {flower['lines'][0]['seconds']:.2f} |",
+            f"| later rounds, mean (s) | {later(local):.2f} | {later(flower):.2f} |",
+            f"| stage wall time (s) | {local['wall']:.1f} | {flower['wall']:.1f} |",
+            f"| adapters down / up, ledger (bytes) | {local['summary']['bytes']['adapter_down']} / {local['summary']['bytes']['adapter_up']} "
+            f"| {ledger['adapter_down']} / {ledger['adapter_up']} |",
+            f"| Flower messages serialized, down / up (bytes) | - | {wire['down']} / {wire['up']} ({wire['messages']} messages) |",
+            f"| final adapter bit-identical | | {'yes' if same else 'NO'} |",
+        ]
+    )
 
 
 if __name__ == "__main__":

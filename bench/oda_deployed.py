@@ -51,8 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of designs without @lr")
     parser.add_argument("--logit-chunk", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--check-real", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure the bitsandbytes client model of each aligned sub-LLM")
+    parser.add_argument(
+        "--check-real",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the bitsandbytes client model of each aligned sub-LLM",
+    )
     parser.add_argument("--json", help="also write every measurement to this file")
     return parser.parse_args(argv)
 
@@ -91,7 +95,9 @@ def real_client(student, tokenizer, partial: list[int], quant_aware: str, scratc
     from fedsoda_cli.spec.schema import QuantizeSpec
 
     save_checkpoint(student, tokenizer, scratch / "float")
-    client = quantized.quantize_checkpoint(scratch / "float", QuantizeSpec(), bf16_layers=partial if quant_aware == "bf16_partial" else [])
+    client = quantized.quantize_checkpoint(
+        scratch / "float", QuantizeSpec(), bf16_layers=partial if quant_aware == "bf16_partial" else []
+    )
     quantized.save_client_model(client, tokenizer, scratch / "client")
     del client
     return quantized.load_client_model(scratch / "client", torch.float32, prepare_for_training=False)[0]
@@ -121,13 +127,29 @@ def main(args) -> None:
     partial = partial_layers(args.partial, kept, groups)
     results = []
     for label, quant_aware, lr in designs_of(args.designs, args.lr):
-        config = AlignSpec(partial=args.partial, hidden_at=args.hidden_at, quant_aware=quant_aware, steps=args.steps,
-                           batch_size=args.batch_size, lr=lr, logit_chunk=args.logit_chunk)
+        config = AlignSpec(
+            partial=args.partial,
+            hidden_at=args.hidden_at,
+            quant_aware=quant_aware,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=lr,
+            logit_chunk=args.logit_chunk,
+        )
         student = copy.deepcopy(pruned)
         before = measure(teacher, student, kept, groups, heldout, config, quant, partial)
         started = time.perf_counter()
-        history = align_partial_layers(teacher, student, kept, groups, args.partial, seeded_batches(train, args.batch_size, 0),
-                                       config, args.steps, quant=quant)
+        history = align_partial_layers(
+            teacher,
+            student,
+            kept,
+            groups,
+            args.partial,
+            seeded_batches(train, args.batch_size, 0),
+            config,
+            args.steps,
+            quant=quant,
+        )
         align_s = time.perf_counter() - started
         after = measure(teacher, student, kept, groups, heldout, config, quant, partial)
         real = None
@@ -136,40 +158,71 @@ def main(args) -> None:
                 client = real_client(student, tokenizer, partial, quant_aware, Path(scratch))
                 real = evaluate_alignment(teacher, client, kept, groups, heldout, config)
                 del client
-        results.append({"design": label, "quant_aware": quant_aware, "lr": lr, "align_s": align_s,
-                        "wall_s": time.perf_counter() - started, "first_loss": history[0]["loss"] if history else None,
-                        "last_loss": history[-1]["loss"] if history else None, "before": before, "after": after, "real": real})
+        results.append(
+            {
+                "design": label,
+                "quant_aware": quant_aware,
+                "lr": lr,
+                "align_s": align_s,
+                "wall_s": time.perf_counter() - started,
+                "first_loss": history[0]["loss"] if history else None,
+                "last_loss": history[-1]["loss"] if history else None,
+                "before": before,
+                "after": after,
+                "real": real,
+            }
+        )
         print(f"[{label}] done in {results[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)
         del student
 
-    print(f"\n{args.model}, removed {args.groups} ({len(kept)} of {len(kept) + sum(map(len, groups))} layers kept), partial "
-          f"{args.partial} = layers {[kept[k] for k in partial]}, hidden at {args.hidden_at}, {args.steps} steps of "
-          f"{args.batch_size} x {args.seq_len} tokens, {args.train} train / {args.heldout} held-out windows, NF4 + double quant, "
-          f"{args.threads} thread(s); full LLM ppl {results[0]['after']['bf16']['ppl_teacher']:.2f}\n")
+    print(
+        f"\n{args.model}, removed {args.groups} ({len(kept)} of {len(kept) + sum(map(len, groups))} layers kept), partial "
+        f"{args.partial} = layers {[kept[k] for k in partial]}, hidden at {args.hidden_at}, {args.steps} steps of "
+        f"{args.batch_size} x {args.seq_len} tokens, {args.train} train / {args.heldout} held-out windows, NF4 + double quant, "
+        f"{args.threads} thread(s); full LLM ppl {results[0]['after']['bf16']['ppl_teacher']:.2f}\n"
+    )
     for r in results:
         b, a = r["before"], r["after"]
-        print(f"### {r['design']} (lr {r['lr']:g}, align {r['align_s']:.0f} s, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f})\n")
-        print("| model | KL (held-out) | " + " | ".join(f"hidden NMSE gap {g}" for g in b["bf16"]["hidden_nmse"]) + " | perplexity |")
+        print(
+            f"### {r['design']} (lr {r['lr']:g}, align {r['align_s']:.0f} s, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f})\n"
+        )
+        print(
+            "| model | KL (held-out) | "
+            + " | ".join(f"hidden NMSE gap {g}" for g in b["bf16"]["hidden_nmse"])
+            + " | perplexity |"
+        )
         print("|---|---:|" + "---:|" * len(b["bf16"]["hidden_nmse"]) + "---:|")
-        rows = [("pruned, bf16", b["bf16"]), ("aligned, bf16", a["bf16"]), ("deployed unaligned (control)", b["deployed"]),
-                ("deployed aligned (emulated)", a["deployed"])]
+        rows = [
+            ("pruned, bf16", b["bf16"]),
+            ("aligned, bf16", a["bf16"]),
+            ("deployed unaligned (control)", b["deployed"]),
+            ("deployed aligned (emulated)", a["deployed"]),
+        ]
         if r["real"]:
             rows.append(("deployed aligned (bitsandbytes client)", r["real"]))
         for name, m in rows:
-            print(f"| {name} | {m['kl']:.4f} | " + " | ".join(f"{v:.4f}" for v in m["hidden_nmse"].values()) + f" | {m['ppl_student']:.2f} |")
+            print(
+                f"| {name} | {m['kl']:.4f} | "
+                + " | ".join(f"{v:.4f}" for v in m["hidden_nmse"].values())
+                + f" | {m['ppl_student']:.2f} |"
+            )
         print()
 
     print("### goals\n")
-    print("| design | hidden NMSE after / before, every gap (deployed) <= 0.5 | KL deployed aligned / unaligned <= 0.6 | "
-          "ppl deployed aligned / bf16 aligned <= 1.2 | wall s |")
+    print(
+        "| design | hidden NMSE after / before, every gap (deployed) <= 0.5 | KL deployed aligned / unaligned <= 0.6 | "
+        "ppl deployed aligned / bf16 aligned <= 1.2 | wall s |"
+    )
     print("|---|---|---|---|---:|")
     for r in results:
         b, a = r["before"]["deployed"], r["after"]["deployed"]
         ratios = [a["hidden_nmse"][g] / max(v, 1e-12) for g, v in b["hidden_nmse"].items()]
         kl = a["kl"] / max(b["kl"], 1e-12)
         ppl = a["ppl_student"] / r["after"]["bf16"]["ppl_student"]
-        print(f"| {r['design']} | {', '.join(f'{x:.2f}' for x in ratios)} ({mark(all(x <= 0.5 for x in ratios))}) | "
-              f"{kl:.2f} ({mark(kl <= 0.6)}) | {ppl:.2f} ({mark(ppl <= 1.2)}) | {r['wall_s']:.0f} |")
+        print(
+            f"| {r['design']} | {', '.join(f'{x:.2f}' for x in ratios)} ({mark(all(x <= 0.5 for x in ratios))}) | "
+            f"{kl:.2f} ({mark(kl <= 0.6)}) | {ppl:.2f} ({mark(ppl <= 1.2)}) | {r['wall_s']:.0f} |"
+        )
     print(f"\ntotal {time.perf_counter() - started_all:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -70,7 +70,7 @@ def bare_forward(model, ids, batch_size: int) -> None:
     mask = torch.ones_like(ids)
     with torch.no_grad():
         for begin in range(0, ids.shape[0], batch_size):
-            decoder(input_ids=ids[begin:begin + batch_size], attention_mask=mask[begin:begin + batch_size], use_cache=False)
+            decoder(input_ids=ids[begin : begin + batch_size], attention_mask=mask[begin : begin + batch_size], use_cache=False)
 
 
 def profile_pass(model, ids, args) -> None:
@@ -151,19 +151,29 @@ def main(argv=None) -> None:
     paired = statistics.median(m / b for m, b in zip(times["measure"], times["bare"]))
     tokens = ids.numel()
     grow = {side: m["peak_mib"] - m["before_mib"] for side, m in memory.items()}
-    print(f"model {args.model}, {args.sequences} x {args.seq_len} tokens, batch {args.batch_size}, "
-          f"max_span {args.max_span}, tokens={args.tokens}, threads {args.threads}, {args.repeats} alternating runs")
+    print(
+        f"model {args.model}, {args.sequences} x {args.seq_len} tokens, batch {args.batch_size}, "
+        f"max_span {args.max_span}, tokens={args.tokens}, threads {args.threads}, {args.repeats} alternating runs"
+    )
     print(f"bare forward : min {bare:.3f} s  (all: {', '.join(f'{t:.3f}' for t in times['bare'])})  {tokens / bare:.0f} tokens/s")
-    print(f"measure      : min {prof:.3f} s  (all: {', '.join(f'{t:.3f}' for t in times['measure'])})  {tokens / prof:.0f} tokens/s")
+    print(
+        f"measure      : min {prof:.3f} s  (all: {', '.join(f'{t:.3f}' for t in times['measure'])})  {tokens / prof:.0f} tokens/s"
+    )
     print(f"time ratio   : {prof / bare:.3f}x of the minima, {paired:.3f}x median of paired runs (goal <= 1.15x)")
     for side, m in memory.items():
-        print(f"memory {side:<7}: RSS {m['before_mib']:.0f} MiB before the pass, peak {m['peak_mib']:.0f} MiB (+{grow[side]:.0f} MiB)")
+        print(
+            f"memory {side:<7}: RSS {m['before_mib']:.0f} MiB before the pass, peak {m['peak_mib']:.0f} MiB (+{grow[side]:.0f} MiB)"
+        )
     print()
-    print("| model | sequences x tokens | batch | bare forward (s) | measure (s) | time ratio (min / paired median) | peak RSS bare / measure (MiB) | peak ratio | pass increase bare / measure (MiB) |")
+    print(
+        "| model | sequences x tokens | batch | bare forward (s) | measure (s) | time ratio (min / paired median) | peak RSS bare / measure (MiB) | peak ratio | pass increase bare / measure (MiB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.model} | {args.sequences} x {args.seq_len} | {args.batch_size} | {bare:.3f} | {prof:.3f} | {prof / bare:.3f}x / {paired:.3f}x | "
-          f"{memory['bare']['peak_mib']:.0f} / {memory['measure']['peak_mib']:.0f} | {memory['measure']['peak_mib'] / memory['bare']['peak_mib']:.3f}x | "
-          f"{grow['bare']:.0f} / {grow['measure']:.0f} |")
+    print(
+        f"| {args.model} | {args.sequences} x {args.seq_len} | {args.batch_size} | {bare:.3f} | {prof:.3f} | {prof / bare:.3f}x / {paired:.3f}x | "
+        f"{memory['bare']['peak_mib']:.0f} / {memory['measure']['peak_mib']:.0f} | {memory['measure']['peak_mib'] / memory['bare']['peak_mib']:.3f}x | "
+        f"{grow['bare']:.0f} / {grow['measure']:.0f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ embeddings = "int8"
 
 
 def fedsoda(spec: Path, *args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "fedsoda_cli", "run", str(spec), *args], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedsoda_cli", "run", str(spec), *args], cwd=REPO, capture_output=True, text=True
+    )
     if done.returncode:
         sys.exit(f"fedsoda run {spec} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
 
@@ -96,7 +98,10 @@ def main(argv=None) -> None:
     from fedsoda_cli.spec import load_spec
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    lines = [f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores; torch {torch.__version__}; seed 0", ""]
+    lines = [
+        f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores; torch {torch.__version__}; seed 0",
+        "",
+    ]
 
     # ---- part 1: re-ranked block choice, n = 4, p = 1 ----
     angular = write_spec(out, "angular-n4", "group_size = 4\ngroups = 1")
@@ -106,8 +111,10 @@ def main(argv=None) -> None:
     fedsoda(reranked, "--to", "prune")
     profile_s = manifest(out / "angular-n4", "profile")["wall_time_s"]
     rerank = manifest(out / "reranked-n4", "prune")["metrics"]["rerank"]
-    chosen = {name: json.loads((out / name / "prune" / "layer_map.json").read_text())["removed_groups"][0][0]
-              for name in ("angular-n4", "reranked-n4")}
+    chosen = {
+        name: json.loads((out / name / "prune" / "layer_map.json").read_text())["removed_groups"][0][0]
+        for name in ("angular-n4", "reranked-n4")
+    }
 
     spec = load_spec(angular)
     full, tokenizer = load_causal_lm(spec.model)
@@ -127,16 +134,22 @@ def main(argv=None) -> None:
     oracle = min(ppl, key=ppl.get)
     median = statistics.median(ppl.values())
     a, r = chosen["angular-n4"], chosen["reranked-n4"]
-    lines += ["Re-ranked block choice (n = 4, p = 1), held-out WikiText-2 perplexity (16 x 128 test tokens):", "",
-              "| choice | block | held-out ppl | vs oracle |", "|---|---|---|---|",
-              f"| angular distance (sgp) | {a}..{a + 3} | {ppl[a]:.2f} | {ppl[a] / ppl[oracle]:.3f}x |",
-              f"| re-ranked, top {args.top_k} by public ppl | {r}..{r + 3} | {ppl[r]:.2f} | {ppl[r] / ppl[oracle]:.3f}x |",
-              f"| oracle (best of {len(starts)} blocks, held-out) | {oracle}..{oracle + 3} | {ppl[oracle]:.2f} | 1.000x |",
-              f"| median block | - | {median:.2f} | {median / ppl[oracle]:.3f}x |", "",
-              f"re-rank wall time {rerank['seconds']:.1f} s = {rerank['seconds'] / profile_s:.2f}x profile's {profile_s:.1f} s "
-              f"(the oracle's {len(starts)} held-out measurements took {oracle_s:.1f} s)",
-              f"goal: within 10 % of the oracle ({'met' if ppl[r] <= 1.1 * ppl[oracle] else 'missed'}), "
-              f"at most 5x profile's wall time ({'met' if rerank['seconds'] <= 5 * profile_s else 'missed'})", ""]
+    lines += [
+        "Re-ranked block choice (n = 4, p = 1), held-out WikiText-2 perplexity (16 x 128 test tokens):",
+        "",
+        "| choice | block | held-out ppl | vs oracle |",
+        "|---|---|---|---|",
+        f"| angular distance (sgp) | {a}..{a + 3} | {ppl[a]:.2f} | {ppl[a] / ppl[oracle]:.3f}x |",
+        f"| re-ranked, top {args.top_k} by public ppl | {r}..{r + 3} | {ppl[r]:.2f} | {ppl[r] / ppl[oracle]:.3f}x |",
+        f"| oracle (best of {len(starts)} blocks, held-out) | {oracle}..{oracle + 3} | {ppl[oracle]:.2f} | 1.000x |",
+        f"| median block | - | {median:.2f} | {median / ppl[oracle]:.3f}x |",
+        "",
+        f"re-rank wall time {rerank['seconds']:.1f} s = {rerank['seconds'] / profile_s:.2f}x profile's {profile_s:.1f} s "
+        f"(the oracle's {len(starts)} held-out measurements took {oracle_s:.1f} s)",
+        f"goal: within 10 % of the oracle ({'met' if ppl[r] <= 1.1 * ppl[oracle] else 'missed'}), "
+        f"at most 5x profile's wall time ({'met' if rerank['seconds'] <= 5 * profile_s else 'missed'})",
+        "",
+    ]
     print("\n".join(lines), flush=True)
 
     # ---- part 2: budget pruning against the headline's fixed n = 3, p = 3 ----
@@ -154,11 +167,18 @@ def main(argv=None) -> None:
         total = sum(distances["distances"][str(len(g))][g[0]] for g in groups)
         q = manifest(out / name, "quantize")["metrics"]
         sb = q.get("storage_budget", {})
-        rows.append(f"| {name} | {', '.join(f'{g[0]}..{g[-1]}' for g in groups)} | {sum(map(len, groups))} | {total:.4f} | "
-                    f"{sb.get('predicted_client_bytes', '-')} | {q['client_model_bytes']:,} | {q['heldout_ppl_sub_bf16']:.2f} | {q['heldout_ppl_sub_quantized']:.2f} |")
-    lines2 = [f"Budget pruning: budget = the fixed n = 3, p = 3 client model's {budget:,} B", "",
-              "| pruning | removed groups | layers | total angular distance | predicted bytes | actual bytes | held-out ppl bf16 (aligned) | held-out ppl deployed |",
-              "|---|---|---|---|---|---|---|---|", *rows, ""]
+        rows.append(
+            f"| {name} | {', '.join(f'{g[0]}..{g[-1]}' for g in groups)} | {sum(map(len, groups))} | {total:.4f} | "
+            f"{sb.get('predicted_client_bytes', '-')} | {q['client_model_bytes']:,} | {q['heldout_ppl_sub_bf16']:.2f} | {q['heldout_ppl_sub_quantized']:.2f} |"
+        )
+    lines2 = [
+        f"Budget pruning: budget = the fixed n = 3, p = 3 client model's {budget:,} B",
+        "",
+        "| pruning | removed groups | layers | total angular distance | predicted bytes | actual bytes | held-out ppl bf16 (aligned) | held-out ppl deployed |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
     print("\n".join(lines2), flush=True)
     (out / "results.md").write_text("\n".join(lines + lines2))
 

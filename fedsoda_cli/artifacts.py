@@ -47,8 +47,9 @@ class Manifest:
 
     def digest(self) -> str:
         """Identity of this output: changes whenever any output file or input changes."""
-        blob = json.dumps({"stage": self.stage, "spec": self.spec_hash, "inputs": self.inputs,
-                           "outputs": self.outputs}, sort_keys=True).encode()
+        blob = json.dumps(
+            {"stage": self.stage, "spec": self.spec_hash, "inputs": self.inputs, "outputs": self.outputs}, sort_keys=True
+        ).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -125,7 +126,9 @@ def check_replaceable(workdir: Path, stage: str) -> None:
     target = workdir / stage
     how = "move it out of the way, or choose another --workdir"
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise ArtifactError(f"{target}: a file or link sits where the '{stage}' stage writes its folder, and fedsoda replaces only folders it wrote; {how}")
+        raise ArtifactError(
+            f"{target}: a file or link sits where the '{stage}' stage writes its folder, and fedsoda replaces only folders it wrote; {how}"
+        )
     if not target.exists() or not any(target.iterdir()):
         return
     if not _owned_by(target, stage):
@@ -133,8 +136,10 @@ def check_replaceable(workdir: Path, stage: str) -> None:
 
 
 def _foreign(stage: str) -> str:
-    return (f"this folder has no fedsoda '{stage}' manifest, and fedsoda replaces only folders it wrote; "
-            "move it out of the way, or choose another --workdir")
+    return (
+        f"this folder has no fedsoda '{stage}' manifest, and fedsoda replaces only folders it wrote; "
+        "move it out of the way, or choose another --workdir"
+    )
 
 
 def _owned_by(folder: Path, stage: str) -> bool:
@@ -187,7 +192,9 @@ def replace_folder(new: Path, target: Path, *, retired_in: Path | None = None, k
     whether a folder there is theirs to replace, and fedsoda never deletes a file it did not write.
     """
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise ArtifactError(f"{target}: a file or link is in the way of the folder fedsoda writes there; move it away or write elsewhere")
+        raise ArtifactError(
+            f"{target}: a file or link is in the way of the folder fedsoda writes there; move it away or write elsewhere"
+        )
     _fsync_tree(new)
     if keep_existing:
         try:
@@ -220,8 +227,9 @@ def _retired_path(target: Path, retired_in: Path | None) -> Path:
     return target.parent / f".{target.name}.retired-{tag}"
 
 
-def recover_folder(target: Path, *, retired_in: Path | None = None,
-                   complete: Callable[[Path], bool] = lambda folder: True) -> bool:
+def recover_folder(
+    target: Path, *, retired_in: Path | None = None, complete: Callable[[Path], bool] = lambda folder: True
+) -> bool:
     """If `replace_folder` was killed between its two renames (no `target`, the old folder under a
     retired name), rename the newest retired folder that passes `complete` back. Returns whether one
     went back."""
@@ -264,8 +272,15 @@ def read_manifest(workdir: Path, stage: str) -> Manifest | None:
 
 # Each field's type, and for outputs each entry's; every reader of a Manifest relies on them.
 _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
-    "stage": (str,), "spec_hash": (str,), "inputs": (dict,), "outputs": (dict,), "metrics": (dict,),
-    "wall_time_s": (int, float), "peak_memory_mb": (int, float), "fedsoda_version": (str,), "created": (str,),
+    "stage": (str,),
+    "spec_hash": (str,),
+    "inputs": (dict,),
+    "outputs": (dict,),
+    "metrics": (dict,),
+    "wall_time_s": (int, float),
+    "peak_memory_mb": (int, float),
+    "fedsoda_version": (str,),
+    "created": (str,),
 }
 
 
@@ -284,8 +299,12 @@ def _manifest_problem(data: Any) -> str | None:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.get("inputs", {}).items()):
         return "'inputs' must map stage names to digests"
     for rel, info in data.get("outputs", {}).items():
-        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and not isinstance(info["bytes"], bool)
-                and isinstance(info.get("sha256"), str)):
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("bytes"), int)
+            and not isinstance(info["bytes"], bool)
+            and isinstance(info.get("sha256"), str)
+        ):
             return f"output '{rel[:80]}' has no bytes and sha256"
     return None
 
@@ -296,9 +315,13 @@ def verify(workdir: Path, manifest: Manifest) -> None:
     for rel, info in manifest.outputs.items():
         path = inside(folder, Path(rel))
         if not path.is_file():
-            raise ArtifactError(f"{path}: listed in the '{manifest.stage}' manifest but missing; rerun `fedsoda {manifest.stage}` with --force")
+            raise ArtifactError(
+                f"{path}: listed in the '{manifest.stage}' manifest but missing; rerun `fedsoda {manifest.stage}` with --force"
+            )
         if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
-            raise ArtifactError(f"{path}: content no longer matches the '{manifest.stage}' manifest (modified or corrupt); rerun `fedsoda {manifest.stage}` with --force")
+            raise ArtifactError(
+                f"{path}: content no longer matches the '{manifest.stage}' manifest (modified or corrupt); rerun `fedsoda {manifest.stage}` with --force"
+            )
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -342,12 +365,16 @@ def ensure_workdir(workdir: Path) -> None:
     """Create the workdir if it does not exist; an ArtifactError naming it when it cannot be a
     writable folder (a file in the way, a read-only or virtual file system, no permission)."""
     if workdir.exists() and not workdir.is_dir():
-        raise ArtifactError(f"{workdir}: the workdir is a file, not a folder; choose a writable folder with --workdir or run.workdir")
+        raise ArtifactError(
+            f"{workdir}: the workdir is a file, not a folder; choose a writable folder with --workdir or run.workdir"
+        )
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         at = f" at {exc.filename}" if exc.filename and Path(exc.filename) != workdir else ""
-        raise ArtifactError(f"{workdir}: cannot create the workdir ({exc.strerror}{at}); choose a writable folder with --workdir or run.workdir") from None
+        raise ArtifactError(
+            f"{workdir}: cannot create the workdir ({exc.strerror}{at}); choose a writable folder with --workdir or run.workdir"
+        ) from None
     if not os.access(workdir, os.W_OK):
         raise ArtifactError(f"{workdir}: workdir is not writable; choose another with --workdir or run.workdir")
 
@@ -384,14 +411,17 @@ def _acquire(path: Path) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise ArtifactError(f"{path}: cannot create the workdir lock ({exc.strerror}); choose a writable folder with --workdir or run.workdir") from None
+            raise ArtifactError(
+                f"{path}: cannot create the workdir lock ({exc.strerror}); choose a writable folder with --workdir or run.workdir"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise ArtifactError(f"{path.parent}: in use by another fedsoda process ({holder}); wait for it to finish, "
-                                "or choose another --workdir") from None
+            raise ArtifactError(
+                f"{path.parent}: in use by another fedsoda process ({holder}); wait for it to finish, or choose another --workdir"
+            ) from None
         # The holder before us unlinks the file as it lets go; a lock on that unlinked file guards nothing.
         try:
             current = os.stat(path)

@@ -101,12 +101,16 @@ class RunSummary:
         curves: dict[str, list[tuple[int, float, int]]] = {}
         for record in self.rounds:
             for target, entry in (record.get("eval") or {}).items():
-                curves.setdefault(target, []).append((int(record["round"]), float(entry["accuracy"]), cumulative[int(record["round"])]))
+                curves.setdefault(target, []).append(
+                    (int(record["round"]), float(entry["accuracy"]), cumulative[int(record["round"])])
+                )
         return curves
 
     def drift_rounds(self) -> list[tuple[int, float, bool]]:
         """[(round, drift as a multiple of its reference, realigned after it)] from the rounds that measured drift."""
-        return [(int(r["round"]), float(r["drift"]["ratio"]), bool(r.get("bytes_realign"))) for r in self.rounds if r.get("drift")]
+        return [
+            (int(r["round"]), float(r["drift"]["ratio"]), bool(r.get("bytes_realign"))) for r in self.rounds if r.get("drift")
+        ]
 
     @property
     def communication_total(self) -> int | None:
@@ -129,10 +133,19 @@ def read_run(workdir: Path) -> RunSummary:
         raise ArtifactError(f"{workdir}: no such run folder; pass the run's workdir (run.workdir, e.g. runs/<name>)")
     manifests = {name: m for name in _stage_names(workdir) if (m := artifacts.read_manifest(workdir, name)) is not None}
     if not manifests:
-        raise ArtifactError(f"{workdir}: no finished stage (no */manifest.json); run `fedsoda run SPEC` first or pass another folder")
+        raise ArtifactError(
+            f"{workdir}: no finished stage (no */manifest.json); run `fedsoda run SPEC` first or pass another folder"
+        )
     spec = _spec(workdir)
     identity = _identity(workdir, spec)
-    run = RunSummary(name=identity["name"], workdir=workdir, method=identity["method"], model=identity["model"], task=identity["task"], spec=spec)
+    run = RunSummary(
+        name=identity["name"],
+        workdir=workdir,
+        method=identity["method"],
+        model=identity["model"],
+        task=identity["task"],
+        spec=spec,
+    )
     run.wall_time_s = {name: m.wall_time_s for name, m in manifests.items()}
     for stage, rel in (("eval", "results.json"), ("federate", "metrics.jsonl"), ("federate", "summary.json")):
         _check_listed(workdir, manifests.get(stage), rel)
@@ -195,8 +208,12 @@ def seed_groups(runs: list[RunSummary]) -> list[SeedGroup]:
         key = _seed_free_key(run.spec) if run.spec else f"no-spec-{i}"
         groups.setdefault(key, []).append(run)
     names = [members[0].name for members in groups.values()]
-    return [SeedGroup(members[0].name if names.count(members[0].name) == 1 else f"{members[0].name} ({members[0].workdir.name})", members)
-            for members in groups.values()]
+    return [
+        SeedGroup(
+            members[0].name if names.count(members[0].name) == 1 else f"{members[0].name} ({members[0].workdir.name})", members
+        )
+        for members in groups.values()
+    ]
 
 
 def step_time_control(runs: list[RunSummary]) -> tuple[RunSummary | None, str]:
@@ -209,7 +226,10 @@ def step_time_control(runs: list[RunSummary]) -> tuple[RunSummary | None, str]:
             return run, f"{run.label} (fedpetuning, {CONTROL_QUANT} full model)"
     if baselines:
         run = baselines[0]
-        return run, f"{run.label} (fedpetuning, quantize.quant_type = {run.quant_type or '?'}: no {CONTROL_QUANT} fedpetuning run was given)"
+        return (
+            run,
+            f"{run.label} (fedpetuning, quantize.quant_type = {run.quant_type or '?'}: no {CONTROL_QUANT} fedpetuning run was given)",
+        )
     return None, ""
 
 
@@ -217,6 +237,7 @@ def change_vs(run: RunSummary, baseline: RunSummary) -> dict[str, float | None]:
     """Signed changes of `run` against `baseline`: communication / communication without the model
     download / client storage in % of the baseline; plugin and sub accuracy in percentage points
     (each against the same target of the baseline)."""
+
     def relative(ours, theirs):
         return None if ours is None or not theirs else 100.0 * (ours / theirs - 1.0)
 
@@ -269,7 +290,9 @@ def write_report(workdirs: list[Path], out_dir: Path) -> list[Path]:
 
 def _stage_names(workdir: Path) -> list[str]:
     """Stage folders of the workdir, pipeline stages first in order, then any other (e.g. realign)."""
-    found = {p.name for p in workdir.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / artifacts.MANIFEST).is_file()}
+    found = {
+        p.name for p in workdir.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / artifacts.MANIFEST).is_file()
+    }
     return [s for s in STAGE_ORDER if s in found] + sorted(found - set(STAGE_ORDER))
 
 
@@ -294,8 +317,12 @@ def _identity(workdir: Path, spec: dict[str, Any]) -> dict[str, str]:
         return {"name": workdir.name, "method": "?", "model": "?", "task": "?"}
     model = spec.get("model", {})
     model_name = model.get("path") or model.get("hub_id") or model.get("name") or "?"
-    return {"name": str(spec.get("run", {}).get("name", workdir.name)), "method": str(spec.get("run", {}).get("method", "?")),
-            "model": str(model_name), "task": str(spec.get("task", {}).get("name", "?"))}
+    return {
+        "name": str(spec.get("run", {}).get("name", workdir.name)),
+        "method": str(spec.get("run", {}).get("method", "?")),
+        "model": str(model_name),
+        "task": str(spec.get("task", {}).get("name", "?")),
+    }
 
 
 def _seed_free_key(spec: dict[str, Any]) -> str:
@@ -313,8 +340,10 @@ def _check_listed(workdir: Path, manifest, rel: str) -> None:
     path = artifacts.stage_dir(workdir, manifest.stage) / rel
     if not path.is_file() or artifacts.sha256_file(path) != manifest.outputs[rel]["sha256"]:
         state = "missing" if not path.is_file() else "modified or corrupt"
-        raise ArtifactError(f"{path}: content no longer matches the '{manifest.stage}' manifest ({state}); "
-                            f"rerun `fedsoda {manifest.stage} SPEC --force`")
+        raise ArtifactError(
+            f"{path}: content no longer matches the '{manifest.stage}' manifest ({state}); "
+            f"rerun `fedsoda {manifest.stage} SPEC --force`"
+        )
 
 
 def _read_eval(run: RunSummary, path: Path) -> None:
@@ -324,7 +353,9 @@ def _read_eval(run: RunSummary, path: Path) -> None:
     try:
         _read_results(run, results)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise ArtifactError(f"{path}: not the results fedsoda wrote ({type(exc).__name__}: {str(exc)[:120]}); {_EVAL_REBUILD}") from None
+        raise ArtifactError(
+            f"{path}: not the results fedsoda wrote ({type(exc).__name__}: {str(exc)[:120]}); {_EVAL_REBUILD}"
+        ) from None
 
 
 _EVAL_REBUILD = "rerun `fedsoda eval SPEC --force`"
@@ -350,15 +381,20 @@ def _read_federate(run: RunSummary, folder: Path) -> None:
     """The rounds (metrics.jsonl) and the communication totals by kind (summary.json's "bytes")."""
     metrics = folder / "metrics.jsonl"
     if metrics.is_file():
-        run.rounds = [_round_record(line, f"{metrics}:{number}") for number, line in enumerate(metrics.read_bytes().split(b"\n"), start=1)
-                      if line.strip()]
+        run.rounds = [
+            _round_record(line, f"{metrics}:{number}")
+            for number, line in enumerate(metrics.read_bytes().split(b"\n"), start=1)
+            if line.strip()
+        ]
     if (folder / "summary.json").is_file():
         path = folder / "summary.json"
         totals = _load_json(path, _FEDERATE_REBUILD).get("bytes") or {}
         try:
             run.communication = {kind: int(totals.get(kind, 0) or 0) for kind in KINDS}
         except (TypeError, ValueError, AttributeError) as exc:
-            raise ArtifactError(f"{path}: 'bytes' is not the byte counts fedsoda wrote ({type(exc).__name__}); {_FEDERATE_REBUILD}") from None
+            raise ArtifactError(
+                f"{path}: 'bytes' is not the byte counts fedsoda wrote ({type(exc).__name__}); {_FEDERATE_REBUILD}"
+            ) from None
 
 
 def _round_record(line: bytes, where: str) -> dict[str, Any]:
@@ -382,7 +418,9 @@ def _round_record(line: bytes, where: str) -> dict[str, Any]:
         if record.get("drift") is not None:
             record["drift"] = {**record["drift"], "ratio": float(record["drift"]["ratio"])}
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise ArtifactError(f"{where}: not a round record fedsoda wrote ({type(exc).__name__}: {str(exc)[:120]}); {_FEDERATE_REBUILD}") from None
+        raise ArtifactError(
+            f"{where}: not a round record fedsoda wrote ({type(exc).__name__}: {str(exc)[:120]}); {_FEDERATE_REBUILD}"
+        ) from None
     return record
 
 
@@ -433,12 +471,31 @@ def _mean_std(values: list[float]) -> tuple[float, float | None, int] | None:
 
 # ---- writing --------------------------------------------------------------------------------------
 
-CSV_FIELDS = ["run", "label", "method", "model", "task", "seed", "workdir",
-              *(f"accuracy_{t}" for t in TARGETS), *(f"min_accuracy_{t}" for t in TARGETS), *(f"perplexity_{t}" for t in TARGETS),
-              "communication_bytes", *(f"communication_{k}_bytes" for k in KINDS), "client_storage_bytes",
-              "step_seconds", "peak_worker_rss_mb",
-              *(f"wall_time_{s}_s" for s in STAGE_ORDER), "wall_time_total_s", "baseline",
-              "communication_pct", "communication_rounds_pct", "storage_pct", "accuracy_plugin_pts", "accuracy_sub_pts"]
+CSV_FIELDS = [
+    "run",
+    "label",
+    "method",
+    "model",
+    "task",
+    "seed",
+    "workdir",
+    *(f"accuracy_{t}" for t in TARGETS),
+    *(f"min_accuracy_{t}" for t in TARGETS),
+    *(f"perplexity_{t}" for t in TARGETS),
+    "communication_bytes",
+    *(f"communication_{k}_bytes" for k in KINDS),
+    "client_storage_bytes",
+    "step_seconds",
+    "peak_worker_rss_mb",
+    *(f"wall_time_{s}_s" for s in STAGE_ORDER),
+    "wall_time_total_s",
+    "baseline",
+    "communication_pct",
+    "communication_rounds_pct",
+    "storage_pct",
+    "accuracy_plugin_pts",
+    "accuracy_sub_pts",
+]
 
 
 def _write_csv(runs: list[RunSummary], path: Path) -> Path:
@@ -447,10 +504,21 @@ def _write_csv(runs: list[RunSummary], path: Path) -> Path:
         writer.writeheader()
         for run in runs:
             base = baseline_for(run, runs)
-            row = {"run": run.name, "label": run.label, "method": run.method, "model": run.model, "task": run.task, "seed": run.seed,
-                   "workdir": str(run.workdir), "communication_bytes": run.communication_total, "client_storage_bytes": run.client_storage_bytes,
-                   "step_seconds": run.step_seconds, "peak_worker_rss_mb": run.peak_rss_mb,
-                   "wall_time_total_s": round(sum(run.wall_time_s.values()), 3), "baseline": base.label if base else ""}
+            row = {
+                "run": run.name,
+                "label": run.label,
+                "method": run.method,
+                "model": run.model,
+                "task": run.task,
+                "seed": run.seed,
+                "workdir": str(run.workdir),
+                "communication_bytes": run.communication_total,
+                "client_storage_bytes": run.client_storage_bytes,
+                "step_seconds": run.step_seconds,
+                "peak_worker_rss_mb": run.peak_rss_mb,
+                "wall_time_total_s": round(sum(run.wall_time_s.values()), 3),
+                "baseline": base.label if base else "",
+            }
             row.update({f"accuracy_{t}": run.accuracy.get(t) for t in TARGETS})
             row.update({f"min_accuracy_{t}": run.min_accuracy.get(t) for t in TARGETS})
             row.update({f"perplexity_{t}": run.perplexity.get(t) for t in TARGETS})
@@ -465,31 +533,81 @@ def _write_csv(runs: list[RunSummary], path: Path) -> Path:
 def render_markdown(runs: list[RunSummary], plots: list[str]) -> str:
     """report.md: main table, change vs FedPETuning, across seeds, step time and RSS, communication
     by kind, wall time, plots. Expects labelled runs (label_runs)."""
-    lines = ["# fedsoda report", "",
-             "Accuracy: task metric of each target on the eval split, with its 95 % Wilson interval "
-             "(run.method local: the mean over clients, the worst client in parentheses). "
-             "Communication: every byte between server and clients, the one-time model download included. "
-             "Storage: what a client keeps on disk to train (client model + adapter).", "",
-             "## Main table", "",
-             _table(["run", "method", "model", "task", "plugin", "sub", "zero-shot", "communication", "client storage", "wall time"],
-                    [[r.label, r.method, r.model, r.task, *(_accuracy(r, t) for t in TARGETS), _bytes(r.communication_total),
-                      _bytes(r.client_storage_bytes), _seconds(sum(r.wall_time_s.values()))] for r in runs])]
+    lines = [
+        "# fedsoda report",
+        "",
+        "Accuracy: task metric of each target on the eval split, with its 95 % Wilson interval "
+        "(run.method local: the mean over clients, the worst client in parentheses). "
+        "Communication: every byte between server and clients, the one-time model download included. "
+        "Storage: what a client keeps on disk to train (client model + adapter).",
+        "",
+        "## Main table",
+        "",
+        _table(
+            ["run", "method", "model", "task", "plugin", "sub", "zero-shot", "communication", "client storage", "wall time"],
+            [
+                [
+                    r.label,
+                    r.method,
+                    r.model,
+                    r.task,
+                    *(_accuracy(r, t) for t in TARGETS),
+                    _bytes(r.communication_total),
+                    _bytes(r.client_storage_bytes),
+                    _seconds(sum(r.wall_time_s.values())),
+                ]
+                for r in runs
+            ],
+        ),
+    ]
     compared = [(r, b) for r in runs if (b := baseline_for(r, runs)) is not None]
     lines += ["", "## Change vs FedPETuning", ""]
     if compared:
-        lines.append(_table(["run", "baseline", "communication", "communication w/o model download", "client storage", "accuracy plugin", "accuracy sub"],
-                            [[r.label, b.label, *_changes(change_vs(r, b))] for r, b in compared]))
+        lines.append(
+            _table(
+                [
+                    "run",
+                    "baseline",
+                    "communication",
+                    "communication w/o model download",
+                    "client storage",
+                    "accuracy plugin",
+                    "accuracy sub",
+                ],
+                [[r.label, b.label, *_changes(change_vs(r, b))] for r, b in compared],
+            )
+        )
     else:
         lines.append("No `fedpetuning` run of the same model and task was given, so no change is computed.")
     lines += _across_seeds(runs)
     lines += _step_time(runs)
-    lines += ["", "## Communication by kind", "",
-              _table(["run", *KINDS, "total"], [[r.label, *(_bytes(r.communication.get(k)) for k in KINDS), _bytes(r.communication_total)] for r in runs]),
-              "", "## Wall time per stage", "",
-              _table(["run", *STAGE_ORDER, "total"], [[r.label, *(_seconds(r.wall_time_s.get(s)) for s in STAGE_ORDER), _seconds(sum(r.wall_time_s.values()))] for r in runs])]
+    lines += [
+        "",
+        "## Communication by kind",
+        "",
+        _table(
+            ["run", *KINDS, "total"],
+            [[r.label, *(_bytes(r.communication.get(k)) for k in KINDS), _bytes(r.communication_total)] for r in runs],
+        ),
+        "",
+        "## Wall time per stage",
+        "",
+        _table(
+            ["run", *STAGE_ORDER, "total"],
+            [
+                [r.label, *(_seconds(r.wall_time_s.get(s)) for s in STAGE_ORDER), _seconds(sum(r.wall_time_s.values()))]
+                for r in runs
+            ],
+        ),
+    ]
     perplexities = [r for r in runs if r.perplexity]
     if perplexities:
-        lines += ["", "## Held-out perplexity", "", _table(["run", *TARGETS], [[r.label, *(_number(r.perplexity.get(t)) for t in TARGETS)] for r in perplexities])]
+        lines += [
+            "",
+            "## Held-out perplexity",
+            "",
+            _table(["run", *TARGETS], [[r.label, *(_number(r.perplexity.get(t)) for t in TARGETS)] for r in perplexities]),
+        ]
     if plots:
         lines += ["", "## Plots"]
         for name in plots:  # a paragraph each, so every image sits on its own line
@@ -512,16 +630,26 @@ def _across_seeds(runs: list[RunSummary]) -> list[str]:
     header = ["group", "method", "seeds", "n", *TARGETS, *(["worst client (local)"] if local else [])]
     rows = []
     for g in groups:
-        row = [g.label, g.method, ", ".join("?" if s is None else str(s) for s in g.seeds), str(len(g.runs)),
-               *(_mean_std_text(g.accuracy(t)) for t in TARGETS)]
+        row = [
+            g.label,
+            g.method,
+            ", ".join("?" if s is None else str(s) for s in g.seeds),
+            str(len(g.runs)),
+            *(_mean_std_text(g.accuracy(t)) for t in TARGETS),
+        ]
         if local:
             worst = [f"{t} {_mean_std_text(m)}" for t in TARGETS if (m := g.min_accuracy(t)) is not None]
             row.append("; ".join(worst) or "-")
         rows.append(row)
-    return ["", "## Across seeds", "",
-            "Runs whose spec.json are equal except for run.seed and run.workdir. Accuracy in %: mean ± sample std over n runs "
-            "(run.method local: of the mean over clients; the worst client's accuracy in its own column).", "",
-            _table(header, rows)]
+    return [
+        "",
+        "## Across seeds",
+        "",
+        "Runs whose spec.json are equal except for run.seed and run.workdir. Accuracy in %: mean ± sample std over n runs "
+        "(run.method local: of the mean over clients; the worst client's accuracy in its own column).",
+        "",
+        _table(header, rows),
+    ]
 
 
 def _step_time(runs: list[RunSummary]) -> list[str]:
@@ -530,18 +658,34 @@ def _step_time(runs: list[RunSummary]) -> list[str]:
     if not measured:
         return []
     control, why = step_time_control(runs)
-    intro = ("Measured in the client workers during federate: mean seconds per optimizer step and the largest RSS of any round. "
-             + (f"Ratios to {why}." if control else "No `fedpetuning` run was given, so no ratio is computed."))
+    intro = (
+        "Measured in the client workers during federate: mean seconds per optimizer step and the largest RSS of any round. "
+        + (f"Ratios to {why}." if control else "No `fedpetuning` run was given, so no ratio is computed.")
+    )
 
     def ratio(ours, theirs):
         return "-" if ours is None or not theirs else f"{ours / theirs:.2f}x"
 
-    rows = [[r.label, r.method, r.quant_type or "-", "-" if r.step_seconds is None else f"{1000 * r.step_seconds:.1f} ms",
-             ratio(r.step_seconds, control.step_seconds if control else None),
-             "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f} MB", ratio(r.peak_rss_mb, control.peak_rss_mb if control else None)]
-            for r in measured]
-    return ["", "## Client step time and peak RSS", "", intro, "",
-            _table(["run", "method", "quant_type", "step time", "step time ratio", "peak worker RSS", "RSS ratio"], rows)]
+    rows = [
+        [
+            r.label,
+            r.method,
+            r.quant_type or "-",
+            "-" if r.step_seconds is None else f"{1000 * r.step_seconds:.1f} ms",
+            ratio(r.step_seconds, control.step_seconds if control else None),
+            "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f} MB",
+            ratio(r.peak_rss_mb, control.peak_rss_mb if control else None),
+        ]
+        for r in measured
+    ]
+    return [
+        "",
+        "## Client step time and peak RSS",
+        "",
+        intro,
+        "",
+        _table(["run", "method", "quant_type", "step time", "step time ratio", "peak worker RSS", "RSS ratio"], rows),
+    ]
 
 
 def _mean_std_text(stats: tuple[float, float | None, int] | None) -> str:
@@ -573,8 +717,13 @@ def _changes(change: dict[str, float | None]) -> list[str]:
     def pts(v):
         return "-" if v is None else f"{v:+.1f} pts"
 
-    return [pct(change["communication_pct"]), pct(change["communication_rounds_pct"]), pct(change["storage_pct"]),
-            pts(change["accuracy_plugin_pts"]), pts(change["accuracy_sub_pts"])]
+    return [
+        pct(change["communication_pct"]),
+        pct(change["communication_rounds_pct"]),
+        pct(change["storage_pct"]),
+        pts(change["accuracy_plugin_pts"]),
+        pts(change["accuracy_sub_pts"]),
+    ]
 
 
 def _bytes(n: int | None) -> str:

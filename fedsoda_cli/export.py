@@ -37,8 +37,13 @@ def export_merged(spec, workdir: Path, out_dir: Path, *, dtype: str = "float32")
     check_out_dir(out, workdir)  # before the merge, so a refusal costs nothing
     federate = _current_stage(spec, workdir, "federate")
     quantize = _current_stage(spec, workdir, "quantize")
-    provenance = {"workdir": str(workdir.resolve()), "method": spec.run.method, "run": spec.run.name,
-                  "federate_digest": artifacts.read_manifest(workdir, "federate").digest(), "dtype": dtype}
+    provenance = {
+        "workdir": str(workdir.resolve()),
+        "method": spec.run.method,
+        "run": spec.run.name,
+        "federate_digest": artifacts.read_manifest(workdir, "federate").digest(),
+        "dtype": dtype,
+    }
     _make_parent(out)
     # Beside `out`, so the finished folder is renamed into place: a half export never sits at `out`,
     # and the marker is inside before it gets there.
@@ -64,15 +69,21 @@ def check_out_dir(out: Path, workdir: Path) -> None:
     if run in resolved.parents:
         first = run / resolved.relative_to(run).parts[0]
         if first.name.startswith(".") or first.name in stage_names or first.name.endswith(".checkpoints"):
-            raise ArtifactError(f"{out}: {'is' if first == resolved else 'lies inside'} {first}, which fedsoda stages write; {how}")
+            raise ArtifactError(
+                f"{out}: {'is' if first == resolved else 'lies inside'} {first}, which fedsoda stages write; {how}"
+            )
     for folder in (resolved, *resolved.parents):
         if artifacts.is_stage_folder(folder):
-            raise ArtifactError(f"{out}: {'is' if folder == resolved else 'lies inside'} the fedsoda stage folder {folder}; {how}")
+            raise ArtifactError(
+                f"{out}: {'is' if folder == resolved else 'lies inside'} the fedsoda stage folder {folder}; {how}"
+            )
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ArtifactError(f"{out}: exists and is not a folder, and export replaces only its own folders; {how}")
     if out.is_dir() and any(out.iterdir()) and not is_export(out):
-        raise ArtifactError(f"{out}: this folder holds files but no {PROVENANCE}, so it is not an earlier fedsoda export "
-                            f"and will not be replaced; {how}")
+        raise ArtifactError(
+            f"{out}: this folder holds files but no {PROVENANCE}, so it is not an earlier fedsoda export "
+            f"and will not be replaced; {how}"
+        )
 
 
 def is_export(folder: Path) -> bool:
@@ -117,4 +128,3 @@ def _current_stage(spec, workdir: Path, name: str) -> Path:
         raise ArtifactError(f"{workdir / name}: '{name}' is stale ({state.reason}); rerun `fedsoda run SPEC` before exporting")
     artifacts.verify(workdir, artifacts.read_manifest(workdir, name))
     return artifacts.stage_dir(workdir, name)
-

@@ -18,8 +18,20 @@ from fedsoda_cli.errors import ArtifactError, SpecError
 from fedsoda_cli.spec import Spec, sections_hash
 from fedsoda_cli.stages.contract import Stage, StageContext, StageResult
 
-__all__ = ["PIPELINES", "REALIGN", "Stage", "StageContext", "StageResult", "all_stage_names", "execute", "input_folders", "record_spec",
-           "stage_named", "stages_for", "status"]
+__all__ = [
+    "PIPELINES",
+    "REALIGN",
+    "Stage",
+    "StageContext",
+    "StageResult",
+    "all_stage_names",
+    "execute",
+    "input_folders",
+    "record_spec",
+    "stage_named",
+    "stages_for",
+    "status",
+]
 
 _SOURCES = ("model", "data")  # every stage that loads the model or data depends on these
 
@@ -28,8 +40,15 @@ PROFILE = Stage("profile", (), (*_SOURCES, "public_data", "profile"), "fedsoda_c
 PRUNE = Stage("prune", ("profile",), (*_SOURCES, "public_data", "profile", "prune", "plugins"), "fedsoda_cli.stages.prune:run")
 ALIGN = Stage("align", ("prune",), (*_SOURCES, "public_data", "align", "quantize", "run.seed"), "fedsoda_cli.stages.align:run")
 QUANTIZE = Stage("quantize", ("align",), (*_SOURCES, "public_data", "quantize"), "fedsoda_cli.stages.quantize:run")
-FEDERATE = Stage("federate", ("quantize",), (*_SOURCES, "public_data", "task", "lora", "federate", "align", "realign", "run.seed", "plugins"), "fedsoda_cli.stages.federate:run")
-EVAL = Stage("eval", ("federate", "quantize"), (*_SOURCES, "public_data", "task", "eval", "run.seed"), "fedsoda_cli.stages.eval:run")
+FEDERATE = Stage(
+    "federate",
+    ("quantize",),
+    (*_SOURCES, "public_data", "task", "lora", "federate", "align", "realign", "run.seed", "plugins"),
+    "fedsoda_cli.stages.federate:run",
+)
+EVAL = Stage(
+    "eval", ("federate", "quantize"), (*_SOURCES, "public_data", "task", "eval", "run.seed"), "fedsoda_cli.stages.eval:run"
+)
 
 # The baselines (fedsoda_cli/baselines) reuse fedsoda's stages where they can and name their own
 # where they differ; run.method is a closed Literal, so every method is listed here.
@@ -49,20 +68,30 @@ PIPELINES: dict[str, tuple[Stage, ...]] = {
         EVAL,
     ),
     "central": (
-        PROFILE, PRUNE, ALIGN, QUANTIZE,
+        PROFILE,
+        PRUNE,
+        ALIGN,
+        QUANTIZE,
         Stage("federate", ("quantize",), FEDERATE.sections, "fedsoda_cli.baselines.bounds:central"),
         EVAL,
     ),
     "local": (
-        PROFILE, PRUNE, ALIGN, QUANTIZE,
+        PROFILE,
+        PRUNE,
+        ALIGN,
+        QUANTIZE,
         Stage("federate", ("quantize",), FEDERATE.sections, "fedsoda_cli.baselines.bounds:local"),
         Stage("eval", ("federate", "quantize"), EVAL.sections, "fedsoda_cli.baselines.bounds:local_eval"),
     ),
 }
 
 # `fedsoda realign SPEC --adapter DIR`: a stage of its own, run on demand, in no method's list
-REALIGN = Stage("realign", ("align", "quantize"), (*_SOURCES, "public_data", "align", "realign", "quantize", "run.seed"),
-                "fedsoda_cli.stages.realign:run")
+REALIGN = Stage(
+    "realign",
+    ("align", "quantize"),
+    (*_SOURCES, "public_data", "align", "realign", "quantize", "run.seed"),
+    "fedsoda_cli.stages.realign:run",
+)
 
 
 def all_stage_names() -> frozenset[str]:
@@ -122,9 +151,13 @@ def input_folders(spec: Spec, workdir: Path, stage: Stage) -> tuple[dict[str, Pa
     for name in stage.inputs:
         manifest = artifacts.read_manifest(workdir, name)
         if manifest is None:
-            raise ArtifactError(f"stage '{stage.name}' needs the output of '{name}' in {workdir / name}; run `fedsoda {name} SPEC` first")
+            raise ArtifactError(
+                f"stage '{stage.name}' needs the output of '{name}' in {workdir / name}; run `fedsoda {name} SPEC` first"
+            )
         if states[name].state == "stale":
-            raise ArtifactError(f"input '{name}' in {workdir / name} is stale ({states[name].reason}); rerun `fedsoda {name} SPEC` (or `fedsoda run SPEC`)")
+            raise ArtifactError(
+                f"input '{name}' in {workdir / name} is stale ({states[name].reason}); rerun `fedsoda {name} SPEC` (or `fedsoda run SPEC`)"
+            )
         artifacts.verify(workdir, manifest)
         folders[name] = artifacts.stage_dir(workdir, name)
         digests[name] = manifest.digest()
@@ -140,8 +173,15 @@ def execute(spec: Spec, workdir: Path, stage: Stage, console: Console, **options
         seeding.prepare(spec)
         terminal.quiet_third_party()
         with artifacts.write_stage(workdir, stage.name, sections_hash(spec, stage.sections), digests) as writer:
-            ctx = StageContext(spec=spec, workdir=workdir, out=writer.path, inputs=inputs, console=console, options=options,
-                               sections=stage.sections)
+            ctx = StageContext(
+                spec=spec,
+                workdir=workdir,
+                out=writer.path,
+                inputs=inputs,
+                console=console,
+                options=options,
+                sections=stage.sections,
+            )
             result = stage.function()(ctx)
             writer.manifest.metrics = result.metrics
         record_spec(spec, workdir)  # only once the stage succeeded: a failed attempt must not relabel the run

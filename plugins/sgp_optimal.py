@@ -61,14 +61,18 @@ class OptimalGroupPruner(Pruner):
         cost = self._block_costs(profile.distances[n], n, protected_layers(L, config))
         best, took = self._solve(cost, L, n, p)
         if math.isinf(best[L][p]):
-            raise SpecError(f"prune.groups = {p} x prune.group_size = {n}: no {p} non-overlapping unprotected blocks fit in {L} layers")
+            raise SpecError(
+                f"prune.groups = {p} x prune.group_size = {n}: no {p} non-overlapping unprotected blocks fit in {L} layers"
+            )
         return self._trace(took, L, n, p)
 
     @staticmethod
     def _block_costs(distances, n, protected):
         """cost[l] = d_n(l), or inf when block l..l+n-1 touches a protected layer or is unmeasurable."""
-        return [d if math.isfinite(d) and not set(range(layer, layer + n)) & protected else math.inf
-                for layer, d in enumerate(distances)]
+        return [
+            d if math.isfinite(d) and not set(range(layer, layer + n)) & protected else math.inf
+            for layer, d in enumerate(distances)
+        ]
 
     @staticmethod
     def _solve(cost, L, n, p):

@@ -21,8 +21,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("orchestrator", ("fedsoda_cli.pipeline", "fedsoda_cli.export", "fedsoda_cli.compare")),
     ("stages", ("fedsoda_cli.stages", "fedsoda_cli.baselines")),
     ("method libraries and runtime", ("fedsoda_cli.sgp", "fedsoda_cli.oda", "fedsoda_cli.federated", "fedsoda_cli.evaluation")),
-    ("building blocks", ("fedsoda_cli.models", "fedsoda_cli.data", "fedsoda_cli.plugins", "fedsoda_cli.artifacts",
-                         "fedsoda_cli.terminal")),
+    (
+        "building blocks",
+        ("fedsoda_cli.models", "fedsoda_cli.data", "fedsoda_cli.plugins", "fedsoda_cli.artifacts", "fedsoda_cli.terminal"),
+    ),
     ("leaves", ("fedsoda_cli.spec", "fedsoda_cli.errors", "fedsoda_cli.seeding", "fedsoda_cli")),
 ]
 
@@ -82,8 +84,12 @@ def layer_of(module: str, layers=LAYERS) -> int:
 
 
 def upward_imports(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
-    return sorted(f"{a} ({layers[layer_of(a, layers)][0]}) imports {b} ({layers[layer_of(b, layers)][0]})"
-                  for a, targets in graph.items() for b in targets if layer_of(b, layers) < layer_of(a, layers))
+    return sorted(
+        f"{a} ({layers[layer_of(a, layers)][0]}) imports {b} ({layers[layer_of(b, layers)][0]})"
+        for a, targets in graph.items()
+        for b in targets
+        if layer_of(b, layers) < layer_of(a, layers)
+    )
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -149,8 +155,10 @@ def test_the_checks_catch_an_upward_arrow_and_a_circle(tmp_path):
     graph = import_graph(package)
     assert graph["fedsoda_cli.stages.align"] == {"fedsoda_cli.pipeline", "fedsoda_cli.oda.distill"}
     assert upward_imports(graph) == ["fedsoda_cli.stages.align (stages) imports fedsoda_cli.pipeline (orchestrator)"]
-    assert sorted(cycles(graph)) == [["fedsoda_cli.oda.distill", "fedsoda_cli.oda.realign"],
-                                     ["fedsoda_cli.pipeline", "fedsoda_cli.stages.align"]]
+    assert sorted(cycles(graph)) == [
+        ["fedsoda_cli.oda.distill", "fedsoda_cli.oda.realign"],
+        ["fedsoda_cli.pipeline", "fedsoda_cli.stages.align"],
+    ]
 
 
 def test_architecture_doc_lists_every_layer_folder():

@@ -26,19 +26,46 @@ WALLS = {"quantize": 2.0, "federate": 10.0, "eval": 3.0}
 
 
 def _spec(name, method, seed=0, **sections):
-    raw = {"run": {"name": name, "method": method, "seed": seed}, "model": {"name": "tiny-random-llama"},
-           "task": {"name": "sst2"}, **sections}
+    raw = {
+        "run": {"name": name, "method": method, "seed": seed},
+        "model": {"name": "tiny-random-llama"},
+        "task": {"name": "sst2"},
+        **sections,
+    }
     return validate(raw, Path("spec.toml"))
 
 
 def _round(i, down, up, realign=0, *, eval=None, step=0.01, rss=500.0):
     """One metrics.jsonl line as the federate server writes it."""
-    record = {"round": i, "clients": [0, 1], "updated": [0, 1], "excluded": [], "failed": [], "train_loss": 1.0 / i,
-              "train_seconds": 0.2, "train_seconds_by_worker": {"0": 0.2}, "worker_rss_mb": rss, "global_digest": f"d{i}",
-              "bytes_down": down, "bytes_up": up, "bytes_realign": realign, "seconds": 0.3, "step_seconds": step}
+    record = {
+        "round": i,
+        "clients": [0, 1],
+        "updated": [0, 1],
+        "excluded": [],
+        "failed": [],
+        "train_loss": 1.0 / i,
+        "train_seconds": 0.2,
+        "train_seconds_by_worker": {"0": 0.2},
+        "worker_rss_mb": rss,
+        "global_digest": f"d{i}",
+        "bytes_down": down,
+        "bytes_up": up,
+        "bytes_realign": realign,
+        "seconds": 0.3,
+        "step_seconds": step,
+    }
     if eval:
-        record["eval"] = {target: {"accuracy": a, "ci95": [a - 0.1, a + 0.1], "correct": int(100 * a), "count": 100,
-                                   "label_shares": {"positive": 0.5, "negative": 0.5}, "loss": 0.7} for target, a in eval.items()}
+        record["eval"] = {
+            target: {
+                "accuracy": a,
+                "ci95": [a - 0.1, a + 0.1],
+                "correct": int(100 * a),
+                "count": 100,
+                "label_shares": {"positive": 0.5, "negative": 0.5},
+                "loss": 0.7,
+            }
+            for target, a in eval.items()
+        }
     return record
 
 
@@ -48,12 +75,27 @@ def _rounds(down, up, realign=(0, 0), evals=None, step=0.01, rss=500.0):
 
 def _results(accuracy, extra=None):
     """eval/results.json as the eval stage writes it (extra: per-target keys of run.method local)."""
-    return {t: {"task": "sst2", "metric": "label-word accuracy", "accuracy": a, "correct": int(a * 100), "count": 100,
-                "ci95": [a - 0.05, a + 0.05], "perplexity": 20.0, "perplexity_nll": 3.0, "perplexity_tokens": 64, "seconds": 1.0,
-                **(extra or {}).get(t, {})} for t, a in accuracy.items()}
+    return {
+        t: {
+            "task": "sst2",
+            "metric": "label-word accuracy",
+            "accuracy": a,
+            "correct": int(a * 100),
+            "count": 100,
+            "ci95": [a - 0.05, a + 0.05],
+            "perplexity": 20.0,
+            "perplexity_nll": 3.0,
+            "perplexity_tokens": 64,
+            "seconds": 1.0,
+            **(extra or {}).get(t, {}),
+        }
+        for t, a in accuracy.items()
+    }
 
 
-def _run(tmp_path, folder, spec, *, model_bytes=100, adapter_bytes=10, model_download=100, rounds=(), accuracy=None, results_extra=None):
+def _run(
+    tmp_path, folder, spec, *, model_bytes=100, adapter_bytes=10, model_download=100, rounds=(), accuracy=None, results_extra=None
+):
     workdir = tmp_path / folder
     pipeline.record_spec(spec, workdir)
     ledger = Ledger()
@@ -62,7 +104,9 @@ def _run(tmp_path, folder, spec, *, model_bytes=100, adapter_bytes=10, model_dow
         ledger.add("adapter_down", 0, r["bytes_down"])
         ledger.add("adapter_up", 0, r["bytes_up"])
         ledger.add("realign", 0, r["bytes_realign"])
-    result = RunResult(adapter=None, history=list(rounds), ledger=ledger, resumed_after=0, aggregator_state={}, realign_layers=None)
+    result = RunResult(
+        adapter=None, history=list(rounds), ledger=ledger, resumed_after=0, aggregator_state={}, realign_layers=None
+    )
 
     def federate(out):
         (out / "adapter").mkdir()
@@ -74,8 +118,11 @@ def _run(tmp_path, folder, spec, *, model_bytes=100, adapter_bytes=10, model_dow
         (out / "model").mkdir()
         (out / "model" / "model.safetensors").write_bytes(b"x" * model_bytes)
 
-    fills = {"quantize": quantize, "federate": federate,
-             "eval": lambda out: (out / "results.json").write_text(json.dumps(_results(accuracy or {}, results_extra)))}
+    fills = {
+        "quantize": quantize,
+        "federate": federate,
+        "eval": lambda out: (out / "results.json").write_text(json.dumps(_results(accuracy or {}, results_extra))),
+    }
     stage_spec = spec
     try:
         pipeline.stages_for(spec)
@@ -92,11 +139,26 @@ def _run(tmp_path, folder, spec, *, model_bytes=100, adapter_bytes=10, model_dow
 
 @pytest.fixture
 def two_runs(tmp_path):
-    baseline = _run(tmp_path, "petuning", _spec("petuning", "fedpetuning"), model_bytes=800, adapter_bytes=200, model_download=1000,
-                    rounds=_rounds(200, 200, step=0.02, rss=1000.0), accuracy={"plugin": 0.80, "sub": 0.78})
-    ours = _run(tmp_path, "soda", _spec("soda", "fedsoda"), model_bytes=200, adapter_bytes=50, model_download=250,
-                rounds=_rounds(50, 50, (0, 90), evals=[{"sub": 0.6, "plugin": 0.7}, {"sub": 0.8, "plugin": 0.83}]),
-                accuracy={"plugin": 0.83, "sub": 0.81, "zero-shot": 0.5})
+    baseline = _run(
+        tmp_path,
+        "petuning",
+        _spec("petuning", "fedpetuning"),
+        model_bytes=800,
+        adapter_bytes=200,
+        model_download=1000,
+        rounds=_rounds(200, 200, step=0.02, rss=1000.0),
+        accuracy={"plugin": 0.80, "sub": 0.78},
+    )
+    ours = _run(
+        tmp_path,
+        "soda",
+        _spec("soda", "fedsoda"),
+        model_bytes=200,
+        adapter_bytes=50,
+        model_download=250,
+        rounds=_rounds(50, 50, (0, 90), evals=[{"sub": 0.6, "plugin": 0.7}, {"sub": 0.8, "plugin": 0.83}]),
+        accuracy={"plugin": 0.83, "sub": 0.81, "zero-shot": 0.5},
+    )
     return baseline, ours
 
 
@@ -121,7 +183,13 @@ def test_changes_against_the_fedpetuning_run(two_runs):
 def test_report_files(two_runs, tmp_path):
     files = write_report(list(two_runs), tmp_path / "report")
     names = sorted(f.name for f in files)
-    assert names == ["accuracy_per_round.png", "accuracy_vs_communication.png", "communication_per_round.png", "report.csv", "report.md"]
+    assert names == [
+        "accuracy_per_round.png",
+        "accuracy_vs_communication.png",
+        "communication_per_round.png",
+        "report.csv",
+        "report.md",
+    ]
     for png in ("accuracy_per_round.png", "accuracy_vs_communication.png", "communication_per_round.png"):
         data = (tmp_path / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
@@ -162,12 +230,22 @@ def test_a_run_without_federate_has_no_communication(tmp_path):
 
 
 def test_runs_of_one_spec_get_distinct_labels(tmp_path):
-    seeds = [_run(tmp_path, f"quickstart-seed{k}", _spec("quickstart", "fedsoda", seed=k), rounds=_rounds(1, 1, evals=[{"sub": 0.5}, {"sub": 0.6}]),
-                  accuracy={"plugin": 0.8}) for k in (0, 1)]
+    seeds = [
+        _run(
+            tmp_path,
+            f"quickstart-seed{k}",
+            _spec("quickstart", "fedsoda", seed=k),
+            rounds=_rounds(1, 1, evals=[{"sub": 0.5}, {"sub": 0.6}]),
+            accuracy={"plugin": 0.8},
+        )
+        for k in (0, 1)
+    ]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    same_seed = [_run(tmp_path / "a", "qs-iid", _spec("qs", "fedsoda"), accuracy={"plugin": 0.8}),
-                 _run(tmp_path / "b", "qs-dirichlet", _spec("qs", "fedsoda"), accuracy={"plugin": 0.7})]
+    same_seed = [
+        _run(tmp_path / "a", "qs-iid", _spec("qs", "fedsoda"), accuracy={"plugin": 0.8}),
+        _run(tmp_path / "b", "qs-dirichlet", _spec("qs", "fedsoda"), accuracy={"plugin": 0.7}),
+    ]
     runs = [read_run(w) for w in [*seeds, *same_seed]]
     label_runs(runs)
     assert [r.label for r in runs] == ["quickstart seed 0", "quickstart seed 1", "qs (qs-iid)", "qs (qs-dirichlet)"]
@@ -181,10 +259,19 @@ def test_runs_of_one_spec_get_distinct_labels(tmp_path):
 
 def test_across_seeds_mean_and_sample_std(tmp_path):
     plugin, sub = [0.80, 0.82, 0.87], [0.70, 0.74, 0.75]
-    workdirs = [_run(tmp_path, f"soda-seed{k}", _spec("soda", "fedsoda", seed=k), accuracy={"plugin": plugin[k], "sub": sub[k], "zero-shot": 0.5})
-                for k in range(3)]
+    workdirs = [
+        _run(
+            tmp_path,
+            f"soda-seed{k}",
+            _spec("soda", "fedsoda", seed=k),
+            accuracy={"plugin": plugin[k], "sub": sub[k], "zero-shot": 0.5},
+        )
+        for k in range(3)
+    ]
     workdirs.append(_run(tmp_path, "petuning", _spec("petuning", "fedpetuning"), accuracy={"plugin": 0.79}))
-    workdirs.append(_run(tmp_path, "soda-other", _spec("soda", "fedsoda", seed=0, federate={"rounds": 7}), accuracy={"plugin": 0.6}))
+    workdirs.append(
+        _run(tmp_path, "soda-other", _spec("soda", "fedsoda", seed=0, federate={"rounds": 7}), accuracy={"plugin": 0.6})
+    )
     runs = [read_run(w) for w in workdirs]
     label_runs(runs)
     groups = seed_groups(runs)
@@ -196,17 +283,26 @@ def test_across_seeds_mean_and_sample_std(tmp_path):
     write_report(workdirs, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     table = md.split("## Across seeds")[1].split("\n## ")[0]
-    assert f"| soda (soda-seed0) | fedsoda | 0, 1, 2 | 3 | 83.0 ± {100 * statistics.stdev(plugin):.1f} (n=3) | " \
-           f"73.0 ± {100 * statistics.stdev(sub):.1f} (n=3) | 50.0 ± 0.0 (n=3) |" in table
+    assert (
+        f"| soda (soda-seed0) | fedsoda | 0, 1, 2 | 3 | 83.0 ± {100 * statistics.stdev(plugin):.1f} (n=3) | "
+        f"73.0 ± {100 * statistics.stdev(sub):.1f} (n=3) | 50.0 ± 0.0 (n=3) |" in table
+    )
     assert "| petuning | fedpetuning | 0 | 1 | 79.0 (n=1) | - | - |" in table
 
 
 def test_local_runs_report_the_worst_client(tmp_path):
     def local(k, mean, worst):
-        per_client = [{"client": 0, "accuracy": worst, "ci95": [worst - 0.1, worst + 0.1]},
-                      {"client": 1, "accuracy": 2 * mean - worst, "ci95": [0.5, 0.9]}]
-        return _run(tmp_path, f"local-seed{k}", _spec("local", "local", seed=k), accuracy={"sub": mean},
-                    results_extra={"sub": {"min_accuracy": worst, "per_client": per_client}})
+        per_client = [
+            {"client": 0, "accuracy": worst, "ci95": [worst - 0.1, worst + 0.1]},
+            {"client": 1, "accuracy": 2 * mean - worst, "ci95": [0.5, 0.9]},
+        ]
+        return _run(
+            tmp_path,
+            f"local-seed{k}",
+            _spec("local", "local", seed=k),
+            accuracy={"sub": mean},
+            results_extra={"sub": {"min_accuracy": worst, "per_client": per_client}},
+        )
 
     workdirs = [local(0, 0.70, 0.60), local(1, 0.72, 0.64)]
     runs = [read_run(w) for w in workdirs]
@@ -216,14 +312,27 @@ def test_local_runs_report_the_worst_client(tmp_path):
     assert "70.0 [65.0, 75.0] (min 60.0)" in md
     table = md.split("## Across seeds")[1].split("\n## ")[0]
     assert "worst client (local)" in table
-    assert f"| 71.0 ± {100 * statistics.stdev([0.70, 0.72]):.1f} (n=2) | - | sub 62.0 ± {100 * statistics.stdev([0.6, 0.64]):.1f} (n=2) |" in table
+    assert (
+        f"| 71.0 ± {100 * statistics.stdev([0.70, 0.72]):.1f} (n=2) | - | sub 62.0 ± {100 * statistics.stdev([0.6, 0.64]):.1f} (n=2) |"
+        in table
+    )
     rows = list(csv.DictReader(open(tmp_path / "out" / "report.csv")))
     assert float(rows[1]["min_accuracy_sub"]) == pytest.approx(0.64)
 
 
 def test_step_time_and_rss_ratios_to_the_nf4_fedpetuning_run(tmp_path):
-    bf16 = _run(tmp_path, "pet-bf16", _spec("pet", "fedpetuning", quantize={"quant_type": "none"}), rounds=_rounds(1, 1, step=0.05, rss=2000.0))
-    nf4 = _run(tmp_path, "pet-nf4", _spec("pet-nf4", "fedpetuning"), rounds=[_round(1, 1, 1, step=0.02, rss=900.0), _round(2, 1, 1, step=0.04, rss=1000.0)])
+    bf16 = _run(
+        tmp_path,
+        "pet-bf16",
+        _spec("pet", "fedpetuning", quantize={"quant_type": "none"}),
+        rounds=_rounds(1, 1, step=0.05, rss=2000.0),
+    )
+    nf4 = _run(
+        tmp_path,
+        "pet-nf4",
+        _spec("pet-nf4", "fedpetuning"),
+        rounds=[_round(1, 1, 1, step=0.02, rss=900.0), _round(2, 1, 1, step=0.04, rss=1000.0)],
+    )
     soda = _run(tmp_path, "soda", _spec("soda", "fedsoda"), rounds=_rounds(1, 1, step=0.015, rss=250.0))
     runs = [read_run(w) for w in (bf16, nf4, soda)]
     label_runs(runs)

@@ -26,8 +26,14 @@ def central(ctx: StageContext) -> StageResult:
     from fedsoda_cli.stages.federate import run
 
     fed = ctx.spec.federate
-    pooled = {"clients": 1, "clients_per_round": 1, "min_clients": 1, "workers": 1, "partition": "iid",
-              "local_steps": fed.local_steps * fed.clients_per_round}
+    pooled = {
+        "clients": 1,
+        "clients_per_round": 1,
+        "min_clients": 1,
+        "workers": 1,
+        "partition": "iid",
+        "local_steps": fed.local_steps * fed.clients_per_round,
+    }
     return run(with_overrides(ctx, federate=pooled))
 
 
@@ -46,24 +52,43 @@ def local(ctx: StageContext) -> StageResult:
     fed = ctx.spec.federate
     shards, stats = stage.client_shards(ctx.spec, ctx.out)
     ctx.console.print(partition_table(stats))
-    alone = with_overrides(ctx, federate={"clients": 1, "clients_per_round": 1, "min_clients": 1, "workers": 1, "realign_every": 0,
-                                          "local_steps": max(1, round(fed.local_steps * fed.clients_per_round / fed.clients))})
+    alone = with_overrides(
+        ctx,
+        federate={
+            "clients": 1,
+            "clients_per_round": 1,
+            "min_clients": 1,
+            "workers": 1,
+            "realign_every": 0,
+            "local_steps": max(1, round(fed.local_steps * fed.clients_per_round / fed.clients)),
+        },
+    )
     summaries = {}
     for client, shard in shards.items():
         ctx.console.print(f"[bold]client {client}[/] alone: {len(shard)} examples", highlight=False)
         out = ctx.out / LOCAL_CLIENTS / f"client-{client}"
         out.mkdir(parents=True)
-        summaries[client] = stage.federate(dataclasses.replace(alone, out=out), {0: shard}, out, f"{stage.CHECKPOINTS}.client-{client}")
+        summaries[client] = stage.federate(
+            dataclasses.replace(alone, out=out), {0: shard}, out, f"{stage.CHECKPOINTS}.client-{client}"
+        )
     model = sum(s["bytes"]["model"] for s in summaries.values())  # the one-time model download of every client
-    summary = {"rounds": fed.rounds, "clients": len(shards), "weighting": None, "eval_every": fed.eval_every,
-               "bytes": {"model": model, "adapter_down": 0, "adapter_up": 0, "realign": 0, "total": model},
-               "final_train_loss": {str(c): s["final_train_loss"] for c, s in summaries.items()},
-               "wall_time_s": round(sum(s["wall_time_s"] for s in summaries.values()), 3)}
+    summary = {
+        "rounds": fed.rounds,
+        "clients": len(shards),
+        "weighting": None,
+        "eval_every": fed.eval_every,
+        "bytes": {"model": model, "adapter_down": 0, "adapter_up": 0, "realign": 0, "total": model},
+        "final_train_loss": {str(c): s["final_train_loss"] for c, s in summaries.items()},
+        "wall_time_s": round(sum(s["wall_time_s"] for s in summaries.values()), 3),
+    }
     artifacts.write_json_atomic(ctx.out / "summary.json", summary)
     losses = [loss for loss in summary["final_train_loss"].values() if loss is not None]
-    rows = [("clients, each alone", str(len(shards))), ("rounds x local steps", f"{fed.rounds} x {alone.spec.federate.local_steps}"),
-            ("final train loss, mean over clients", f"{sum(losses) / len(losses):.4f}" if losses else "-"),
-            ("communication (model download only)", f"{model:,} B")]
+    rows = [
+        ("clients, each alone", str(len(shards))),
+        ("rounds x local steps", f"{fed.rounds} x {alone.spec.federate.local_steps}"),
+        ("final train loss, mean over clients", f"{sum(losses) / len(losses):.4f}" if losses else "-"),
+        ("communication (model download only)", f"{model:,} B"),
+    ]
     return StageResult(metrics={k: v for k, v in summary.items() if k != "final_train_loss"}, summary=rows)
 
 
@@ -96,22 +121,40 @@ def local_eval(ctx: StageContext) -> StageResult:
             entries = []
             for i, folder in enumerate(clients):
                 client_folders = {**folders, "adapter": folder / "adapter"}
-                model, tokenizer = eval_stage.build_target(target, spec, client_folders, ctx.out / LOCAL_CLIENTS / folder.name / eval_stage.PLUGIN_ADAPTER)
+                model, tokenizer = eval_stage.build_target(
+                    target, spec, client_folders, ctx.out / LOCAL_CLIENTS / folder.name / eval_stage.PLUGIN_ADAPTER
+                )
                 # held-out perplexity of the first client's model only: it costs as much as the task eval
-                entries.append(eval_stage.evaluate_target(f"{target} {folder.name}", model, tokenizer, examples,
-                                                          spec if i == 0 else per_client_spec, bar, lines))
+                entries.append(
+                    eval_stage.evaluate_target(
+                        f"{target} {folder.name}", model, tokenizer, examples, spec if i == 0 else per_client_spec, bar, lines
+                    )
+                )
                 del model
                 gc.collect()
             accuracies = [e["accuracy"] for e in entries]
             mean, count = sum(accuracies) / len(accuracies), len(examples)
-            results[target] = {**{k: entries[0][k] for k in ("task", "metric")}, "accuracy": mean, "min_accuracy": min(accuracies),
-                               "correct": round(mean * count), "count": count,
-                               # the clients are scored on the same examples, so the mean rests on `count` of them, not K x count
-                               "ci95": list(wilson_interval(round(mean * count), count)),
-                               **({"perplexity": entries[0]["perplexity"]} if "perplexity" in entries[0] else {}),
-                               "per_client": [{"client": int(f.name.split("-")[1]), "accuracy": e["accuracy"], "ci95": e["ci95"]}
-                                              for f, e in zip(clients, entries)]}
+            results[target] = {
+                **{k: entries[0][k] for k in ("task", "metric")},
+                "accuracy": mean,
+                "min_accuracy": min(accuracies),
+                "correct": round(mean * count),
+                "count": count,
+                # the clients are scored on the same examples, so the mean rests on `count` of them, not K x count
+                "ci95": list(wilson_interval(round(mean * count), count)),
+                **({"perplexity": entries[0]["perplexity"]} if "perplexity" in entries[0] else {}),
+                "per_client": [
+                    {"client": int(f.name.split("-")[1]), "accuracy": e["accuracy"], "ci95": e["ci95"]}
+                    for f, e in zip(clients, entries)
+                ],
+            }
     artifacts.write_json_atomic(ctx.out / eval_stage.RESULTS, results)
-    rows = [(f"{t} accuracy", f"{100 * r['accuracy']:.1f} %" + (f" (mean; worst client {100 * r['min_accuracy']:.1f} %)" if "min_accuracy" in r else ""))
-            for t, r in results.items()]
+    rows = [
+        (
+            f"{t} accuracy",
+            f"{100 * r['accuracy']:.1f} %"
+            + (f" (mean; worst client {100 * r['min_accuracy']:.1f} %)" if "min_accuracy" in r else ""),
+        )
+        for t, r in results.items()
+    ]
     return StageResult(metrics={"accuracy": {t: r["accuracy"] for t, r in results.items()}}, summary=rows)

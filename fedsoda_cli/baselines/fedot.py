@@ -17,8 +17,10 @@ def dropped_middle_layers(num_layers: int, adapter_layers: int, drop_ratio: floa
     middle = list(range(adapter_layers, num_layers - adapter_layers))
     count = round(drop_ratio * len(middle))
     if not middle or count == 0 or count >= len(middle):
-        raise SpecError(f"fedot.adapter_layers = {adapter_layers} and fedot.drop_ratio = {drop_ratio} leave no middle layers "
-                        f"to drop or keep in a {num_layers}-layer model; lower fedot.adapter_layers or change fedot.drop_ratio")
+        raise SpecError(
+            f"fedot.adapter_layers = {adapter_layers} and fedot.drop_ratio = {drop_ratio} leave no middle layers "
+            f"to drop or keep in a {num_layers}-layer model; lower fedot.adapter_layers or change fedot.drop_ratio"
+        )
     stride = len(middle) / count
     return sorted({middle[int(i * stride + stride / 2)] for i in range(count)})
 

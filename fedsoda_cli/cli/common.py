@@ -58,8 +58,11 @@ def handles_errors(command: Callable) -> Callable:
             if failed is None:
                 raise
             code, filename = failed
-            _fail(f"{filename or 'a file in the workdir'}: {os.strerror(code)}; free disk space (or raise the file-size limit) "
-                  "or choose a writable --workdir; nothing partial was kept and earlier outputs are intact", 1)
+            _fail(
+                f"{filename or 'a file in the workdir'}: {os.strerror(code)}; free disk space (or raise the file-size limit) "
+                "or choose a writable --workdir; nothing partial was kept and earlier outputs are intact",
+                1,
+            )
 
     return wrapper
 
@@ -128,4 +131,3 @@ def _fail(message: str, code: int) -> None:
     # The message quotes user input (names, paths, values): shown as written, never read as markup.
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-

@@ -9,7 +9,9 @@ import typer
 from fedsoda_cli import artifacts, pipeline
 from fedsoda_cli.cli.common import SetOpt, SpecArg, WorkdirOpt, console, handles_errors, open_spec
 
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue after the last complete round (checkpoints in <workdir>/federate.checkpoints).")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue after the last complete round (checkpoints in <workdir>/federate.checkpoints).")
+]
 
 
 @handles_errors

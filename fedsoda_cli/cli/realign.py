@@ -15,13 +15,17 @@ from fedsoda_cli.errors import ArtifactError
 @handles_errors
 def realign(
     spec: SpecArg,
-    adapter: Annotated[Path, typer.Option("--adapter", help="A PEFT adapter folder of the sub-LLM, e.g. <workdir>/federate/adapter.")],
+    adapter: Annotated[
+        Path, typer.Option("--adapter", help="A PEFT adapter folder of the sub-LLM, e.g. <workdir>/federate/adapter.")
+    ],
     set: SetOpt = None,
     workdir: WorkdirOpt = None,
 ) -> None:
     """Realign the partial layers with a global adapter attached; writes a new client model to <workdir>/realign/."""
     if not (adapter / "adapter_config.json").is_file():
-        raise ArtifactError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json); pass e.g. <workdir>/federate/adapter")
+        raise ArtifactError(
+            f"{adapter}: not a PEFT adapter folder (no adapter_config.json); pass e.g. <workdir>/federate/adapter"
+        )
     loaded, folder = open_spec(spec, set, workdir)
     with artifacts.workdir_lock(folder):
         pipeline.execute(loaded, folder, pipeline.REALIGN, console, adapter=adapter)

@@ -14,7 +14,13 @@ from fedsoda_cli.errors import ArtifactError
 
 @handles_errors
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run workdirs (e.g. runs/sst2-fedsoda runs/sst2-fedpetuning, or the runs/NAME-seed* of `fedsoda run --seeds`).", show_default=False)],
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Run workdirs (e.g. runs/sst2-fedsoda runs/sst2-fedpetuning, or the runs/NAME-seed* of `fedsoda run --seeds`).",
+            show_default=False,
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Folder for report.md, report.csv and the plots.")] = Path("report"),
 ) -> None:
     """Compare runs: accuracy (per round, and mean ± std across seeds), communication by kind, client storage,

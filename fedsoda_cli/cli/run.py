@@ -34,8 +34,14 @@ def run(
     from_stage: Annotated[str | None, typer.Option("--from", help="First stage to run.")] = None,
     to_stage: Annotated[str | None, typer.Option("--to", help="Last stage to run.")] = None,
     resume: ResumeOpt = False,
-    seeds: Annotated[str | None, typer.Option("--seeds", help="Run once per seed, e.g. 0,1,2, into sibling workdirs <workdir>-seed<k>; "
-                                                 "stages that do not depend on run.seed are copied from the first seed's workdir.")] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds",
+            help="Run once per seed, e.g. 0,1,2, into sibling workdirs <workdir>-seed<k>; "
+            "stages that do not depend on run.seed are copied from the first seed's workdir.",
+        ),
+    ] = None,
 ) -> None:
     """Run the pipeline end to end (or the range --from..--to), for one seed or several (--seeds)."""
     if seeds is None:
@@ -55,9 +61,13 @@ def run(
         reused: list[str] = []
         with artifacts.workdir_lock(folder):
             if first is not None:
-                reused = reuse_seed_free_stages(loaded, first, folder, _select(pipeline.stages_for(loaded), None, to_stage), force)
+                reused = reuse_seed_free_stages(
+                    loaded, first, folder, _select(pipeline.stages_for(loaded), None, to_stage), force
+                )
                 reused_by_seed[seed] = reused
-            _run_stages(loaded, folder, from_stage, to_stage, force, resume, reused=frozenset(reused))  # `set` is the --set option here
+            _run_stages(
+                loaded, folder, from_stage, to_stage, force, resume, reused=frozenset(reused)
+            )  # `set` is the --set option here
         first = first or folder
     for seed, reused in reused_by_seed.items():
         console.print(f"seed {seed}: reused from {escape(first.name)}: {', '.join(reused) or 'nothing'}", highlight=False)
@@ -65,7 +75,7 @@ def run(
 
 
 def parse_seeds(text: str) -> list[int]:
-    """"0,1,2" -> [0, 1, 2]; a SpecError naming the bad part otherwise."""
+    """ "0,1,2" -> [0, 1, 2]; a SpecError naming the bad part otherwise."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts or not all(p.isdigit() for p in parts):
         raise SpecError(f"--seeds {text!r}: give non-negative integers separated by commas, e.g. --seeds 0,1,2")
@@ -97,8 +107,10 @@ def reuse_seed_free_stages(spec, source: Path, target: Path, stages, force: bool
         artifacts.verify(source, artifacts.read_manifest(source, stage.name))  # never spread a damaged output
         _copy_stage(source, target, stage.name)
         if _state(spec, target, stage.name) != "done":
-            raise ArtifactError(f"{target / stage.name}: copied from {source / stage.name} but not up to date there; "
-                                f"rerun without --seeds in {target}, or remove it")
+            raise ArtifactError(
+                f"{target / stage.name}: copied from {source / stage.name} but not up to date there; "
+                f"rerun without --seeds in {target}, or remove it"
+            )
         console.print(f"[cyan]{stage.name}[/]: reused from {escape(str(source))} (does not depend on run.seed)", highlight=False)
         copied.append(stage.name)
     if copied:
@@ -117,15 +129,18 @@ def _copy_stage(source: Path, target: Path, stage: str) -> None:
     manifest = artifacts.read_manifest(source, stage)
     folder = artifacts.stage_dir(source, stage)
     with artifacts.write_stage(target, stage, manifest.spec_hash, dict(manifest.inputs)) as writer:
-        shutil.copytree(folder, writer.path, dirs_exist_ok=True,
-                        ignore=lambda at, names: [artifacts.MANIFEST] if Path(at) == folder else [])  # the writer writes its own
+        shutil.copytree(
+            folder, writer.path, dirs_exist_ok=True, ignore=lambda at, names: [artifacts.MANIFEST] if Path(at) == folder else []
+        )  # the writer writes its own
         writer.manifest.metrics = manifest.metrics
 
 
 def _run_stages(loaded, folder: Path, from_stage, to_stage, force: bool, resume: bool, reused: set[str] = frozenset()) -> None:
     stages = _select(pipeline.stages_for(loaded), from_stage, to_stage)
-    console.print(f"[bold]fedsoda run[/] {escape(loaded.run.name)} ({loaded.run.method}, seed {loaded.run.seed}) -> {escape(str(folder))}",
-                  highlight=False)
+    console.print(
+        f"[bold]fedsoda run[/] {escape(loaded.run.name)} ({loaded.run.method}, seed {loaded.run.seed}) -> {escape(str(folder))}",
+        highlight=False,
+    )
     for stage in stages:
         if stage.name in reused:  # copied from the first seed just now, --force included
             continue

@@ -20,7 +20,10 @@ def validate(spec: SpecArg, set: SetOpt = None, workdir: WorkdirOpt = None) -> N
     _check_model(loaded)
     aggregators.create(loaded.federate.aggregator, seed=loaded.run.seed, **loaded.federate.aggregator_options)  # options too
     stages = ", ".join(s.name for s in pipeline.stages_for(loaded))
-    console.print(f"[green]ok[/] {escape(str(spec))}: method {loaded.run.method}, stages {stages}, workdir {escape(str(folder))}", highlight=False)
+    console.print(
+        f"[green]ok[/] {escape(str(spec))}: method {loaded.run.method}, stages {stages}, workdir {escape(str(folder))}",
+        highlight=False,
+    )
 
 
 def _check_model(spec) -> None:
@@ -32,5 +35,7 @@ def _check_model(spec) -> None:
     if "prune" in {s.name for s in pipeline.stages_for(spec)}:
         check_request(depth, spec.prune)
     if spec.lora.layers and max(spec.lora.layers) >= depth:
-        raise SpecError(f"lora.layers holds {max(spec.lora.layers)}, but the model has {depth} layers (0 to {depth - 1}); "
-                        "fix lora.layers or omit it for every layer")
+        raise SpecError(
+            f"lora.layers holds {max(spec.lora.layers)}, but the model has {depth} layers (0 to {depth - 1}); "
+            "fix lora.layers or omit it for every layer"
+        )

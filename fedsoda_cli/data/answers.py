@@ -29,7 +29,7 @@ def extract_gsm8k_answer(text: str) -> str | None:
 
 
 def normalize_number(raw: str) -> str | None:
-    """"1,200.50" -> "1200.5", "3.0" -> "3", "-0" -> "0"; None when `raw` is not a number."""
+    """ "1,200.50" -> "1200.5", "3.0" -> "3", "-0" -> "0"; None when `raw` is not a number."""
     try:
         value = Decimal(raw.replace(",", "").rstrip("."))
     except InvalidOperation:

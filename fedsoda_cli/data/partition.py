@@ -48,7 +48,9 @@ def partition(
         parts = _iid(n_examples, clients, rng)
     elif scheme in ("dirichlet", "shards"):
         if labels is None:
-            raise DataError(f"federate.partition = {scheme!r} needs a labelled task (sst2, boolq); use federate.partition = 'iid' for this task")
+            raise DataError(
+                f"federate.partition = {scheme!r} needs a labelled task (sst2, boolq); use federate.partition = 'iid' for this task"
+            )
         if scheme == "dirichlet":
             parts = _dirichlet(np.asarray(labels), clients, alpha, rng)
         else:
@@ -131,7 +133,9 @@ def _require_nonempty(parts: list, n: int, scheme: str) -> None:
                 "dirichlet": "use fewer federate.clients, a larger federate.dirichlet_alpha or more task.train_examples",
                 "shards": "use fewer federate.clients or federate.shards_per_client, or more task.train_examples",
             }[scheme]
-            raise DataError(f"client {client} of {len(parts)} gets no training example ({scheme} partition of {n} examples): {fix}")
+            raise DataError(
+                f"client {client} of {len(parts)} gets no training example ({scheme} partition of {n} examples): {fix}"
+            )
 
 
 def client_shards(spec, out: Path) -> tuple[dict[int, list[tuple[str, str]]], list[dict[str, Any]]]:
@@ -148,8 +152,14 @@ def client_shards(spec, out: Path) -> tuple[dict[int, list[tuple[str, str]]], li
     parts = partition_examples(examples, spec.federate, stable_seed(spec.run.seed, "partition"))
     labels = [e.label for e in examples]
     stats = partition_stats(parts, None if any(label is None for label in labels) else labels)
-    record = {"scheme": spec.federate.partition, "clients": len(parts), "examples": len(examples), "per_client": stats,
-              "indices": parts, "example_ids": [[examples[i].id for i in part] for part in parts]}
+    record = {
+        "scheme": spec.federate.partition,
+        "clients": len(parts),
+        "examples": len(examples),
+        "per_client": stats,
+        "indices": parts,
+        "example_ids": [[examples[i].id for i in part] for part in parts],
+    }
     artifacts.write_json_atomic(out / "partition.json", record)
     shards = {client: [(examples[i].prompt, examples[i].answer) for i in part] for client, part in enumerate(parts)}
     return shards, stats

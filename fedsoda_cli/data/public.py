@@ -71,7 +71,9 @@ def public_sequences(data_dir: Path | None, split: Split, tokenizer, n: int, seq
     lead = leading_special_ids(tokenizer)
     body = seq_len - len(lead)
     if body < 1:
-        raise DataError(f"public_data.seq_len = {seq_len} leaves no room for text after the tokenizer's {len(lead)} leading special tokens: raise seq_len")
+        raise DataError(
+            f"public_data.seq_len = {seq_len} leaves no room for text after the tokenizer's {len(lead)} leading special tokens: raise seq_len"
+        )
     lines, source = _load_lines(data_dir, split)
     ids = _token_stream(wikitext_articles(lines), tokenizer, needed=n * body)
     available = len(ids) // body
@@ -111,8 +113,10 @@ def _load_lines(data_dir: Path | None, split: Split) -> tuple[list[str], str]:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             line = raw.count(b"\n", 0, exc.start) + 1
-            raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); "
-                            "WikiText-2 raw is UTF-8: replace the file with the original") from None
+            raise DataError(
+                f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); "
+                "WikiText-2 raw is UTF-8: replace the file with the original"
+            ) from None
         return text.split("\n"), str(path)
     return hub_rows_to_lines(_hub_rows(split)), f"hub {HUB_ID}/{HUB_CONFIG}[{HUB_SPLITS[split]}]"
 

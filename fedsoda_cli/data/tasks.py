@@ -101,6 +101,7 @@ BUILTIN: dict[str, _Builtin] = {
     ),
 }
 
+
 def generates(task: TaskSpec) -> bool:
     """Whether the task's eval generates an answer (no label words to score)."""
     if task.name == "jsonl":
@@ -158,8 +159,9 @@ def read_jsonl(path: Path) -> list[Record]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
-                                "save the file as UTF-8") from None
+                raise DataError(
+                    f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -210,7 +212,12 @@ def hub_row_to_record(name: str, row: dict[str, Any]) -> dict[str, Any]:
     if name == "sst2":
         return {"sentence": row["sentence"].strip(), "label": int(row["label"])}
     if name == "boolq":
-        return {"question": row["question"], "passage": row["passage"], "answer": bool(row["answer"]), "title": row.get("title", "")}
+        return {
+            "question": row["question"],
+            "passage": row["passage"],
+            "answer": bool(row["answer"]),
+            "title": row.get("title", ""),
+        }
     if name == "gsm8k":
         return {"question": row["question"], "answer": row["answer"]}
     raise ValueError(f"no hub mapping for task {name!r}")
@@ -291,7 +298,9 @@ def _require_nonempty(records: list[Record], source: str) -> None:
 def _builtin_examples(task: TaskSpec, records: list[Record], source: str, split: Split) -> list[Example]:
     spec = BUILTIN[task.name]
     template = task.prompt or spec.template
-    needed = {f: "" for f in spec.required} | {f: " (used by task.prompt)" for f in template_fields(template, records[0].fields, source)}
+    needed = {f: "" for f in spec.required} | {
+        f: " (used by task.prompt)" for f in template_fields(template, records[0].fields, source)
+    }
     stem = Path(spec.files[split]).stem  # "train", "dev", "test": same ids whether local or hub
     examples = []
     for rec in records:
@@ -337,7 +346,9 @@ def _user_examples(task: TaskSpec, records: list[Record], source: str) -> list[E
         if choices is not None:
             words = [c.strip() for c in choices]
             if answer.strip() not in words:
-                raise DataError(f"{rec.where}: {task.output_field!r} is {output!r}, not one of task.choices {task.choices}; fix the record or task.choices")
+                raise DataError(
+                    f"{rec.where}: {task.output_field!r} is {output!r}, not one of task.choices {task.choices}; fix the record or task.choices"
+                )
             label = words.index(answer.strip())
             answer = choices[label]
         examples.append(Example(f"{stem}-{rec.index}", _render(template, rec), answer, label, choices))
@@ -353,7 +364,9 @@ def template_fields(template: str, first: dict[str, Any], source: str) -> tuple[
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise DataError(f"task.prompt {template!r} is not a valid template ({exc}); write fields as {{name}} and literal braces as {{{{ }}}}") from None
+        raise DataError(
+            f"task.prompt {template!r} is not a valid template ({exc}); write fields as {{name}} and literal braces as {{{{ }}}}"
+        ) from None
     names: list[str] = []
     for _, field, _, _ in parsed:
         if field is None:
@@ -362,7 +375,9 @@ def template_fields(template: str, first: dict[str, Any], source: str) -> tuple[
         if not base or base.isdigit():
             raise DataError(f"task.prompt {template!r} has a positional {{{field}}}; name a record field inside the braces")
         if base not in first:
-            raise DataError(f"task.prompt uses {{{base}}}, but the records of {source} have the fields {', '.join(sorted(first))}; fix task.prompt")
+            raise DataError(
+                f"task.prompt uses {{{base}}}, but the records of {source} have the fields {', '.join(sorted(first))}; fix task.prompt"
+            )
         names.append(base)
     return tuple(dict.fromkeys(names))
 
@@ -372,8 +387,10 @@ def _render(template: str, rec: Record) -> str:
     try:
         return template.format(**rec.fields)
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        raise DataError(f"{rec.where}: task.prompt {template!r} cannot be filled from this record "
-                        f"({type(exc).__name__}: {exc}); write fields as plain {{name}}") from None
+        raise DataError(
+            f"{rec.where}: task.prompt {template!r} cannot be filled from this record "
+            f"({type(exc).__name__}: {exc}); write fields as plain {{name}}"
+        ) from None
 
 
 def _check_fields(rec: Record, needed: dict[str, str]) -> None:
@@ -381,7 +398,9 @@ def _check_fields(rec: Record, needed: dict[str, str]) -> None:
     for field, why in needed.items():
         value = rec.fields.get(field)
         if value is None or (isinstance(value, str) and not value.strip()):
-            raise DataError(f"{rec.where}: record has no (or an empty) field {field!r}{why}; fill it in every record or fix the spec")
+            raise DataError(
+                f"{rec.where}: record has no (or an empty) field {field!r}{why}; fill it in every record or fix the spec"
+            )
 
 
 # ---- limits ------------------------------------------------------------------------------------

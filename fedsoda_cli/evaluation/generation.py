@@ -22,8 +22,17 @@ Advance = Callable[[int], None]
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, max_len: int, batch_size: int,
-                     stop: str = STOP, advance: Advance | None = None) -> list[str]:
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    max_len: int,
+    batch_size: int,
+    stop: str = STOP,
+    advance: Advance | None = None,
+) -> list[str]:
     """The greedy continuation of every prompt, decoded, cut before `stop`. `advance(k)` after each batch."""
     from transformers import GenerationConfig
 
@@ -33,16 +42,26 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
     rows = [lead + list(ids[-keep:]) for ids in encoded]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # A fresh config: the checkpoint's own may ask for sampling (temperature, top_p).
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, stop_strings=[stop])
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id,
+        stop_strings=[stop],
+    )
     device = next(model.parameters()).device
     texts: list[str] = []
     for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
+        batch = rows[start : start + batch_size]
         input_ids, attention_mask = _left_pad(batch, pad_id)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=config, tokenizer=tokenizer)
-        new_tokens = out[:, input_ids.shape[1]:].cpu()
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+            tokenizer=tokenizer,
+        )
+        new_tokens = out[:, input_ids.shape[1] :].cpu()
         texts.extend(cut_at_stop(text, stop) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         if advance:
             advance(len(batch))
@@ -72,6 +91,6 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for i, ids in enumerate(rows):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        attention_mask[i, width - len(ids):] = 1
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[i, width - len(ids) :] = 1
     return input_ids, attention_mask

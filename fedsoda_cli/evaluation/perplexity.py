@@ -28,10 +28,11 @@ def perplexity(model, sequences: torch.Tensor, *, batch_size: int, advance: Call
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, sequences.shape[0], batch_size):
-        batch = sequences[start:start + batch_size]
+        batch = sequences[start : start + batch_size]
         logits = model(input_ids=batch.to(device), use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                batch[:, 1:].reshape(-1).to(device), reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1).to(device), reduction="sum"
+        )
         total += float(nll)
         count += batch[:, 1:].numel()
         if advance:

@@ -41,7 +41,9 @@ class _Row:
         return self.context + self.tail
 
 
-def label_word_logprobs(model, tokenizer, examples: Sequence, *, max_len: int, batch_size: int, advance: Advance | None = None) -> list[list[float]]:
+def label_word_logprobs(
+    model, tokenizer, examples: Sequence, *, max_len: int, batch_size: int, advance: Advance | None = None
+) -> list[list[float]]:
     """For every example, the log-likelihood of each of its `choices` after its prompt.
 
     In: a causal LM (plain, PeftModel or quantized), its tokenizer, examples with `choices`,
@@ -57,7 +59,7 @@ def label_word_logprobs(model, tokenizer, examples: Sequence, *, max_len: int, b
     scores: list[list[float | None]] = [[None] * len(e.choices) for e in examples]
     tick = _examples_done(advance, [r.example for r in rows])
     for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
+        batch = rows[start : start + batch_size]
         for row, row_scores in zip(batch, _score_batch(model, batch, _pad_id(tokenizer))):
             for (choice, _), score in zip(row.words, row_scores):
                 scores[row.example][choice] = score
@@ -79,7 +81,7 @@ def choice_contexts(tokenizer, examples: Sequence, max_len: int) -> list[tuple[l
         if not all(words) or not prompt and not lead:
             raise ValueError(f"example {example.id}: an empty prompt or label word cannot be scored")
         n_prompt, _ = fit_lengths(len(lead), len(prompt), max(map(len, words)) + eos, max_len)
-        result.append((lead + list(prompt[len(prompt) - n_prompt:]), words))
+        result.append((lead + list(prompt[len(prompt) - n_prompt :]), words))
     return result
 
 
@@ -105,20 +107,25 @@ def _score_batch(model, rows: Sequence[_Row], pad_id: int) -> list[list[float]]:
     attention_mask = torch.zeros_like(input_ids)
     positions = torch.zeros((len(rows), span), dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, :len(row.ids)] = torch.tensor(row.ids)
-        attention_mask[i, :len(row.ids)] = 1
+        input_ids[i, : len(row.ids)] = torch.tensor(row.ids)
+        attention_mask[i, : len(row.ids)] = 1
         first = len(row.context) - 1
         # padded positions repeat the last real one; nothing reads them
         positions[i] = torch.arange(first, first + span).clamp(max=len(row.ids) - 1)
     # Projecting only the needed positions onto the vocabulary saves most of the lm_head's work.
-    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
-                logits_to_keep=positions.to(device))
+    out = model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        use_cache=False,
+        logits_to_keep=positions.to(device),
+    )
     logits = out.logits.float().cpu()
     if logits.shape[1] != span:  # an architecture that ignores logits_to_keep: pick the positions here
         logits = torch.take_along_dim(logits, positions[..., None], dim=1)
     logprobs = torch.log_softmax(logits, dim=-1)
-    return [[sum(logprobs[i, j, token].item() for j, token in enumerate(word)) for _, word in row.words]
-            for i, row in enumerate(rows)]
+    return [
+        [sum(logprobs[i, j, token].item() for j, token in enumerate(word)) for _, word in row.words] for i, row in enumerate(rows)
+    ]
 
 
 def _examples_done(advance: Advance | None, owners: list[int]) -> Advance | None:

@@ -41,7 +41,9 @@ def write_plugin_adapter(sub_adapter: Path, layer_map: LayerMap, layers_path: st
 
     weights, config = sub_adapter / ADAPTER_WEIGHTS, sub_adapter / ADAPTER_CONFIG
     if not weights.is_file() or not config.is_file():
-        raise ArtifactError(f"{sub_adapter}: not a PEFT adapter folder ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG}); rerun `fedsoda federate SPEC`")
+        raise ArtifactError(
+            f"{sub_adapter}: not a PEFT adapter folder ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG}); rerun `fedsoda federate SPEC`"
+        )
     settings = json.loads(config.read_text())
     if settings.get("layers_to_transform") is not None:
         # indices there are sub-LLM layers; the full model needs original ones
@@ -60,7 +62,9 @@ def with_adapter(model, adapter_dir: Path):
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
     except (ValueError, RuntimeError, KeyError) as exc:
-        raise ArtifactError(f"{adapter_dir}: adapter does not fit the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); rerun the stage that wrote it") from None
+        raise ArtifactError(
+            f"{adapter_dir}: adapter does not fit the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); rerun the stage that wrote it"
+        ) from None
 
 
 @contextmanager
@@ -78,7 +82,9 @@ def plugin_model(full_model, adapter_state: dict[str, torch.Tensor], adapter_con
     try:
         sub_dir = scratch / "sub"
         sub_dir.mkdir()
-        save_file({k: v.detach().contiguous() for k, v in adapter_state.items()}, sub_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().contiguous() for k, v in adapter_state.items()}, sub_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"}
+        )
         adapter_config.save_pretrained(sub_dir)
         plugin = write_plugin_adapter(sub_dir, layer_map, decoder_layers_path(full_model), scratch / "plugin")
         model = with_adapter(full_model, plugin)
@@ -114,7 +120,9 @@ def check_layer_map(full_model, layer_map: LayerMap, where: Path) -> None:
 
     n = len(decoder_layers(full_model))
     if n != layer_map.num_layers:
-        raise ModelError(f"{where}: the layer map is for a model with {layer_map.num_layers} layers, but model.* has {n}; the spec's model changed since prune ran: rerun `fedsoda run SPEC`")
+        raise ModelError(
+            f"{where}: the layer map is for a model with {layer_map.num_layers} layers, but model.* has {n}; the spec's model changed since prune ran: rerun `fedsoda run SPEC`"
+        )
 
 
 def _load_client_model(path: Path):

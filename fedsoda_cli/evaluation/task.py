@@ -57,25 +57,49 @@ class TaskScore:
     def summary(self) -> dict:
         """The results.json entry: task, metric, accuracy, correct, count, ci95."""
         lo, hi = self.ci95
-        return {"task": self.task, "metric": self.metric, "accuracy": self.accuracy, "correct": self.correct,
-                "count": self.count, "ci95": [lo, hi]}
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "accuracy": self.accuracy,
+            "correct": self.correct,
+            "count": self.count,
+            "ci95": [lo, hi],
+        }
 
 
-def evaluate_task(model, tokenizer, task: str, examples: Sequence, *, batch_size: int, max_len: int,
-                  max_new_tokens: int, advance: Callable[[int], None] | None = None) -> TaskScore:
+def evaluate_task(
+    model,
+    tokenizer,
+    task: str,
+    examples: Sequence,
+    *,
+    batch_size: int,
+    max_len: int,
+    max_new_tokens: int,
+    advance: Callable[[int], None] | None = None,
+) -> TaskScore:
     """Score `model` on `examples` of task `task` (sst2, boolq, gsm8k, jsonl). `advance(k)`: k examples done."""
     if not examples:
         raise ValueError(f"task {task}: no eval examples")
     if examples[0].choices:
         return _classify(model, tokenizer, task, examples, batch_size, max_len, advance)
-    outputs = generate_answers(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
-                               max_len=max_len, batch_size=batch_size, advance=advance)
+    outputs = generate_answers(
+        model,
+        tokenizer,
+        [e.prompt for e in examples],
+        max_new_tokens=max_new_tokens,
+        max_len=max_len,
+        batch_size=batch_size,
+        advance=advance,
+    )
     match = numeric_match if task == "gsm8k" else text_match
     predictions = []
     for example, output in zip(examples, outputs):
         predicted, gold, correct = match(output, example.answer)
         predictions.append(Prediction(example.id, predicted, gold, correct, output=output))
-    return TaskScore(task, NUMERIC if task == "gsm8k" else TEXT, sum(p.correct for p in predictions), len(predictions), predictions)
+    return TaskScore(
+        task, NUMERIC if task == "gsm8k" else TEXT, sum(p.correct for p in predictions), len(predictions), predictions
+    )
 
 
 def _classify(model, tokenizer, task, examples, batch_size, max_len, advance) -> TaskScore:

@@ -41,8 +41,11 @@ class Ledger:
 
     def state(self) -> dict[str, Any]:
         """JSON-able totals (checkpoints, summary.json)."""
-        return {"totals": dict(self.totals), "total": sum(self.totals.values()),
-                "per_client": {str(c): dict(v) for c, v in sorted(self.per_client.items())}}
+        return {
+            "totals": dict(self.totals),
+            "total": sum(self.totals.values()),
+            "per_client": {str(c): dict(v) for c, v in sorted(self.per_client.items())},
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Ledger:

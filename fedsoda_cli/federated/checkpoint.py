@@ -95,9 +95,11 @@ class CheckpointStore:
         folder = rounds[-1]
         state = _verified_state(folder)
         if state["identity"] != self.identity:
-            raise ArtifactError(f"checkpoint {folder} came from a different spec or quantize output "
-                               f"(spec hash {state['identity'].get('spec_hash')} vs {self.identity.get('spec_hash')}, "
-                               f"input {state['identity'].get('quantize')} vs {self.identity.get('quantize')}); rerun without --resume to start over")
+            raise ArtifactError(
+                f"checkpoint {folder} came from a different spec or quantize output "
+                f"(spec hash {state['identity'].get('spec_hash')} vs {self.identity.get('spec_hash')}, "
+                f"input {state['identity'].get('quantize')} vs {self.identity.get('quantize')}); rerun without --resume to start over"
+            )
         try:
             return _read(folder, state)
         except Exception as exc:  # hashes matched, so written so by another version (safetensors raises its own type)
@@ -118,8 +120,10 @@ class CheckpointStore:
 
     def _check_folder(self) -> None:
         if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
-            raise ArtifactError(f"{self.folder}: a file or link sits where round checkpoints go, and fedsoda replaces only "
-                                "folders it wrote; move it out of the way, or choose another --workdir")
+            raise ArtifactError(
+                f"{self.folder}: a file or link sits where round checkpoints go, and fedsoda replaces only "
+                "folders it wrote; move it out of the way, or choose another --workdir"
+            )
 
     def _rounds(self) -> list[Path]:
         if not self.folder.is_dir():
@@ -151,8 +155,14 @@ class CheckpointStore:
         torch_state = rng.pop("torch", None)
         if torch_state is not None:
             save_file({"torch": torch_state}, folder / "rng.safetensors")
-        state = {"round": checkpoint.round, "identity": self.identity, "history": checkpoint.history,
-                 "ledger": checkpoint.ledger, "rng": rng, "files": _file_hashes(folder)}
+        state = {
+            "round": checkpoint.round,
+            "identity": self.identity,
+            "history": checkpoint.history,
+            "ledger": checkpoint.ledger,
+            "rng": rng,
+            "files": _file_hashes(folder),
+        }
         state = json.loads(json.dumps(state, sort_keys=True))  # hashed as it will read back: int keys become strings
         state["state_sha256"] = _content_hash(state)
         (folder / STATE).write_text(json.dumps(state, sort_keys=True))
@@ -165,8 +175,11 @@ def _is_leftover(name: str) -> bool:
 
 def _file_hashes(folder: Path) -> dict[str, str]:
     """relative path -> sha256 of every file in a checkpoint folder except state.json."""
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.relative_to(folder).as_posix() != STATE}
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() != STATE
+    }
 
 
 def _content_hash(state: dict[str, Any]) -> str:
@@ -183,8 +196,14 @@ def _verified_state(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError, RecursionError) as exc:
         raise ArtifactError(f"{path}: corrupt checkpoint state ({type(exc).__name__}); {_RERUN}") from None
     files = state.get("files") if isinstance(state, dict) else None
-    if not isinstance(files, dict) or not isinstance(state.get("state_sha256"), str) or not isinstance(state.get("identity"), dict):
-        raise ArtifactError(f"{path}: checkpoint state without its integrity record (damaged, or written by an older fedsoda); {_RERUN}")
+    if (
+        not isinstance(files, dict)
+        or not isinstance(state.get("state_sha256"), str)
+        or not isinstance(state.get("identity"), dict)
+    ):
+        raise ArtifactError(
+            f"{path}: checkpoint state without its integrity record (damaged, or written by an older fedsoda); {_RERUN}"
+        )
     if _content_hash(state) != state["state_sha256"]:
         raise ArtifactError(f"{path}: checkpoint state no longer matches its sha256 (modified or corrupt); {_RERUN}")
     found = _file_hashes(folder)
@@ -194,7 +213,9 @@ def _verified_state(folder: Path) -> dict[str, Any]:
         if rel not in files:
             raise ArtifactError(f"{folder / rel}: not part of checkpoint {folder.name} as written; remove it, or {_RERUN}")
         if found[rel] != files[rel]:
-            raise ArtifactError(f"{folder / rel}: content no longer matches checkpoint {folder.name}'s sha256 (modified or corrupt); {_RERUN}")
+            raise ArtifactError(
+                f"{folder / rel}: content no longer matches checkpoint {folder.name}'s sha256 (modified or corrupt); {_RERUN}"
+            )
     return state
 
 
@@ -221,8 +242,10 @@ def write_state(folder: Path, stem: str, state: dict[str, Any], owner: str) -> N
 
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         shown = type(state).__name__ if not isinstance(state, dict) else "a dict with non-string keys"
-        raise PluginError(f"{owner} returned {shown}, expected a dict of names to tensors and JSON values "
-                          "(an empty dict when there is no state); fix the plugin") from None
+        raise PluginError(
+            f"{owner} returned {shown}, expected a dict of names to tensors and JSON values "
+            "(an empty dict when there is no state); fix the plugin"
+        ) from None
     tensors = {k: v.detach().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     values = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
     try:
@@ -249,9 +272,11 @@ def capture_rng() -> dict[str, Any]:
 
     version, internal, gauss = random.getstate()
     legacy = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [legacy[0], legacy[1].tolist(), *legacy[2:]],
-            "torch": torch.get_rng_state()}
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [legacy[0], legacy[1].tolist(), *legacy[2:]],
+        "torch": torch.get_rng_state(),
+    }
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
@@ -284,4 +309,3 @@ def _read(folder: Path, state: dict[str, Any]) -> Checkpoint:
         ledger=state["ledger"],
         rng=rng,
     )
-

@@ -96,8 +96,15 @@ def lora_slots(model) -> dict[str, torch.nn.Parameter]:
     return slots
 
 
-def train_client(model, tokenizer, global_adapter: AdapterState, shard: Sequence[Any], config: LocalTraining, seed: int,
-                 slots: dict[str, Any] | None = None) -> LocalResult:
+def train_client(
+    model,
+    tokenizer,
+    global_adapter: AdapterState,
+    shard: Sequence[Any],
+    config: LocalTraining,
+    seed: int,
+    slots: dict[str, Any] | None = None,
+) -> LocalResult:
     """Train the global adapter on one client's shard; return the trained adapter.
 
     Objective per step: SFT cross-entropy on answer tokens (labels from `sft_batch`) plus the
@@ -127,7 +134,12 @@ def train_client(model, tokenizer, global_adapter: AdapterState, shard: Sequence
     losses = []
     started = time.perf_counter()
     for step in range(config.local_steps):
-        batch = sft_batch([shard[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]], tokenizer, config.max_len, eos=config.train_eos)
+        batch = sft_batch(
+            [shard[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]],
+            tokenizer,
+            config.max_len,
+            eos=config.train_eos,
+        )
         sft_loss = model(**batch).loss
         loss = sft_loss + _proximal_term(slots, anchors, config.proximal_mu)
         optimizer.zero_grad(set_to_none=True)
@@ -137,8 +149,13 @@ def train_client(model, tokenizer, global_adapter: AdapterState, shard: Sequence
         losses.append(float(sft_loss.detach()))
     seconds = time.perf_counter() - started
     model.eval()
-    metrics = {"train_loss": float(np.mean(losses)), "last_loss": losses[-1], "steps": config.local_steps,
-               "shard_size": len(shard), "step_seconds": seconds / config.local_steps}
+    metrics = {
+        "train_loss": float(np.mean(losses)),
+        "last_loss": losses[-1],
+        "steps": config.local_steps,
+        "shard_size": len(shard),
+        "step_seconds": seconds / config.local_steps,
+    }
     trained = {name: p.detach().clone() for name, p in slots.items()}
     return LocalResult(trained, len(order), metrics, start_digest, seconds)
 

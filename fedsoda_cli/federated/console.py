@@ -50,7 +50,9 @@ class ConsoleReporter(RoundReporter):
         self.console.print(f"[yellow]round {round}: client {client} failed ({escape(reason)}); {then}[/]", highlight=False)
 
     def realigned(self, round: int, nbytes: int) -> None:
-        self.console.print(f"round {round}: realigned the partial layers, {terminal.format_bytes(nbytes)} to each client", highlight=False)
+        self.console.print(
+            f"round {round}: realigned the partial layers, {terminal.format_bytes(nbytes)} to each client", highlight=False
+        )
 
     def round_finished(self, record: dict[str, Any]) -> None:
         self.progress.advance(self._bar)

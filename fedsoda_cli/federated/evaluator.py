@@ -25,8 +25,16 @@ if TYPE_CHECKING:
 
 
 class ServerEvaluator:
-    def __init__(self, spec: Spec, client_model_dir: Path, layer_map_path: Path, peft_config, lora_layers: list[int] | None,
-                 examples: list, targets: list[str]):
+    def __init__(
+        self,
+        spec: Spec,
+        client_model_dir: Path,
+        layer_map_path: Path,
+        peft_config,
+        lora_layers: list[int] | None,
+        examples: list,
+        targets: list[str],
+    ):
         if not examples:
             raise ValueError("no validation examples")
         self.spec, self.client_model_dir, self.layer_map_path = spec, client_model_dir, layer_map_path
@@ -79,8 +87,15 @@ class ServerEvaluator:
         from fedsoda_cli.evaluation.task import evaluate_task
 
         spec = self.spec
-        return evaluate_task(model, tokenizer, spec.task.name, self.examples, batch_size=spec.eval.batch_size,
-                             max_len=spec.task.max_len, max_new_tokens=spec.eval.max_new_tokens)
+        return evaluate_task(
+            model,
+            tokenizer,
+            spec.task.name,
+            self.examples,
+            batch_size=spec.eval.batch_size,
+            max_len=spec.task.max_len,
+            max_new_tokens=spec.eval.max_new_tokens,
+        )
 
 
 def summarize(score, examples: list) -> dict[str, Any]:

@@ -73,8 +73,11 @@ def make_delta(base: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]
         meta[key] = {"dtype": str(new[key].dtype).removeprefix("torch."), "shape": list(new[key].shape)}
     # "keys" names the whole new artifact: the tensors that did not change come from the base, so
     # the receiver can hand complete modules (every quantization constant) to the model.
-    header = {"tensors": json.dumps(meta, sort_keys=True), "keys": json.dumps(sorted(new)),
-              "base": base_digest(base, [k for k in meta if k in base])}
+    header = {
+        "tensors": json.dumps(meta, sort_keys=True),
+        "keys": json.dumps(sorted(new)),
+        "base": base_digest(base, [k for k in meta if k in base]),
+    }
     return save(tensors, metadata=header)
 
 
@@ -96,7 +99,11 @@ def apply_delta(base: Mapping[str, torch.Tensor], delta: bytes) -> dict[str, tor
         chunks = tensors[key + ".bytes"]
         old = base.get(key)
         size = torch.empty(shape, dtype=dtype).numel() * torch.empty((), dtype=dtype).element_size()
-        raw = _raw(old).clone() if old is not None and old.dtype == dtype and tuple(old.shape) == shape else torch.zeros(size, dtype=torch.uint8)
+        raw = (
+            _raw(old).clone()
+            if old is not None and old.dtype == dtype and tuple(old.shape) == shape
+            else torch.zeros(size, dtype=torch.uint8)
+        )
         pad = (-size) % CHUNK
         padded = torch.cat([raw, raw.new_zeros(pad)]).view(-1, CHUNK)
         changed = changed[: padded.shape[0]]

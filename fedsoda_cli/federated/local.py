@@ -101,9 +101,12 @@ class LocalWorkerPool:
         return len(sent)
 
     def stats(self) -> dict[str, Any]:
-        return {"model_loads": dict(self._loads), "processes_started": self._processes_started,
-                "worker_pids": {w.slot: w.pid for w in self._workers.values()},
-                "busy": {w.slot: w.task.client for w in self._workers.values() if w.task is not None}}
+        return {
+            "model_loads": dict(self._loads),
+            "processes_started": self._processes_started,
+            "worker_pids": {w.slot: w.pid for w in self._workers.values()},
+            "busy": {w.slot: w.task.client for w in self._workers.values() if w.task is not None},
+        }
 
     def close(self) -> None:
         """Stop every worker, no orphans: idle ones are asked to exit, the rest (loading or training,
@@ -133,7 +136,9 @@ class LocalWorkerPool:
             self._folder = Path(tempfile.mkdtemp(prefix="fedsoda-workers-"))
             self._setup_path = self._setup.write(self._folder / "setup.json")
         parent, child = self._context.Pipe(duplex=True)
-        process = self._context.Process(target=serve, args=(child, slot, str(self._setup_path)), name=f"fedsoda-worker-{slot}", daemon=True)
+        process = self._context.Process(
+            target=serve, args=(child, slot, str(self._setup_path)), name=f"fedsoda-worker-{slot}", daemon=True
+        )
         process.start()
         child.close()  # the child holds its end; closing ours lets the pipe report EOF when it dies
         self._workers[slot] = _Worker(slot, process, parent, spawned_at=time.monotonic(), pid=process.pid)
@@ -214,7 +219,9 @@ class LocalWorkerPool:
                 outcomes.extend(self._bury(worker, f"ran past federate.task_timeout_s = {self._timeout:g} s and was killed"))
             elif not worker.ready and now - worker.spawned_at > max(self._timeout, _MIN_LOAD_TIMEOUT_S):
                 self.close()
-                raise FedsodaError(f"client worker {worker.slot} did not finish loading the client model in {max(self._timeout, _MIN_LOAD_TIMEOUT_S):g} s; check memory or use fewer federate.workers")
+                raise FedsodaError(
+                    f"client worker {worker.slot} did not finish loading the client model in {max(self._timeout, _MIN_LOAD_TIMEOUT_S):g} s; check memory or use fewer federate.workers"
+                )
         return outcomes
 
     def _bury(self, worker: _Worker, how: str) -> list[TaskOutcome]:
@@ -225,13 +232,22 @@ class LocalWorkerPool:
         how += f" ({_exit_reason(worker.process.exitcode)})"
         if not worker.ready:
             self.close()
-            raise FedsodaError(f"client worker {worker.slot} (pid {worker.pid}) {how} while loading the client model; check memory (each of federate.workers = {self._size} workers holds one model)")
+            raise FedsodaError(
+                f"client worker {worker.slot} (pid {worker.pid}) {how} while loading the client model; check memory (each of federate.workers = {self._size} workers holds one model)"
+            )
         self._log(f"client worker {worker.slot} (pid {worker.pid}) {how}; starting a replacement")
         self._spawn(worker.slot)
         if worker.task is None:
             return []
         task = worker.task
-        return [TaskFailure(task.round, task.client, f"worker {worker.slot} (pid {worker.pid}) {how} while training client {task.client}", worker.slot)]
+        return [
+            TaskFailure(
+                task.round,
+                task.client,
+                f"worker {worker.slot} (pid {worker.pid}) {how} while training client {task.client}",
+                worker.slot,
+            )
+        ]
 
 
 def _exit_reason(code: int | None) -> str:

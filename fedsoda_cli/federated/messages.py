@@ -96,8 +96,12 @@ def adapter_to_bytes(adapter: AdapterState, wire_dtype: str = "fp32") -> bytes:
     from safetensors.torch import save
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[wire_dtype]
-    return save({name: (tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()).contiguous()
-                 for name, tensor in adapter.items()})
+    return save(
+        {
+            name: (tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()).contiguous()
+            for name, tensor in adapter.items()
+        }
+    )
 
 
 def adapter_from_bytes(blob: bytes) -> AdapterState:

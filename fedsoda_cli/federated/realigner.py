@@ -34,7 +34,9 @@ class ServerRealigner:
 
     def __init__(self, spec: Spec, align_model_dir: Path, layer_map: LayerMap, log_path: Path | None = None):
         if not (Path(align_model_dir) / "config.json").is_file():
-            raise ArtifactError(f"{align_model_dir}: realignment needs the align stage's float sub-LLM; rerun `fedsoda align SPEC`")
+            raise ArtifactError(
+                f"{align_model_dir}: realignment needs the align stage's float sub-LLM; rerun `fedsoda align SPEC`"
+            )
         self.spec, self.align_model_dir = spec, Path(align_model_dir)
         self.kept, self.removed_groups = layer_map.kept, layer_map.removed_groups
         self.teacher = self.student = self.public_ids = self.heldout_ids = None
@@ -56,9 +58,19 @@ class ServerRealigner:
         batches = seeded_batches(self.public_ids, self.spec.align.batch_size, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            result = realign(self.teacher, self.student, global_adapter, self.kept, self.removed_groups, batches,
-                             config=self.spec.align, lora=self.spec.lora, steps=self.spec.realign.steps,
-                             heldout_ids=self.heldout_ids, quant=self.spec.quantize)
+            result = realign(
+                self.teacher,
+                self.student,
+                global_adapter,
+                self.kept,
+                self.removed_groups,
+                batches,
+                config=self.spec.align,
+                lora=self.spec.lora,
+                steps=self.spec.realign.steps,
+                heldout_ids=self.heldout_ids,
+                quant=self.spec.quantize,
+            )
         self.partial_state = result.partial_layer_state
         entry = {"round": round, **{k: result.metrics[k] for k in ("steps", "partial_layers", "measured", "warnings")}}
         self.history.append(entry)
@@ -77,8 +89,17 @@ class ServerRealigner:
         self._load()
         ids = self.public_ids[: self.spec.federate.drift_sequences]
         with torch.random.fork_rng(devices=[]):  # attaching LoRA draws an init: leave the run's RNG as it was
-            measured = adapter_drift(self.teacher, self.student, global_adapter, self.kept, self.removed_groups, ids,
-                                     config=self.spec.align, lora=self.spec.lora, quant=self.spec.quantize)
+            measured = adapter_drift(
+                self.teacher,
+                self.student,
+                global_adapter,
+                self.kept,
+                self.removed_groups,
+                ids,
+                config=self.spec.align,
+                lora=self.spec.lora,
+                quant=self.spec.quantize,
+            )
         return float(measured["kl"])
 
     def _log(self, entry: dict[str, Any]) -> None:
@@ -86,7 +107,9 @@ class ServerRealigner:
         import logging
 
         if entry["warnings"]:
-            logging.getLogger("fedsoda.realign").warning("realignment in round %d made numbers worse: %s", entry["round"], "; ".join(entry["warnings"]))
+            logging.getLogger("fedsoda.realign").warning(
+                "realignment in round %d made numbers worse: %s", entry["round"], "; ".join(entry["warnings"])
+            )
         if self.log_path is not None:
             with self.log_path.open("a") as lines:
                 lines.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -100,7 +123,9 @@ class ServerRealigner:
         self._load()
         result = self.student.load_state_dict(state, strict=False)
         if result.unexpected_keys:
-            raise ArtifactError(f"checkpoint realign state has tensors the sub-LLM lacks (e.g. {result.unexpected_keys[0]}); rerun without --resume")
+            raise ArtifactError(
+                f"checkpoint realign state has tensors the sub-LLM lacks (e.g. {result.unexpected_keys[0]}); rerun without --resume"
+            )
         self.partial_state = dict(state)
 
     def _load(self) -> None:
@@ -113,4 +138,7 @@ class ServerRealigner:
 
         self.teacher, tokenizer = load_causal_lm(self.spec.model)
         self.student, _ = load_checkpoint(self.align_model_dir, dtype=torch.float32)
-        self.public_ids, self.heldout_ids = public_windows(self.spec, "train", tokenizer), public_windows(self.spec, "held-out", tokenizer)
+        self.public_ids, self.heldout_ids = (
+            public_windows(self.spec, "train", tokenizer),
+            public_windows(self.spec, "held-out", tokenizer),
+        )

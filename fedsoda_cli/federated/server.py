@@ -121,9 +121,20 @@ class _Collected:
 class FederatedServer:
     """Runs rounds over a `ClientTransport`; override a step method to change one step."""
 
-    def __init__(self, plan: RoundPlan, transport: ClientTransport, aggregator: Aggregator, aggregator_name: str,
-                 store: CheckpointStore, *, realigner: Realigner | None = None, reporter: RoundReporter | None = None,
-                 model_bytes: int = 0, evaluator: Evaluator | None = None, held_layers: HeldLayers | None = None):
+    def __init__(
+        self,
+        plan: RoundPlan,
+        transport: ClientTransport,
+        aggregator: Aggregator,
+        aggregator_name: str,
+        store: CheckpointStore,
+        *,
+        realigner: Realigner | None = None,
+        reporter: RoundReporter | None = None,
+        model_bytes: int = 0,
+        evaluator: Evaluator | None = None,
+        held_layers: HeldLayers | None = None,
+    ):
         self.plan, self.transport, self.aggregator, self.aggregator_name = plan, transport, aggregator, aggregator_name
         self.store, self.realigner, self.reporter, self.model_bytes = store, realigner, reporter or RoundReporter(), model_bytes
         self.evaluator = evaluator
@@ -151,8 +162,15 @@ class FederatedServer:
                 self.run_round(round)
         finally:
             self.transport.close()
-        return RunResult(self.global_adapter, self.history, self.ledger, resume.round if resume else 0,
-                         self.aggregator.state_dict(), self.realign_layers, self.transport.stats())
+        return RunResult(
+            self.global_adapter,
+            self.history,
+            self.ledger,
+            resume.round if resume else 0,
+            self.aggregator.state_dict(),
+            self.realign_layers,
+            self.transport.stats(),
+        )
 
     def run_round(self, round: int) -> None:
         started = time.perf_counter()
@@ -175,8 +193,12 @@ class FederatedServer:
             if self.measures_drift():  # the new layers under the same adapter: the next reference
                 self.drift_reference = record["drift"]["after_realign"] = self.realigner.drift(round, self.global_adapter)
         traffic = self.ledger.take_round()
-        record.update(bytes_down=traffic["adapter_down"], bytes_up=traffic["adapter_up"], bytes_realign=traffic["realign"],
-                      seconds=round_(time.perf_counter() - started))
+        record.update(
+            bytes_down=traffic["adapter_down"],
+            bytes_up=traffic["adapter_up"],
+            bytes_realign=traffic["realign"],
+            seconds=round_(time.perf_counter() - started),
+        )
         self.history.append(record)
         self.checkpoint(round)
         self.reporter.round_finished(record)
@@ -201,10 +223,16 @@ class FederatedServer:
         """This round's drift, against the reference (the drift right after the last alignment;
         before round 1: the aligned client model under the initial adapter, whose LoRA B is zero)."""
         if self.drift_reference is None:
-            self.drift_reference = self.realigner.drift(0, self.initial_adapter if self.initial_adapter is not None else self.global_adapter)
+            self.drift_reference = self.realigner.drift(
+                0, self.initial_adapter if self.initial_adapter is not None else self.global_adapter
+            )
         self.drift_now = self.realigner.drift(round, self.global_adapter)
-        return {"kl": self.drift_now, "reference": self.drift_reference, "ratio": self.drift_now / max(self.drift_reference, 1e-12),
-                "threshold": self.plan.drift_threshold}
+        return {
+            "kl": self.drift_now,
+            "reference": self.drift_reference,
+            "ratio": self.drift_now / max(self.drift_reference, 1e-12),
+            "threshold": self.plan.drift_threshold,
+        }
 
     def evaluates(self, round: int) -> bool:
         """Every `eval_every` rounds, and after the last one."""
@@ -282,7 +310,9 @@ class FederatedServer:
         collected.updates.append(ClientUpdate(result.client, adapter, self.weight(result), dict(result.metrics)))
         self.reporter.client_finished(round, result.client, result.metrics.get("train_loss"))
 
-    def screen(self, round: int, result: ClientResult, global_digest: str, collected: _Collected) -> tuple[AdapterState | None, str | None]:
+    def screen(
+        self, round: int, result: ClientResult, global_digest: str, collected: _Collected
+    ) -> tuple[AdapterState | None, str | None]:
         """(the uploaded adapter, None) if the result is usable, else (anything, why it is not)."""
         if result.round != round or any(u.client == result.client for u in collected.updates):
             return None, f"unexpected result for round {result.round} (a duplicate or a stale answer)"
@@ -337,27 +367,42 @@ class FederatedServer:
         weights = sum(u.num_samples for u in collected.updates)
         loss = sum(u.metrics.get("train_loss", 0.0) * u.num_samples for u in collected.updates) / weights
         steps = [u.metrics["step_seconds"] for u in collected.updates if "step_seconds" in u.metrics]
-        return {"round": round, "clients": clients, "updated": [u.client for u in collected.updates],
-                "excluded": collected.excluded, "failed": collected.failed, "train_loss": loss,
-                "step_seconds": round_(sum(steps) / len(steps)) if steps else None,
-                "train_seconds": round_(sum(collected.train_seconds.values())),
-                "train_seconds_by_worker": {str(w): round_(t) for w, t in sorted(collected.train_seconds.items())},
-                "worker_rss_mb": round_(collected.rss_mb),
-                "global_digest": adapter_digest(self.global_adapter)}
+        return {
+            "round": round,
+            "clients": clients,
+            "updated": [u.client for u in collected.updates],
+            "excluded": collected.excluded,
+            "failed": collected.failed,
+            "train_loss": loss,
+            "step_seconds": round_(sum(steps) / len(steps)) if steps else None,
+            "train_seconds": round_(sum(collected.train_seconds.values())),
+            "train_seconds_by_worker": {str(w): round_(t) for w, t in sorted(collected.train_seconds.items())},
+            "worker_rss_mb": round_(collected.rss_mb),
+            "global_digest": adapter_digest(self.global_adapter),
+        }
 
     def checkpoint(self, round: int) -> None:
         realigner_state = self.realigner.state_dict() if self.realigner is not None and self.realign_layers is not None else {}
-        checkpoint = Checkpoint(round=round, adapter=self.global_adapter, aggregator_state=self._plugin("state_dict"),
-                                realign_layers=self.realign_layers, realigner_state=realigner_state,
-                                history=self.history, ledger=self.ledger.state(), rng=capture_rng())
+        checkpoint = Checkpoint(
+            round=round,
+            adapter=self.global_adapter,
+            aggregator_state=self._plugin("state_dict"),
+            realign_layers=self.realign_layers,
+            realigner_state=realigner_state,
+            history=self.history,
+            ledger=self.ledger.state(),
+            rng=capture_rng(),
+        )
         self.store.save(checkpoint, self.aggregator_name)
 
     def stop_short(self, round: int, collected: _Collected) -> None:
         problems = [f"client {p['client']}: {p['reason']}" for p in collected.excluded + collected.failed]
         last = f"round {round - 1}, checkpoint in {self.store.folder}" if round > 1 else "none yet"
-        raise FedsodaError(f"round {round}: only {len(collected.updates)} valid client update(s), federate.min_clients = "
-                           f"{self.plan.min_clients} ({'; '.join(problems) or 'no client answered'}); stopped, last good round: {last}. "
-                           f"Fix the cause and rerun with --resume")
+        raise FedsodaError(
+            f"round {round}: only {len(collected.updates)} valid client update(s), federate.min_clients = "
+            f"{self.plan.min_clients} ({'; '.join(problems) or 'no client answered'}); stopped, last good round: {last}. "
+            f"Fix the cause and rerun with --resume"
+        )
 
     def _plugin(self, method: str, *args: Any) -> Any:
         """Call an aggregator method; anything it raises becomes a PluginError naming it."""
@@ -367,7 +412,9 @@ class FederatedServer:
             raise
         except Exception as exc:
             where = type(self.aggregator).__module__
-            raise PluginError(f"aggregator '{self.aggregator_name}' ({where}) raised {type(exc).__name__} in {method}(): {exc}; fix the plugin") from None
+            raise PluginError(
+                f"aggregator '{self.aggregator_name}' ({where}) raised {type(exc).__name__} in {method}(): {exc}; fix the plugin"
+            ) from None
 
 
 def sample_clients(seed: int, round: int, clients: int, per_round: int) -> list[int]:

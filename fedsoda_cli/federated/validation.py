@@ -63,7 +63,9 @@ def check_aggregate(aggregator: str, global_adapter: AdapterState, new: object) 
         if not isinstance(tensor, torch.Tensor):
             raise PluginError(f"{where} a {type(tensor).__name__} for {name!r}, not a tensor; {fix}")
         if tensor.shape != reference.shape or tensor.dtype != reference.dtype:
-            raise PluginError(f"{where} {name!r} as {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(reference.shape)} {reference.dtype}; {fix}")
+            raise PluginError(
+                f"{where} {name!r} as {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(reference.shape)} {reference.dtype}; {fix}"
+            )
         if not torch.isfinite(tensor).all():
             raise PluginError(f"{where} NaN or Inf in {name!r}; {fix}")
     return new

@@ -55,7 +55,9 @@ class ClientRuntime:
         from fedsoda_cli.spec.schema import LoraSpec
 
         started = time.perf_counter()
-        self.model, self.tokenizer = load_client(Path(setup.model_dir), LoraSpec(**setup.lora), setup.lora_seed, setup.lora_layers)
+        self.model, self.tokenizer = load_client(
+            Path(setup.model_dir), LoraSpec(**setup.lora), setup.lora_seed, setup.lora_layers
+        )
         self.load_seconds = time.perf_counter() - started
         self.model_loads = 1
         self.slots = lora_slots(self.model)
@@ -65,8 +67,10 @@ class ClientRuntime:
         from fedsoda_cli.models.quantized import WEIGHTS
 
         self.held = HeldLayers(Path(setup.model_dir) / WEIGHTS)  # the version of the layers this holder has
-        self.shards = {client: [Example(f"client{client}-{i}", prompt, answer, None, None) for i, (prompt, answer) in enumerate(pairs)]
-                       for client, pairs in setup.shards.items()}
+        self.shards = {
+            client: [Example(f"client{client}-{i}", prompt, answer, None, None) for i, (prompt, answer) in enumerate(pairs)]
+            for client, pairs in setup.shards.items()
+        }
 
     def initial_adapter(self) -> bytes:
         """The freshly initialised LoRA adapter (the same in every worker: seeded init)."""
@@ -93,11 +97,25 @@ class ClientRuntime:
 
         if task.client not in self.shards:
             raise ValueError(f"this worker holds no shard for client {task.client}")
-        local = train_client(self.model, self.tokenizer, adapter_from_bytes(task.adapter), self.shards[task.client],
-                             self.training, task.seed, self.slots)
-        result = ClientResult(round=task.round, client=task.client, adapter=adapter_to_bytes(local.adapter, self.wire_dtype),
-                              num_samples=local.num_samples, metrics=local.metrics, start_digest=local.start_digest,
-                              worker=worker, train_seconds=local.train_seconds)
+        local = train_client(
+            self.model,
+            self.tokenizer,
+            adapter_from_bytes(task.adapter),
+            self.shards[task.client],
+            self.training,
+            task.seed,
+            self.slots,
+        )
+        result = ClientResult(
+            round=task.round,
+            client=task.client,
+            adapter=adapter_to_bytes(local.adapter, self.wire_dtype),
+            num_samples=local.num_samples,
+            metrics=local.metrics,
+            start_digest=local.start_digest,
+            worker=worker,
+            train_seconds=local.train_seconds,
+        )
         _release_memory()
         result.rss_mb = resident_mb()
         return result
@@ -123,7 +141,9 @@ def serve(conn, slot: int, setup_path: str) -> None:
         conn.send_bytes(pack("fatal", {"message": f"could not load the client model: {message}"}))
         return
     try:
-        conn.send_bytes(pack("ready", {"pid": os.getpid(), "model_loads": runtime.model_loads, "load_seconds": runtime.load_seconds}))
+        conn.send_bytes(
+            pack("ready", {"pid": os.getpid(), "model_loads": runtime.model_loads, "load_seconds": runtime.load_seconds})
+        )
         while _serve_one(conn, runtime, slot):
             pass
     except (EOFError, OSError):
@@ -148,7 +168,9 @@ def _serve_one(conn, runtime: ClientRuntime, slot: int) -> bool:
         try:
             result = runtime.handle(task, slot)
         except Exception as exc:  # a failed client is the server's to retry or drop, not a dead worker
-            conn.send_bytes(pack("error", {"round": task.round, "client": task.client, "message": f"{type(exc).__name__}: {exc}"}))
+            conn.send_bytes(
+                pack("error", {"round": task.round, "client": task.client, "message": f"{type(exc).__name__}: {exc}"})
+            )
         else:
             conn.send_bytes(pack_result(result))
     return True

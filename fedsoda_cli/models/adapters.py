@@ -26,8 +26,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def sub_to_full_adapter(adapter_state: dict[str, torch.Tensor], kept: list[int], *, layers_path: str | None = None,
-                        num_layers: int | None = None) -> dict[str, torch.Tensor]:
+def sub_to_full_adapter(
+    adapter_state: dict[str, torch.Tensor], kept: list[int], *, layers_path: str | None = None, num_layers: int | None = None
+) -> dict[str, torch.Tensor]:
     """Rename `...layers.{k}...` to `...layers.{kept[k]}...` (sub-LLM -> full LLM); tensors outside
     the decoder layers (e.g. lm_head) keep their names.
 
@@ -49,10 +50,14 @@ def sub_to_full_adapter(adapter_state: dict[str, torch.Tensor], kept: list[int],
         k = int(match.group(2))
         if k >= len(kept):
             if num_layers is not None:
-                raise ArtifactError(f"adapter tensor {key!r} is for sub-LLM layer {k}, but the layer map keeps only {len(kept)} layers; "
-                                    "the adapter and quantize/layer_map.json come from different runs")
-            raise ModelError(f"adapter has LoRA weights for sub-LLM layer {k}, but the sub-LLM has {len(kept)} layers; the adapter belongs to another sub-LLM")
-        head, tail = key[:match.start(2)], key[match.end(2):]
+                raise ArtifactError(
+                    f"adapter tensor {key!r} is for sub-LLM layer {k}, but the layer map keeps only {len(kept)} layers; "
+                    "the adapter and quantize/layer_map.json come from different runs"
+                )
+            raise ModelError(
+                f"adapter has LoRA weights for sub-LLM layer {k}, but the sub-LLM has {len(kept)} layers; the adapter belongs to another sub-LLM"
+            )
+        head, tail = key[: match.start(2)], key[match.end(2) :]
         mapped[f"{head}{kept[k]}{tail}"] = value
         templates.setdefault((head, tail), value)
     if num_layers is not None:
@@ -78,10 +83,15 @@ def lora_config(lora: LoraSpec, layers: list[int] | None = None, *, layers_patte
     """A peft LoraConfig from the [lora] section; `layers` limits LoRA to those layer indices."""
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), bias="none",
-                      layers_to_transform=list(layers) if layers is not None else None,
-                      layers_pattern=layers_pattern if layers is not None else None)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        layers_to_transform=list(layers) if layers is not None else None,
+        layers_pattern=layers_pattern if layers is not None else None,
+    )
 
 
 def attach_lora(model, lora: LoraSpec, layers: list[int] | None = None):
@@ -95,7 +105,9 @@ def attach_lora(model, lora: LoraSpec, layers: list[int] | None = None):
     try:
         return get_peft_model(model, lora_config(lora, layers, layers_pattern=pattern))
     except ValueError as exc:
-        raise ModelError(f"lora.target_modules {list(lora.target_modules)}: {str(exc).splitlines()[0][:200]}; name linear modules of the model's decoder layers") from exc
+        raise ModelError(
+            f"lora.target_modules {list(lora.target_modules)}: {str(exc).splitlines()[0][:200]}; name linear modules of the model's decoder layers"
+        ) from exc
 
 
 def load_adapter_state(peft_model, state: dict[str, torch.Tensor]) -> None:
@@ -105,7 +117,9 @@ def load_adapter_state(peft_model, state: dict[str, torch.Tensor]) -> None:
     result = set_peft_model_state_dict(peft_model, state)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
-        raise ModelError(f"adapter weight {unexpected[0]} has no LoRA module in the model ({len(unexpected)} such keys); check lora.target_modules and the layer map")
+        raise ModelError(
+            f"adapter weight {unexpected[0]} has no LoRA module in the model ({len(unexpected)} such keys); check lora.target_modules and the layer map"
+        )
 
 
 def adapter_state(peft_model) -> dict[str, torch.Tensor]:
@@ -124,11 +138,17 @@ def read_adapter_dir(adapter_dir: str | os.PathLike) -> tuple[dict[str, torch.Te
     folder = Path(adapter_dir)
     weights, config = folder / ADAPTER_WEIGHTS, folder / ADAPTER_CONFIG
     if not weights.is_file() or not config.is_file():
-        raise ModelError(f"adapter {folder}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (a PEFT adapter folder, e.g. <workdir>/federate/adapter)")
+        raise ModelError(
+            f"adapter {folder}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (a PEFT adapter folder, e.g. <workdir>/federate/adapter)"
+        )
     raw = json.loads(config.read_text())
     if raw.get("peft_type", "LORA") != "LORA":
         raise ModelError(f"adapter {folder}: peft_type {raw.get('peft_type')!r}; only LoRA adapters are supported")
     targets = raw.get("target_modules") or []
-    lora = LoraSpec(r=raw["r"], alpha=raw.get("lora_alpha", raw["r"]), dropout=raw.get("lora_dropout", 0.0),
-                    target_modules=sorted(targets) if isinstance(targets, (list, set)) else [targets])
+    lora = LoraSpec(
+        r=raw["r"],
+        alpha=raw.get("lora_alpha", raw["r"]),
+        dropout=raw.get("lora_dropout", 0.0),
+        target_modules=sorted(targets) if isinstance(targets, (list, set)) else [targets],
+    )
     return load_file(weights), lora

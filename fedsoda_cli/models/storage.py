@@ -63,8 +63,14 @@ def predict_client_bytes(model, tokenizer, quant: QuantizeSpec, scratch: Path) -
                 per_layer += _nbytes(tensor) + _header(f"{prefix}0.{name}.{key}")
             if module.bias is not None:
                 per_layer += 2 * module.bias.numel() + _header(f"{prefix}0.{name}.bias")
-    linear_params = {id(m.weight) for m in first.modules() if isinstance(m, torch.nn.Linear)} if quant.quant_type != "none" else set()
-    linear_biases = {id(m.bias) for m in first.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None} if quant.quant_type != "none" else set()
+    linear_params = (
+        {id(m.weight) for m in first.modules() if isinstance(m, torch.nn.Linear)} if quant.quant_type != "none" else set()
+    )
+    linear_biases = (
+        {id(m.bias) for m in first.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
+        if quant.quant_type != "none"
+        else set()
+    )
     for name, param in first.named_parameters():
         if id(param) not in linear_params and id(param) not in linear_biases:
             per_layer += 2 * param.numel() + _header(f"{prefix}0.{name}")

@@ -28,7 +28,9 @@ _SHAPE = dict(
 )
 
 
-def build_tiny_random(name: str, tokenizer: PreTrainedTokenizerBase, *, dtype: torch.dtype = torch.float32, seed: int = 0, **config_overrides) -> PreTrainedModel:
+def build_tiny_random(
+    name: str, tokenizer: PreTrainedTokenizerBase, *, dtype: torch.dtype = torch.float32, seed: int = 0, **config_overrides
+) -> PreTrainedModel:
     """A tiny model (`tiny-random-llama` or `tiny-random-qwen2`) with `dtype` parameters, eval mode,
     6 layers of hidden 64, vocabulary = len(tokenizer). `config_overrides` replace any config field
     (tests use them, e.g. for sliding-window layers)."""

@@ -88,8 +88,9 @@ def gaps(kept: list[int], removed_groups: list[list[int]], num_layers: int) -> l
         after = [k for k, original in enumerate(kept) if original > max(group)]
         student = after[0] if after else len(kept)
         by_boundary.setdefault(student, []).extend(group)
-    return [Gap(tuple(sorted(removed)), kept[k] if k < len(kept) else num_layers, k)
-            for k, removed in sorted(by_boundary.items())]
+    return [
+        Gap(tuple(sorted(removed)), kept[k] if k < len(kept) else num_layers, k) for k, removed in sorted(by_boundary.items())
+    ]
 
 
 def partial_layers(partial: str | list[int], kept: list[int], removed_groups: list[list[int]]) -> list[int]:
@@ -99,12 +100,16 @@ def partial_layers(partial: str | list[int], kept: list[int], removed_groups: li
     if isinstance(partial, list):
         missing = [layer for layer in partial if layer not in kept]
         if missing:
-            raise SpecError(f"align.partial = {partial}: layers {missing} are not kept layers of the sub-LLM (kept: {kept}); list original indices of kept layers")
+            raise SpecError(
+                f"align.partial = {partial}: layers {missing} are not kept layers of the sub-LLM (kept: {kept}); list original indices of kept layers"
+            )
         return sorted({kept.index(layer) for layer in partial})
     if partial == "all_kept":
         return list(range(len(kept)))
     if partial not in ("after_gap", "both_neighbours"):
-        raise SpecError(f"align.partial = {partial!r}: use after_gap, both_neighbours, all_kept or a list of original layer indices")
+        raise SpecError(
+            f"align.partial = {partial!r}: use after_gap, both_neighbours, all_kept or a list of original layer indices"
+        )
     chosen: set[int] = set()
     for group in removed_groups:
         after = [k for k, original in enumerate(kept) if original > max(group)]
@@ -122,8 +127,7 @@ def output_point(kept: list[int], k: int, num_layers: int) -> tuple[int, int]:
     return teacher, k + 1
 
 
-def loss_points(kept: list[int], removed_groups: list[list[int]], num_layers: int, partial: list[int],
-                hidden_at: str) -> list:
+def loss_points(kept: list[int], removed_groups: list[list[int]], num_layers: int, partial: list[int], hidden_at: str) -> list:
     """The comparison points of the hidden-state term: the gaps ("gap"), or the output of every
     trained layer `partial` (sub-LLM indices) labelled "out<original index>" ("output")."""
     if hidden_at == "gap":
@@ -137,8 +141,9 @@ def gap_points(kept: list[int], removed_groups: list[list[int]], num_layers: int
     plan = gaps(kept, removed_groups, num_layers)
     if hidden_at == "gap":
         return plan
-    return [Gap(g.removed, *output_point(kept, g.student_boundary, num_layers)) if g.student_boundary < len(kept) else g
-            for g in plan]
+    return [
+        Gap(g.removed, *output_point(kept, g.student_boundary, num_layers)) if g.student_boundary < len(kept) else g for g in plan
+    ]
 
 
 def check_trainable(config: AlignSpec, kept: list[int], removed_groups: list[list[int]], partial: list[int]) -> None:
@@ -150,9 +155,11 @@ def check_trainable(config: AlignSpec, kept: list[int], removed_groups: list[lis
         return
     reachable = config.beta > 0 and any(g.student_boundary > min(partial) for g in gaps(kept, removed_groups, max(kept) + 1))
     if not reachable:
-        raise SpecError(f"align: alpha = gamma = 0 and beta = {config.beta} with hidden_at = {config.hidden_at!r}: no loss term "
-                        f"depends on the trained layers {[kept[k] for k in partial]}; set align.hidden_at = \"output\", "
-                        "or alpha > 0, or train a layer before a gap (align.partial = \"both_neighbours\")")
+        raise SpecError(
+            f"align: alpha = gamma = 0 and beta = {config.beta} with hidden_at = {config.hidden_at!r}: no loss term "
+            f'depends on the trained layers {[kept[k] for k in partial]}; set align.hidden_at = "output", '
+            'or alpha > 0, or train a layer before a gap (align.partial = "both_neighbours")'
+        )
 
 
 # ---- the loss -------------------------------------------------------------------------------------
@@ -172,8 +179,9 @@ class LossParts:
     predicted: int
 
 
-def oda_loss(teacher, student, batch: dict[str, torch.Tensor], plan: list[Gap], config: AlignSpec, *,
-             need_teacher_ce: bool = False) -> LossParts:
+def oda_loss(
+    teacher, student, batch: dict[str, torch.Tensor], plan: list[Gap], config: AlignSpec, *, need_teacher_ce: bool = False
+) -> LossParts:
     """The ODA loss of `student` against `teacher` on `batch` ({"input_ids", optional
     "attention_mask"}); differentiable w.r.t. the student's trainable weights when grad is on."""
     input_ids = batch["input_ids"]
@@ -194,15 +202,21 @@ def oda_loss(teacher, student, batch: dict[str, torch.Tensor], plan: list[Gap], 
     labels = next_token_labels(input_ids, mask)
     kl_sum = ce_s = ce_t = s_final.new_zeros(())
     if config.alpha > 0 or config.gamma > 0 or need_teacher_ce:
-        kl_sum, ce_s, ce_t = logit_terms(s_final[mask], t_final[mask], labels[mask], output_head(student),
-                                         output_head(teacher), config.tau, config.logit_chunk)
+        kl_sum, ce_s, ce_t = logit_terms(
+            s_final[mask], t_final[mask], labels[mask], output_head(student), output_head(teacher), config.tau, config.logit_chunk
+        )
     tokens, predicted = int(mask.sum()), int((labels != IGNORE).sum())
-    loss = (config.alpha * config.tau ** 2 * kl_sum / max(tokens, 1) + config.beta * hidden_term
-            + config.gamma * ce_s / max(predicted, 1))
+    loss = (
+        config.alpha * config.tau**2 * kl_sum / max(tokens, 1)
+        + config.beta * hidden_term
+        + config.gamma * ce_s / max(predicted, 1)
+    )
     return LossParts(loss, float(kl_sum.detach()), tokens, err, norm, float(ce_s.detach()), float(ce_t.detach()), predicted)
 
 
-def run_trunk(model, input_ids: torch.Tensor, mask: torch.Tensor, boundaries: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def run_trunk(
+    model, input_ids: torch.Tensor, mask: torch.Tensor, boundaries: list[int]
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Final (normed) hidden states [B, T, H] of `model`'s decoder, and the residual stream at each
     boundary in `boundaries` (layer inputs; len(layers) = last layer's output before the norm)."""
     from fedsoda_cli.models.layers import residual_stream
@@ -226,14 +240,15 @@ def next_token_labels(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return labels
 
 
-def logit_terms(s_hidden: torch.Tensor, t_hidden: torch.Tensor, labels: torch.Tensor, s_head, t_head, tau: float,
-                chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def logit_terms(
+    s_hidden: torch.Tensor, t_hidden: torch.Tensor, labels: torch.Tensor, s_head, t_head, tau: float, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum of tau-scaled KL(p_T || p_S), student CE sum, teacher CE sum) over N tokens
     (`*_hidden` [N, H], `labels` [N]), computed `chunk` tokens at a time; with grad on, each
     chunk is checkpointed so only one chunk of logits is alive."""
     total = s_hidden.new_zeros(3)
     for start in range(0, s_hidden.shape[0], chunk):
-        args = (s_hidden[start:start + chunk], t_hidden[start:start + chunk], labels[start:start + chunk])
+        args = (s_hidden[start : start + chunk], t_hidden[start : start + chunk], labels[start : start + chunk])
         if torch.is_grad_enabled() and s_hidden.requires_grad:
             part = checkpoint(_chunk_terms, *args, s_head, t_head, tau, use_reentrant=False)
         else:
@@ -269,14 +284,23 @@ def seeded_batches(sequences: torch.Tensor, batch_size: int, seed: int) -> Itera
     while True:
         order = torch.randperm(sequences.shape[0], generator=generator)
         for start in range(0, len(order), batch_size):
-            ids = sequences[order[start:start + batch_size]]
+            ids = sequences[order[start : start + batch_size]]
             yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def align_partial_layers(teacher, student, kept: list[int], removed_groups: list[list[int]], partial: str | list[int],
-                         batches: Iterable[dict[str, torch.Tensor]], config: AlignSpec, steps: int, *,
-                         quant: QuantizeSpec | None = None,
-                         progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+def align_partial_layers(
+    teacher,
+    student,
+    kept: list[int],
+    removed_groups: list[list[int]],
+    partial: str | list[int],
+    batches: Iterable[dict[str, torch.Tensor]],
+    config: AlignSpec,
+    steps: int,
+    *,
+    quant: QuantizeSpec | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Train the student's partial layers (only their base weights; LoRA modules stay frozen) for
     `steps` optimizer steps of the ODA loss on `batches`; the teacher stays frozen. The student is
     updated in place. With `quant` and `config.quant_aware` not "off", the student trains as the
@@ -299,11 +323,18 @@ def align_partial_layers(teacher, student, kept: list[int], removed_groups: list
             started = time.perf_counter()
             parts = oda_loss(teacher, student, next(stream), plan, config)
             if not parts.loss.requires_grad:
-                raise SpecError("align: the loss does not depend on the trained layers (all its weights are 0?); raise align.alpha, beta or gamma")
+                raise SpecError(
+                    "align: the loss does not depend on the trained layers (all its weights are 0?); raise align.alpha, beta or gamma"
+                )
             optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()
             optimizer.step()
-            row = {"step": step, "loss": float(parts.loss.detach()), **_readable(parts, plan), "seconds": round(time.perf_counter() - started, 3)}
+            row = {
+                "step": step,
+                "loss": float(parts.loss.detach()),
+                **_readable(parts, plan),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
             history.append(row)
             if progress:
                 progress(row)
@@ -389,9 +420,17 @@ def _readable(parts: LossParts, plan: list[Gap]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate_alignment(teacher, student, kept: list[int], removed_groups: list[list[int]], heldout_ids: torch.Tensor,
-                       config: AlignSpec, *, batch_size: int | None = None,
-                       advance: Callable[[int], None] | None = None) -> dict[str, Any]:
+def evaluate_alignment(
+    teacher,
+    student,
+    kept: list[int],
+    removed_groups: list[list[int]],
+    heldout_ids: torch.Tensor,
+    config: AlignSpec,
+    *,
+    batch_size: int | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """On held-out token windows [N, T] (no padding): {"kl": mean tau-scaled KL(p_T || p_S) per
     token, "hidden_nmse": {gap label: ||h_T - h_S||^2 / ||h_T||^2 pooled over tokens},
     "ppl_student", "ppl_teacher": exp of mean next-token NLL}."""
@@ -408,7 +447,7 @@ def evaluate_alignment(teacher, student, kept: list[int], removed_groups: list[l
     try:
         size = batch_size or config.batch_size
         for start in range(0, heldout_ids.shape[0], size):
-            ids = heldout_ids[start:start + size]
+            ids = heldout_ids[start : start + size]
             parts = oda_loss(teacher, student, {"input_ids": ids}, plan, probe, need_teacher_ce=True)
             kl += parts.kl_sum
             tokens += parts.tokens
@@ -431,9 +470,18 @@ def evaluate_alignment(teacher, student, kept: list[int], removed_groups: list[l
     }
 
 
-def measure(teacher, student, kept: list[int], removed_groups: list[list[int]], heldout_ids: torch.Tensor,
-            config: AlignSpec, quant: QuantizeSpec | None, partial: list[int], *,
-            advance: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
+def measure(
+    teacher,
+    student,
+    kept: list[int],
+    removed_groups: list[list[int]],
+    heldout_ids: torch.Tensor,
+    config: AlignSpec,
+    quant: QuantizeSpec | None,
+    partial: list[int],
+    *,
+    advance: Callable[[int], None] | None = None,
+) -> dict[str, dict[str, Any]]:
     """`evaluate_alignment` of the student in bf16 ("bf16") and as a client of `quant` holds it
     ("deployed", emulated; see `deployed_view`), against the float teacher."""
     with bf16_view(student):

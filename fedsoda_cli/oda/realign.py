@@ -36,10 +36,21 @@ class RealignResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def realign(teacher_full, student_sub, adapter_state_sub: dict[str, torch.Tensor], kept: list[int],
-            removed_groups: list[list[int]], batches: Iterable[dict[str, torch.Tensor]], *, config: AlignSpec,
-            lora: LoraSpec, steps: int, heldout_ids: torch.Tensor | None = None, quant: QuantizeSpec | None = None,
-            progress: Callable[[dict[str, Any]], None] | None = None) -> RealignResult:
+def realign(
+    teacher_full,
+    student_sub,
+    adapter_state_sub: dict[str, torch.Tensor],
+    kept: list[int],
+    removed_groups: list[list[int]],
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    config: AlignSpec,
+    lora: LoraSpec,
+    steps: int,
+    heldout_ids: torch.Tensor | None = None,
+    quant: QuantizeSpec | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> RealignResult:
     """Attach the global adapter to the student and, mapped through `kept`, to the teacher (as
     frozen LoRA modules, not merged), train the partial layers' base weights with the ODA loss for
     `steps` steps, detach the adapters again and return the partial layers' new weights. Both
@@ -58,15 +69,19 @@ def realign(teacher_full, student_sub, adapter_state_sub: dict[str, torch.Tensor
         teacher = attach_lora(teacher_full, lora, layers=kept)
         try:
             load_adapter_state(student, adapter_state_sub)
-            load_adapter_state(teacher, sub_to_full_adapter(adapter_state_sub, kept, layers_path=decoder_layers_path(teacher_full)))
+            load_adapter_state(
+                teacher, sub_to_full_adapter(adapter_state_sub, kept, layers_path=decoder_layers_path(teacher_full))
+            )
+
             def measured():
                 if heldout_ids is None:
                     return None
                 return measure(teacher, student, kept, removed_groups, heldout_ids, config, quant, partial)
 
             before = measured()
-            history = align_partial_layers(teacher, student, kept, removed_groups, config.partial, batches, config, steps,
-                                           quant=quant, progress=progress)
+            history = align_partial_layers(
+                teacher, student, kept, removed_groups, config.partial, batches, config, steps, quant=quant, progress=progress
+            )
             after = measured()
         finally:
             teacher.unload()
@@ -77,17 +92,33 @@ def realign(teacher_full, student_sub, adapter_state_sub: dict[str, torch.Tensor
     if heldout_ids is not None:
         from fedsoda_cli.oda.distill import regressions
 
-        variants = {"before_bf16": before["bf16"], "after_bf16": after["bf16"],
-                    "deployed_before": before["deployed"], "deployed_after": after["deployed"]}
-        metrics.update(before=before["bf16"], after=after["bf16"], measured=variants,
-                       warnings=regressions([("bf16", before["bf16"], after["bf16"]),
-                                             ("deployed", before["deployed"], after["deployed"])]))
+        variants = {
+            "before_bf16": before["bf16"],
+            "after_bf16": after["bf16"],
+            "deployed_before": before["deployed"],
+            "deployed_after": after["deployed"],
+        }
+        metrics.update(
+            before=before["bf16"],
+            after=after["bf16"],
+            measured=variants,
+            warnings=regressions([("bf16", before["bf16"], after["bf16"]), ("deployed", before["deployed"], after["deployed"])]),
+        )
     return RealignResult(state, metrics)
 
 
-def adapter_drift(teacher_full, student_sub, adapter_state_sub: dict[str, torch.Tensor], kept: list[int],
-                  removed_groups: list[list[int]], ids: torch.Tensor, *, config: AlignSpec, lora: LoraSpec,
-                  quant: QuantizeSpec) -> dict[str, Any]:
+def adapter_drift(
+    teacher_full,
+    student_sub,
+    adapter_state_sub: dict[str, torch.Tensor],
+    kept: list[int],
+    removed_groups: list[list[int]],
+    ids: torch.Tensor,
+    *,
+    config: AlignSpec,
+    lora: LoraSpec,
+    quant: QuantizeSpec,
+) -> dict[str, Any]:
     """How far the client model with the global adapter has drifted from the full LLM with the
     adapter mapped through `kept`: `evaluate_alignment` (KL, hidden NMSE, perplexities) of the
     student as deployed (its frozen layers in `quant`, see `deployed_view`) on the windows `ids`.
@@ -102,7 +133,9 @@ def adapter_drift(teacher_full, student_sub, adapter_state_sub: dict[str, torch.
         teacher = attach_lora(teacher_full, lora, layers=kept)
         try:
             load_adapter_state(student, adapter_state_sub)
-            load_adapter_state(teacher, sub_to_full_adapter(adapter_state_sub, kept, layers_path=decoder_layers_path(teacher_full)))
+            load_adapter_state(
+                teacher, sub_to_full_adapter(adapter_state_sub, kept, layers_path=decoder_layers_path(teacher_full))
+            )
             with torch.no_grad(), deployed_view(student, quant, config, partial):
                 return evaluate_alignment(teacher, student, kept, removed_groups, ids, config)
         finally:

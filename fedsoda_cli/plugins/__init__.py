@@ -13,11 +13,15 @@ import fedsoda_cli.plugins.pruners  # noqa: E402,F401  (isort: skip)
 # plugins; fedsoda's own would need installed metadata to exist at all, so a source checkout on
 # PYTHONPATH, or an install older than a new built-in, would run without it or with a stale target.
 aggregators: Registry = Registry(
-    "aggregator", "fedsoda.aggregators", Aggregator,
+    "aggregator",
+    "fedsoda.aggregators",
+    Aggregator,
     {"fedavg": "fedsoda_cli.plugins.aggregators.fedavg:FedAvg", "fedavgm": "fedsoda_cli.plugins.aggregators.fedavgm:FedAvgM"},
 )
 pruners: Registry = Registry(
-    "pruner", "fedsoda.pruners", Pruner,
+    "pruner",
+    "fedsoda.pruners",
+    Pruner,
     {
         "sgp": "fedsoda_cli.plugins.pruners:SimilarityGroupPruner",
         "block-influence": "fedsoda_cli.plugins.pruners:BlockInfluencePruner",

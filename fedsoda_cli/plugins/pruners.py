@@ -70,7 +70,9 @@ class SimilarityGroupPruner(Pruner):
             return []
         if n not in profile.distances:
             measured = max(profile.distances) if profile.distances else 0
-            raise SpecError(f"prune.group_size = {n} needs d_{n}(l), but the profile measured spans up to {measured}; raise profile.max_span to at least {n} (or lower prune.group_size) and rerun profile")
+            raise SpecError(
+                f"prune.group_size = {n} needs d_{n}(l), but the profile measured spans up to {measured}; raise profile.max_span to at least {n} (or lower prune.group_size) and rerun profile"
+            )
         distances = profile.distances[n]
         protected = protected_layers(L, config)
         taken: set[int] = set()
@@ -144,8 +146,10 @@ def budget_blocks(profile: LayerProfile, config: PruneSpec, remove_at_least: int
     protected = protected_layers(L, config)
     limit = min(removable_budget(L, config), remove_at_least + max(spans, default=1) - 1)
     if remove_at_least > removable_budget(L, config):
-        raise SpecError(f"prune.storage_budget needs {remove_at_least} of the model's {L} layers removed, but at most "
-                        f"{removable_budget(L, config)} can go; raise prune.storage_budget")
+        raise SpecError(
+            f"prune.storage_budget needs {remove_at_least} of the model's {L} layers removed, but at most "
+            f"{removable_budget(L, config)} can go; raise prune.storage_budget"
+        )
     if remove_at_least <= 0:
         return []
     inf = math.inf
@@ -170,7 +174,9 @@ def budget_blocks(profile: LayerProfile, config: PruneSpec, remove_at_least: int
                     best[i + s][k + s] = candidate
     found = [(best[L][k][0], k, best[L][k][1]) for k in range(remove_at_least, limit + 1) if best[L][k][0] < inf]
     if not found:
-        raise SpecError(f"prune.storage_budget: no blocks of spans {spans} remove {remove_at_least} layers of {L} "
-                        f"(protected layers {sorted(protected)}); raise prune.storage_budget or profile.max_span")
+        raise SpecError(
+            f"prune.storage_budget: no blocks of spans {spans} remove {remove_at_least} layers of {L} "
+            f"(protected layers {sorted(protected)}); raise prune.storage_budget or profile.max_span"
+        )
     _, _, choice = min(found, key=lambda f: (f[0], f[1]))
     return [list(range(start, start + s)) for start, s in choice]

@@ -60,8 +60,10 @@ class Registry(Generic[T]):
         try:
             return cls(**kwargs)
         except Exception as exc:  # a plugin's constructor is third-party code
-            raise PluginError(f"{self.kind} '{name}' ({cls.__module__}) failed to start: {type(exc).__name__}: {exc}; "
-                              "fix the options the spec gives it (e.g. federate.aggregator_options) or the plugin") from None
+            raise PluginError(
+                f"{self.kind} '{name}' ({cls.__module__}) failed to start: {type(exc).__name__}: {exc}; "
+                "fix the options the spec gives it (e.g. federate.aggregator_options) or the plugin"
+            ) from None
 
     def names(self) -> list[str]:
         self._load_entry_points()
@@ -73,7 +75,9 @@ class Registry(Generic[T]):
 
     def _check(self, name: str, cls: object) -> None:
         if not (isinstance(cls, type) and issubclass(cls, self.base)):
-            raise PluginError(f"{self.kind} '{name}' must be a subclass of {self.base.__module__}.{self.base.__name__}, got {cls!r}")
+            raise PluginError(
+                f"{self.kind} '{name}' must be a subclass of {self.base.__module__}.{self.base.__name__}, got {cls!r}"
+            )
 
     def _load_entry_points(self) -> None:
         if self._entry_points_loaded:
@@ -92,8 +96,10 @@ class Registry(Generic[T]):
         still lists the built-ins as entry points) is the same plugin."""
         owner = self._owners.get(name)
         if owner is not None and owner[0] != target:
-            raise PluginError(f"{self.kind} '{name}' is registered twice: by {owner[1]} and by {origin}; "
-                              "give the plugin another name, or remove one of them")
+            raise PluginError(
+                f"{self.kind} '{name}' is registered twice: by {owner[1]} and by {origin}; "
+                "give the plugin another name, or remove one of them"
+            )
         self._owners.setdefault(name, (target, origin))
 
 
@@ -132,8 +138,12 @@ def load_plugin_files(paths: list[str], base_dir: Path) -> None:
         except SystemExit as exc:
             # sys.exit() at import would otherwise end validate or run with its code, often 0, having done nothing.
             del sys.modules[module_name]
-            raise PluginError(f"plugin file {path} called sys.exit({exc.code!r}) while being imported; "
-                              "a plugin file must only define and register classes") from None
+            raise PluginError(
+                f"plugin file {path} called sys.exit({exc.code!r}) while being imported; "
+                "a plugin file must only define and register classes"
+            ) from None
         except Exception as exc:
             del sys.modules[module_name]
-            raise PluginError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}; fix the file or remove it from 'plugins'") from None
+            raise PluginError(
+                f"plugin file {path} failed to import: {type(exc).__name__}: {exc}; fix the file or remove it from 'plugins'"
+            ) from None

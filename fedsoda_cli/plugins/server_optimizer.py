@@ -64,5 +64,7 @@ def mean_delta(global_adapter, updates) -> dict[str, torch.Tensor]:
     """The pseudo-gradient: sample-weighted mean of (theta_k - theta), float64."""
     total = sum(u.num_samples for u in updates)
     weights = [u.num_samples / total if total else 1 / len(updates) for u in updates]
-    return {name: sum(w * (u.adapter[name].double() - theta.double()) for w, u in zip(weights, updates))
-            for name, theta in global_adapter.items()}
+    return {
+        name: sum(w * (u.adapter[name].double() - theta.double()) for w, u in zip(weights, updates))
+        for name, theta in global_adapter.items()
+    }

@@ -70,7 +70,9 @@ class AngularDistanceAccumulator:
     def add_boundary(self, index: int, hidden: torch.Tensor) -> None:
         """Fold boundary `index` of the current batch into the sums (boundaries come in order)."""
         if not self._started or index != self._next:
-            raise RuntimeError(f"boundary {index} arrived out of order (expected {self._next}); call begin_batch first and feed 0..L once")
+            raise RuntimeError(
+                f"boundary {index} arrived out of order (expected {self._next}); call begin_batch first and feed 0..L once"
+            )
         self._next += 1
         hidden = hidden.detach()
         every = self._copy_of_real_tokens(index, hidden)
@@ -147,8 +149,8 @@ def measure(
     device = next(model.parameters()).device
     with torch.no_grad(), residual_stream(model, accumulator.add_boundary):
         for begin in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[begin:begin + batch_size].to(device)
-            mask = attention_mask[begin:begin + batch_size].to(device)
+            ids = input_ids[begin : begin + batch_size].to(device)
+            mask = attention_mask[begin : begin + batch_size].to(device)
             accumulator.begin_batch(mask)
             decoder(input_ids=ids, attention_mask=mask, use_cache=False)
             if progress is not None:

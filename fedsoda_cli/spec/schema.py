@@ -18,9 +18,20 @@ class Section(BaseModel):
 
 class RunSpec(Section):
     name: str = Field("fedsoda-run", description="Name of the experiment, shown in summaries and reports.")
-    workdir: str = Field("runs/{name}", description="Where stage artifacts go; '{name}' expands to run.name. Relative paths are relative to the spec file's folder.")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for every random choice (data order, sampling, init); same seed, same numbers. numpy seeds take 32 bits.")
-    method: Literal["fedsoda", "fedpetuning", "fedot", "central", "local"] = Field("fedsoda", description="fedsoda (prune+align+QLoRA), a baseline: fedpetuning (full model, LoRA on all layers), fedot (offsite-tuning emulator), or a reference bound on fedsoda's client model: central (all clients' data pooled, same steps and examples: the upper bound), local (each client trains alone: the lower bound).")
+    workdir: str = Field(
+        "runs/{name}",
+        description="Where stage artifacts go; '{name}' expands to run.name. Relative paths are relative to the spec file's folder.",
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed for every random choice (data order, sampling, init); same seed, same numbers. numpy seeds take 32 bits.",
+    )
+    method: Literal["fedsoda", "fedpetuning", "fedot", "central", "local"] = Field(
+        "fedsoda",
+        description="fedsoda (prune+align+QLoRA), a baseline: fedpetuning (full model, LoRA on all layers), fedot (offsite-tuning emulator), or a reference bound on fedsoda's client model: central (all clients' data pooled, same steps and examples: the upper bound), local (each client trains alone: the lower bound).",
+    )
     threads: int = Field(0, ge=0, description="Torch threads for the main process; 0 = all cores.")
 
     @model_validator(mode="after")
@@ -38,15 +49,22 @@ class RunSpec(Section):
         elif any(ord(c) < 32 or ord(c) == 127 for c in name):
             why = "contains a NUL or another control character"
         if why:
-            raise ValueError(f"run.name {why}; a run name becomes a folder name in run.workdir: use letters, digits, '-', '_' or '.'")
+            raise ValueError(
+                f"run.name {why}; a run name becomes a folder name in run.workdir: use letters, digits, '-', '_' or '.'"
+            )
         return self
 
 
 class ModelSpec(Section):
-    name: str | None = Field("smollm2-135m", description="Built-in model: smollm2-135m (embedded default), qwen2.5-coder-0.5b, tiny-random-llama, tiny-random-qwen2. Ignored when path or hub_id is set.")
+    name: str | None = Field(
+        "smollm2-135m",
+        description="Built-in model: smollm2-135m (embedded default), qwen2.5-coder-0.5b, tiny-random-llama, tiny-random-qwen2. Ignored when path or hub_id is set.",
+    )
     path: str | None = Field(None, description="A local Hugging Face checkpoint folder of a decoder-only causal LM.")
     hub_id: str | None = Field(None, description="A Hugging Face hub id (needs network).")
-    cache_dir: str | None = Field(None, description="Where converted built-in models are cached; default $FEDSODA_CACHE or ~/.cache/fedsoda.")
+    cache_dir: str | None = Field(
+        None, description="Where converted built-in models are cached; default $FEDSODA_CACHE or ~/.cache/fedsoda."
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -56,12 +74,17 @@ class ModelSpec(Section):
 
 
 class DataSpec(Section):
-    dir: str | None = Field(None, description="Folder with the datasets (sst2/, boolq/, gsm8k/, wikitext2/). Default: $FEDSODA_DATA, then ../shared/data beside the repository, then the Hugging Face hub.")
+    dir: str | None = Field(
+        None,
+        description="Folder with the datasets (sst2/, boolq/, gsm8k/, wikitext2/). Default: $FEDSODA_DATA, then ../shared/data beside the repository, then the Hugging Face hub.",
+    )
 
 
 class PublicDataSpec(Section):
     source: Literal["wikitext2"] = Field("wikitext2", description="Public proxy corpus for profile and align.")
-    split: Literal["valid", "test"] = Field("valid", description="Split used for profiling and alignment (never the one perplexity is reported on).")
+    split: Literal["valid", "test"] = Field(
+        "valid", description="Split used for profiling and alignment (never the one perplexity is reported on)."
+    )
     heldout_split: Literal["valid", "test"] = Field("test", description="Split for held-out perplexity and alignment checks.")
     sequences: int = Field(32, ge=1, description="Number of sequences (N) of public text for profile and align.")
     seq_len: int = Field(128, ge=8, le=8192, description="Tokens per public sequence (T).")
@@ -70,49 +93,84 @@ class PublicDataSpec(Section):
     @model_validator(mode="after")
     def _disjoint(self):
         if self.split == self.heldout_split:
-            raise ValueError("public_data.split and public_data.heldout_split must differ (never evaluate on the distillation text)")
+            raise ValueError(
+                "public_data.split and public_data.heldout_split must differ (never evaluate on the distillation text)"
+            )
         return self
 
 
 class ProfileSpec(Section):
     max_span: int = Field(8, ge=1, description="Largest span n for which angular distances d_n(l) are computed.")
-    tokens: Literal["last", "all"] = Field("last", description="Tokens whose angular distance is averaged: the last non-pad token, or all non-pad tokens.")
+    tokens: Literal["last", "all"] = Field(
+        "last", description="Tokens whose angular distance is averaged: the last non-pad token, or all non-pad tokens."
+    )
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
 
 
 class PruneSpec(Section):
-    strategy: str = Field("sgp", description="Pruning strategy plugin: sgp, block-influence, uniform, last, or a registered third-party name.")
+    strategy: str = Field(
+        "sgp", description="Pruning strategy plugin: sgp, block-influence, uniform, last, or a registered third-party name."
+    )
     group_size: int = Field(3, ge=1, description="n: consecutive layers per removed group.")
     groups: int = Field(3, ge=0, description="p: number of removed groups.")
     protect_first: bool = Field(True, description="Never remove layer 0.")
     protect_last: bool = Field(True, description="Never remove the last layer (L-1).")
     iterative: bool = Field(False, description="Re-profile the pruned model after each accepted group (sgp only).")
-    rerank_top_k: int = Field(0, ge=0, description="sgp: choose each group among the top k non-overlapping blocks by angular distance by the measured perplexity of the pruned model on rerank_sequences public (profiling, not held-out) windows; 0 or 1 = by distance alone.")
-    rerank_sequences: int = Field(8, ge=1, description="Public windows the re-ranking perplexity is measured on (the first of public_data.sequences).")
-    storage_budget: float | None = Field(None, gt=0, description="Prune to a client-storage budget instead of a fixed n x p: the client model (quantize's model/ folder, as [quantize] says) must weigh at most this many bytes, or this fraction of the full model in bf16 when at most 1. The blocks (spans 1..profile.max_span, sizes may differ) are the exact minimum-total-distance choice that fits, by dynamic programming over the profile; prune.group_size and prune.groups are then unused. Predicted and actual bytes are recorded.")
+    rerank_top_k: int = Field(
+        0,
+        ge=0,
+        description="sgp: choose each group among the top k non-overlapping blocks by angular distance by the measured perplexity of the pruned model on rerank_sequences public (profiling, not held-out) windows; 0 or 1 = by distance alone.",
+    )
+    rerank_sequences: int = Field(
+        8, ge=1, description="Public windows the re-ranking perplexity is measured on (the first of public_data.sequences)."
+    )
+    storage_budget: float | None = Field(
+        None,
+        gt=0,
+        description="Prune to a client-storage budget instead of a fixed n x p: the client model (quantize's model/ folder, as [quantize] says) must weigh at most this many bytes, or this fraction of the full model in bf16 when at most 1. The blocks (spans 1..profile.max_span, sizes may differ) are the exact minimum-total-distance choice that fits, by dynamic programming over the profile; prune.group_size and prune.groups are then unused. Predicted and actual bytes are recorded.",
+    )
 
 
 PartialLayers = Literal["after_gap", "both_neighbours", "all_kept"] | list[int]
 
 
 class AlignSpec(Section):
-    partial: PartialLayers = Field("after_gap", description="Student layers that train: after_gap (kept layer right after each removed group), both_neighbours, all_kept, or a list of original layer indices.")
-    alpha: float = Field(1.0, ge=0, description="Weight of the temperature-scaled KL(teacher || student) over all non-pad tokens.")
+    partial: PartialLayers = Field(
+        "after_gap",
+        description="Student layers that train: after_gap (kept layer right after each removed group), both_neighbours, all_kept, or a list of original layer indices.",
+    )
+    alpha: float = Field(
+        1.0, ge=0, description="Weight of the temperature-scaled KL(teacher || student) over all non-pad tokens."
+    )
     beta: float = Field(1.0, ge=0, description="Weight of the normalised hidden-state error (see hidden_at).")
-    hidden_at: Literal["output", "gap"] = Field("output", description="Where the hidden-state term compares residual streams: output (the output of every trained layer against the teacher's at the same original depth) or gap (the input of the first kept layer after each gap; that layer cannot change its own input).")
-    quant_aware: Literal["ste", "frozen_rest", "bf16_partial", "off"] = Field("off", description="Align the client model as deployed: the frozen layers in [quantize]'s format, and the partial layers fake-quantized with a straight-through gradient (ste), trained in float and re-quantized by quantize (frozen_rest), or trained in float and kept in bf16 on the client (bf16_partial, their bytes count in storage); off = align in float. Default off: on the SST-2 headline, 3 paired seeds, off gave the higher plugin accuracy (80.8 vs 79.0 %) at the same deployed KL; ste keeps the deployed perplexity closer to bf16 (BENCHMARKS.md).")
+    hidden_at: Literal["output", "gap"] = Field(
+        "output",
+        description="Where the hidden-state term compares residual streams: output (the output of every trained layer against the teacher's at the same original depth) or gap (the input of the first kept layer after each gap; that layer cannot change its own input).",
+    )
+    quant_aware: Literal["ste", "frozen_rest", "bf16_partial", "off"] = Field(
+        "off",
+        description="Align the client model as deployed: the frozen layers in [quantize]'s format, and the partial layers fake-quantized with a straight-through gradient (ste), trained in float and re-quantized by quantize (frozen_rest), or trained in float and kept in bf16 on the client (bf16_partial, their bytes count in storage); off = align in float. Default off: on the SST-2 headline, 3 paired seeds, off gave the higher plugin accuracy (80.8 vs 79.0 %) at the same deployed KL; ste keeps the deployed perplexity closer to bf16 (BENCHMARKS.md).",
+    )
     gamma: float = Field(0.0, ge=0, description="Weight of the student's LM cross-entropy.")
     tau: float = Field(1.0, gt=0, description="Distillation temperature.")
     steps: int = Field(20, ge=0, description="Optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Sequences per step.")
-    lr: float = Field(1e-4, gt=0, description="Learning rate. 1e-3 halves the deployed KL but moves the partial layers so far that the adapter no longer transfers to the full LLM (BENCHMARKS.md).")
+    lr: float = Field(
+        1e-4,
+        gt=0,
+        description="Learning rate. 1e-3 halves the deployed KL but moves the partial layers so far that the adapter no longer transfers to the full LLM (BENCHMARKS.md).",
+    )
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    logit_chunk: int = Field(1024, ge=1, description="Tokens per chunk when computing KL over the vocabulary (bounds peak memory).")
+    logit_chunk: int = Field(
+        1024, ge=1, description="Tokens per chunk when computing KL over the vocabulary (bounds peak memory)."
+    )
 
 
 class QuantizeSpec(Section):
-    quant_type: Literal["nf4", "fp4", "int8", "none"] = Field("nf4", description="Format of the kept decoder layers' linear weights.")
+    quant_type: Literal["nf4", "fp4", "int8", "none"] = Field(
+        "nf4", description="Format of the kept decoder layers' linear weights."
+    )
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (QLoRA double quantization).")
     embeddings: Literal["bf16", "int8"] = Field("bf16", description="Storage of embeddings and lm_head on the client.")
 
@@ -121,8 +179,14 @@ class LoraSpec(Section):
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Names of the linear modules that get adapters.")
-    layers: list[int] | None = Field(None, description="Original layer indices that get adapters (default: every layer the client holds); fedot sets its bottom and top layers. Omit the key for every layer; an empty list is refused.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Names of the linear modules that get adapters.",
+    )
+    layers: list[int] | None = Field(
+        None,
+        description="Original layer indices that get adapters (default: every layer the client holds); fedot sets its bottom and top layers. Omit the key for every layer; an empty list is refused.",
+    )
 
     @field_validator("layers")
     @classmethod
@@ -136,19 +200,38 @@ class LoraSpec(Section):
 
 
 class TaskSpec(Section):
-    name: Literal["sst2", "boolq", "gsm8k", "jsonl"] = Field("sst2", description="Client task: sst2, boolq, gsm8k, or jsonl (your own files, see the field keys below).")
+    name: Literal["sst2", "boolq", "gsm8k", "jsonl"] = Field(
+        "sst2", description="Client task: sst2, boolq, gsm8k, or jsonl (your own files, see the field keys below)."
+    )
     train_examples: int = Field(0, ge=0, description="Use at most this many training examples in all (0 = the whole split).")
     eval_examples: int = Field(0, ge=0, description="Evaluate on at most this many examples (0 = the whole split).")
     max_len: int = Field(256, ge=16, description="Token limit of a prompt plus answer in training.")
-    prompt: str | None = Field(None, description="Prompt template with {fields} (no format spec, conversion or attribute); default: the task's built-in prompt.")
+    prompt: str | None = Field(
+        None,
+        description="Prompt template with {fields} (no format spec, conversion or attribute); default: the task's built-in prompt.",
+    )
     train_file: str | None = Field(None, description="jsonl task: training file (JSONL, CSV or Parquet).")
     eval_file: str | None = Field(None, description="jsonl task: evaluation file.")
     input_field: str = Field("input", description="jsonl task: field with the input text.")
     output_field: str = Field("output", description="jsonl task: field with the target text.")
-    choices: list[str] | None = Field(None, description="jsonl task: label words (e.g. [\" yes\", \" no\"]); the output field must be one of them, and eval scores each word's log-likelihood (accuracy) instead of generating.")
-    val_examples: int = Field(200, ge=0, description="Validation examples for federate's per-round eval, drawn from the training split's examples that task.train_examples left unused (never trained on, never the reported eval split).")
-    train_eos: bool | None = Field(None, description="Train on the eos after the answer too (the model learns where to stop). Default: only for tasks whose eval generates (gsm8k, jsonl without choices); classification tasks are scored on the label word alone, so their loss is on the label word alone.")
-    boolq_eval_size: int = Field(1000, ge=1, description="BoolQ has no public train split here: this many dev examples form the derived eval split, the rest train.")
+    choices: list[str] | None = Field(
+        None,
+        description='jsonl task: label words (e.g. [" yes", " no"]); the output field must be one of them, and eval scores each word\'s log-likelihood (accuracy) instead of generating.',
+    )
+    val_examples: int = Field(
+        200,
+        ge=0,
+        description="Validation examples for federate's per-round eval, drawn from the training split's examples that task.train_examples left unused (never trained on, never the reported eval split).",
+    )
+    train_eos: bool | None = Field(
+        None,
+        description="Train on the eos after the answer too (the model learns where to stop). Default: only for tasks whose eval generates (gsm8k, jsonl without choices); classification tasks are scored on the label word alone, so their loss is on the label word alone.",
+    )
+    boolq_eval_size: int = Field(
+        1000,
+        ge=1,
+        description="BoolQ has no public train split here: this many dev examples form the derived eval split, the rest train.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -159,8 +242,10 @@ class TaskSpec(Section):
             try:
                 prompt.format_map(_AnyField())
             except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-                raise ValueError(f"task.prompt {prompt!r} is not a usable template ({type(exc).__name__}: {str(exc).replace('_Text', 'str')}); "
-                                 "write fields as plain {name} and literal braces as {{ }}") from None
+                raise ValueError(
+                    f"task.prompt {prompt!r} is not a usable template ({type(exc).__name__}: {str(exc).replace('_Text', 'str')}); "
+                    "write fields as plain {name} and literal braces as {{ }}"
+                ) from None
         return prompt
 
 
@@ -177,8 +262,13 @@ class _AnyField(dict):
 
 
 class FederateSpec(Section):
-    backend: Literal["local", "flower"] = Field("local", description="How client tasks reach clients: local worker processes, or the SuperNodes of a Flower deployment (docs/flower.md).")
-    clients: int = Field(4, ge=1, le=10000, description="K: number of clients (each gets its own partition, so the count is bounded).")
+    backend: Literal["local", "flower"] = Field(
+        "local",
+        description="How client tasks reach clients: local worker processes, or the SuperNodes of a Flower deployment (docs/flower.md).",
+    )
+    clients: int = Field(
+        4, ge=1, le=10000, description="K: number of clients (each gets its own partition, so the count is bounded)."
+    )
     clients_per_round: int = Field(2, ge=1, description="Clients sampled each round (seeded).")
     rounds: int = Field(2, ge=1, description="R: federated rounds.")
     workers: int = Field(2, ge=1, description="Worker processes; torch threads are split across them.")
@@ -188,39 +278,99 @@ class FederateSpec(Section):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Client optimizer.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping on the client.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal term weight mu: (mu/2)||theta - theta_global||^2.")
-    aggregator: str = Field("fedavg", description="Aggregator plugin: fedavg, fedavgm (server momentum; options server_lr, momentum) or a registered third-party name (fedadam, fedyogi, trimmed_mean, median from plugins/).")
-    aggregator_options: dict[str, float | int | bool | str] = Field(default_factory=dict, description="Keyword arguments for the aggregator plugin's constructor, e.g. {trim = 0.2} for trimmed_mean or {server_lr = 0.001} for fedadam.")
+    aggregator: str = Field(
+        "fedavg",
+        description="Aggregator plugin: fedavg, fedavgm (server momentum; options server_lr, momentum) or a registered third-party name (fedadam, fedyogi, trimmed_mean, median from plugins/).",
+    )
+    aggregator_options: dict[str, float | int | bool | str] = Field(
+        default_factory=dict,
+        description="Keyword arguments for the aggregator plugin's constructor, e.g. {trim = 0.2} for trimmed_mean or {server_lr = 0.001} for fedadam.",
+    )
     realign_every: int = Field(5, ge=0, description="r: the server realigns every r rounds (0 = never).")
-    min_clients: int = Field(1, ge=1, description="A round needs at least this many valid updates, else the run stops at the last good round.")
-    max_update_norm: float = Field(1e3, gt=0, description="A client update whose L2 distance from the global adapter exceeds this is excluded.")
+    min_clients: int = Field(
+        1, ge=1, description="A round needs at least this many valid updates, else the run stops at the last good round."
+    )
+    max_update_norm: float = Field(
+        1e3, gt=0, description="A client update whose L2 distance from the global adapter exceeds this is excluded."
+    )
     partition: Literal["iid", "dirichlet", "shards"] = Field("iid", description="How task data is split over clients.")
     dirichlet_alpha: float = Field(0.5, gt=0, description="Label-skew concentration for partition = dirichlet.")
     shards_per_client: int = Field(2, ge=1, description="Label-sorted shards per client for partition = shards.")
-    realign_when: Literal["every", "drift"] = Field("every", description="When the server realigns: every realign_every rounds, or on drift: after each round it measures the deployed client model's KL to the full LLM, both with the global adapter, on drift_sequences fixed public windows (into metrics.jsonl), and of the every-realign_every-rounds candidates realigns only those where that KL exceeds drift_threshold x the same KL right after the last alignment (use realign_every = 1 to let drift decide every round).")
-    drift_threshold: float = Field(1.5, gt=1, description="realign_when = drift: realign when the drift exceeds this multiple of the drift right after the last (re)alignment.")
-    drift_sequences: int = Field(4, ge=1, description="realign_when = drift: public (training-split) windows of public_data.seq_len tokens the drift is measured on, the first of those align uses.")
-    realign_wire: Literal["delta", "full"] = Field("delta", description="How realigned partial layers reach the clients: delta (only the 32-byte chunks of quantized codes and constants that changed against the version every client holds; applying it gives the same bytes as a re-download) or full (the whole layers). The Flower backend always sends the whole layers, and counts them.")
-    wire_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="How adapter tensors travel in both directions (bytes are counted as serialized); the server keeps an fp32 master, aggregates in fp32, and clients train in fp32 from the rounded global adapter.")
-    weighting: Literal["examples", "shard", "uniform"] = Field("examples", description="Aggregation weight n_k of each client update: the examples it trained on this round (equal for clients that all finish local_steps, unlike shard sizes under skew), its shard size, or equal weights.")
-    eval_every: int = Field(0, ge=0, description="The server evaluates the global adapter on task.val_examples validation examples every k rounds and after the last (0 = only at the end, in eval); results go into metrics.jsonl.")
-    eval_targets: list[Literal["sub", "plugin"]] = Field(default_factory=lambda: ["sub"], min_length=1, description="What per-round evaluation scores: sub (the client model the adapter trains on) and/or plugin (the full LLM with the mapped adapter).")
-    task_timeout_s: float = Field(1800.0, gt=0, description="Seconds a client task may take before its worker is considered dead.")
-    flower_superlink: str = Field("127.0.0.1:9093", description="backend = flower: host:port of the SuperLink (SuperNodes, `flwr run` and the ServerApp share it); fedsoda federate runs on the SuperLink's machine.")
-    flower_root_certificates: str | None = Field(None, description="backend = flower: the CA certificate (PEM, relative to the spec) of the SuperLink's TLS; required unless the SuperLink is on 127.0.0.1/localhost.")
-    flower_round_timeout_s: float = Field(600.0, gt=0, description="backend = flower: seconds to wait for a site's answer; a site that does not answer in time fails its task (min_clients decides the round) and is not waited for again until it reconnects.")
-    flower_connect_timeout_s: float = Field(300.0, gt=0, description="backend = flower: seconds to wait for the ServerApp to start and for one SuperNode per client to connect.")
+    realign_when: Literal["every", "drift"] = Field(
+        "every",
+        description="When the server realigns: every realign_every rounds, or on drift: after each round it measures the deployed client model's KL to the full LLM, both with the global adapter, on drift_sequences fixed public windows (into metrics.jsonl), and of the every-realign_every-rounds candidates realigns only those where that KL exceeds drift_threshold x the same KL right after the last alignment (use realign_every = 1 to let drift decide every round).",
+    )
+    drift_threshold: float = Field(
+        1.5,
+        gt=1,
+        description="realign_when = drift: realign when the drift exceeds this multiple of the drift right after the last (re)alignment.",
+    )
+    drift_sequences: int = Field(
+        4,
+        ge=1,
+        description="realign_when = drift: public (training-split) windows of public_data.seq_len tokens the drift is measured on, the first of those align uses.",
+    )
+    realign_wire: Literal["delta", "full"] = Field(
+        "delta",
+        description="How realigned partial layers reach the clients: delta (only the 32-byte chunks of quantized codes and constants that changed against the version every client holds; applying it gives the same bytes as a re-download) or full (the whole layers). The Flower backend always sends the whole layers, and counts them.",
+    )
+    wire_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="How adapter tensors travel in both directions (bytes are counted as serialized); the server keeps an fp32 master, aggregates in fp32, and clients train in fp32 from the rounded global adapter.",
+    )
+    weighting: Literal["examples", "shard", "uniform"] = Field(
+        "examples",
+        description="Aggregation weight n_k of each client update: the examples it trained on this round (equal for clients that all finish local_steps, unlike shard sizes under skew), its shard size, or equal weights.",
+    )
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="The server evaluates the global adapter on task.val_examples validation examples every k rounds and after the last (0 = only at the end, in eval); results go into metrics.jsonl.",
+    )
+    eval_targets: list[Literal["sub", "plugin"]] = Field(
+        default_factory=lambda: ["sub"],
+        min_length=1,
+        description="What per-round evaluation scores: sub (the client model the adapter trains on) and/or plugin (the full LLM with the mapped adapter).",
+    )
+    task_timeout_s: float = Field(
+        1800.0, gt=0, description="Seconds a client task may take before its worker is considered dead."
+    )
+    flower_superlink: str = Field(
+        "127.0.0.1:9093",
+        description="backend = flower: host:port of the SuperLink (SuperNodes, `flwr run` and the ServerApp share it); fedsoda federate runs on the SuperLink's machine.",
+    )
+    flower_root_certificates: str | None = Field(
+        None,
+        description="backend = flower: the CA certificate (PEM, relative to the spec) of the SuperLink's TLS; required unless the SuperLink is on 127.0.0.1/localhost.",
+    )
+    flower_round_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="backend = flower: seconds to wait for a site's answer; a site that does not answer in time fails its task (min_clients decides the round) and is not waited for again until it reconnects.",
+    )
+    flower_connect_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="backend = flower: seconds to wait for the ServerApp to start and for one SuperNode per client to connect.",
+    )
 
     @model_validator(mode="after")
     def _counts(self):
         if self.clients_per_round > self.clients:
-            raise ValueError(f"federate.clients_per_round ({self.clients_per_round}) must be <= federate.clients ({self.clients})")
+            raise ValueError(
+                f"federate.clients_per_round ({self.clients_per_round}) must be <= federate.clients ({self.clients})"
+            )
         if self.min_clients > self.clients_per_round:
-            raise ValueError(f"federate.min_clients ({self.min_clients}) must be <= federate.clients_per_round ({self.clients_per_round})")
+            raise ValueError(
+                f"federate.min_clients ({self.min_clients}) must be <= federate.clients_per_round ({self.clients_per_round})"
+            )
         return self
 
 
 class RealignSpec(Section):
-    steps: int = Field(10, ge=0, description="Distillation steps of each server realignment (the loss and optimizer come from [align]).")
+    steps: int = Field(
+        10, ge=0, description="Distillation steps of each server realignment (the loss and optimizer come from [align])."
+    )
 
 
 class FedotSpec(Section):
@@ -229,7 +379,11 @@ class FedotSpec(Section):
 
 
 class EvalSpec(Section):
-    targets: list[Literal["plugin", "sub", "zero-shot"]] = Field(default_factory=lambda: ["plugin", "sub", "zero-shot"], min_length=1, description="What is evaluated: plugin (full LLM + mapped adapter), sub (quantized sub-LLM + adapter), zero-shot (full LLM alone); at least one.")
+    targets: list[Literal["plugin", "sub", "zero-shot"]] = Field(
+        default_factory=lambda: ["plugin", "sub", "zero-shot"],
+        min_length=1,
+        description="What is evaluated: plugin (full LLM + mapped adapter), sub (quantized sub-LLM + adapter), zero-shot (full LLM alone); at least one.",
+    )
     batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
     perplexity: bool = Field(True, description="Also report perplexity on held-out public text.")
     max_new_tokens: int = Field(256, ge=1, description="Generation limit for GSM8K.")
@@ -258,7 +412,9 @@ class Spec(Section):
 
     _source: Path | None = PrivateAttr(None)
 
-    plugins: list[str] = Field(default_factory=list, description="Python files (relative to the spec) that register third-party aggregators or pruners.")
+    plugins: list[str] = Field(
+        default_factory=list, description="Python files (relative to the spec) that register third-party aggregators or pruners."
+    )
     run: RunSpec = Field(default_factory=RunSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -280,21 +436,31 @@ class Spec(Section):
         if self.federate.eval_every and not self.task.val_examples:
             raise ValueError("federate.eval_every > 0 needs task.val_examples > 0 (the validation slice it scores)")
         if self.federate.eval_every and not self.task.train_examples:
-            raise ValueError("federate.eval_every > 0 needs task.train_examples > 0: the validation slice comes from the "
-                             "training examples it leaves unused (0 = all are used)")
+            raise ValueError(
+                "federate.eval_every > 0 needs task.train_examples > 0: the validation slice comes from the "
+                "training examples it leaves unused (0 = all are used)"
+            )
         return self
 
     @model_validator(mode="after")
     def _storage_budget(self):
-        if self.prune.rerank_top_k > 1 and (self.prune.strategy != "sgp" or self.prune.iterative or self.prune.storage_budget is not None):
-            raise ValueError("prune.rerank_top_k re-ranks sgp's blocks by perplexity: it needs prune.strategy = \"sgp\", "
-                             "prune.iterative = false and no prune.storage_budget; set prune.rerank_top_k = 0 otherwise")
+        if self.prune.rerank_top_k > 1 and (
+            self.prune.strategy != "sgp" or self.prune.iterative or self.prune.storage_budget is not None
+        ):
+            raise ValueError(
+                'prune.rerank_top_k re-ranks sgp\'s blocks by perplexity: it needs prune.strategy = "sgp", '
+                "prune.iterative = false and no prune.storage_budget; set prune.rerank_top_k = 0 otherwise"
+            )
         if self.prune.storage_budget is None:
             return self
         if self.prune.strategy != "sgp" or self.prune.iterative:
-            raise ValueError("prune.storage_budget chooses the blocks itself from the profile's distances: set prune.strategy = \"sgp\" "
-                             "and prune.iterative = false, or remove prune.storage_budget")
+            raise ValueError(
+                'prune.storage_budget chooses the blocks itself from the profile\'s distances: set prune.strategy = "sgp" '
+                "and prune.iterative = false, or remove prune.storage_budget"
+            )
         if self.align.quant_aware == "bf16_partial":
-            raise ValueError("prune.storage_budget cannot predict the bytes of align.quant_aware = \"bf16_partial\" (its bf16 partial "
-                             "layers depend on the gaps chosen); use another align.quant_aware or remove prune.storage_budget")
+            raise ValueError(
+                'prune.storage_budget cannot predict the bytes of align.quant_aware = "bf16_partial" (its bf16 partial '
+                "layers depend on the gaps chosen); use another align.quant_aware or remove prune.storage_budget"
+            )
         return self

@@ -55,7 +55,9 @@ def run(ctx: StageContext) -> StageResult:
 
     with terminal.progress(ctx.console) as bar:
         task = bar.add_task("measure (before)", total=2 * len(heldout_ids), status="bf16 and deployed")
-        before = measure(teacher, student, kept, groups, heldout_ids, config, spec.quantize, partial, advance=lambda k: bar.advance(task, k))
+        before = measure(
+            teacher, student, kept, groups, heldout_ids, config, spec.quantize, partial, advance=lambda k: bar.advance(task, k)
+        )
         steps = bar.add_task("align", total=config.steps, status="")
         lines = (ctx.out / STEP_METRICS).open("w")
 
@@ -65,19 +67,41 @@ def run(ctx: StageContext) -> StageResult:
 
         batches = seeded_batches(train_ids, config.batch_size, seeding.stable_seed(spec.run.seed, "align"))
         with lines:
-            history = align_partial_layers(teacher, student, kept, groups, config.partial, batches, config, config.steps,
-                                           quant=spec.quantize, progress=on_step)
+            history = align_partial_layers(
+                teacher,
+                student,
+                kept,
+                groups,
+                config.partial,
+                batches,
+                config,
+                config.steps,
+                quant=spec.quantize,
+                progress=on_step,
+            )
         task = bar.add_task("measure (after)", total=2 * len(heldout_ids), status="bf16 and deployed")
-        after = measure(teacher, student, kept, groups, heldout_ids, config, spec.quantize, partial, advance=lambda k: bar.advance(task, k))
+        after = measure(
+            teacher, student, kept, groups, heldout_ids, config, spec.quantize, partial, advance=lambda k: bar.advance(task, k)
+        )
 
     save_checkpoint(student, tokenizer, ctx.out / MODEL_DIR)
     partial_original = [kept[k] for k in partial]
-    layer_map.with_alignment(partial_original, partial_original if config.quant_aware == "bf16_partial" else []).write(ctx.out / LAYER_MAP)
+    layer_map.with_alignment(partial_original, partial_original if config.quant_aware == "bf16_partial" else []).write(
+        ctx.out / LAYER_MAP
+    )
     seconds = sum(row["seconds"] for row in history)
-    measured = {"pruned_bf16": before["bf16"], "aligned_bf16": after["bf16"],
-                "deployed_unaligned": before["deployed"], "deployed_aligned": after["deployed"]}
-    warnings = regressions([("bf16", measured["pruned_bf16"], measured["aligned_bf16"]),
-                            ("deployed", measured["deployed_unaligned"], measured["deployed_aligned"])])
+    measured = {
+        "pruned_bf16": before["bf16"],
+        "aligned_bf16": after["bf16"],
+        "deployed_unaligned": before["deployed"],
+        "deployed_aligned": after["deployed"],
+    }
+    warnings = regressions(
+        [
+            ("bf16", measured["pruned_bf16"], measured["aligned_bf16"]),
+            ("deployed", measured["deployed_unaligned"], measured["deployed_aligned"]),
+        ]
+    )
     metrics = {
         "partial_layers": partial_original,
         "quant_aware": config.quant_aware,
@@ -104,8 +128,10 @@ def summary_rows(measured: dict, partial_original: list[int], steps: int, config
         ("partial layers", ", ".join(map(str, partial_original))),
         ("steps", f"{steps} (quant_aware {config.quant_aware}, hidden at {config.hidden_at})"),
     ]
-    pairs = [("bf16", measured["pruned_bf16"], measured["aligned_bf16"]),
-             ("deployed", measured["deployed_unaligned"], measured["deployed_aligned"])]
+    pairs = [
+        ("bf16", measured["pruned_bf16"], measured["aligned_bf16"]),
+        ("deployed", measured["deployed_unaligned"], measured["deployed_aligned"]),
+    ]
     for name, b, a in pairs:
         rows.append((f"KL (held-out, {name})", f"{b['kl']:.4f} -> {a['kl']:.4f}"))
     for name, b, a in pairs:

@@ -52,9 +52,12 @@ def run(ctx: StageContext) -> StageResult:
 def run_folders(ctx: StageContext) -> dict[str, Path]:
     """federate's adapter, and quantize's client model and layer map (quantize is checked intact)."""
     quantize = ctx.inputs["quantize"]
-    return {"adapter": ctx.inputs["federate"] / "adapter", "client_model": quantize / "model",
-            "realigned_layers": ctx.inputs["federate"] / "realigned_layers.safetensors",
-            "layer_map": quantize / LAYER_MAP}
+    return {
+        "adapter": ctx.inputs["federate"] / "adapter",
+        "client_model": quantize / "model",
+        "realigned_layers": ctx.inputs["federate"] / "realigned_layers.safetensors",
+        "layer_map": quantize / LAYER_MAP,
+    }
 
 
 def build_target(target: str, spec, folders: dict[str, Path], plugin_dir: Path):
@@ -79,9 +82,16 @@ def evaluate_target(target: str, model, tokenizer, examples, spec, bar, lines) -
     from fedsoda_cli.evaluation.task import evaluate_task
 
     task = bar.add_task(f"eval {target}", total=len(examples), status=spec.task.name)
-    score = evaluate_task(model, tokenizer, spec.task.name, examples, batch_size=spec.eval.batch_size,
-                          max_len=spec.task.max_len, max_new_tokens=spec.eval.max_new_tokens,
-                          advance=lambda k: bar.advance(task, k))
+    score = evaluate_task(
+        model,
+        tokenizer,
+        spec.task.name,
+        examples,
+        batch_size=spec.eval.batch_size,
+        max_len=spec.task.max_len,
+        max_new_tokens=spec.eval.max_new_tokens,
+        advance=lambda k: bar.advance(task, k),
+    )
     for prediction in score.predictions:
         lines.write(json.dumps(prediction.record(target)) + "\n")
     entry = score.summary()
@@ -121,7 +131,12 @@ def _summary(results: dict[str, dict]) -> list[tuple[str, str]]:
         rows.append(("task", f"{first['task']}, {first['count']} examples, {first['metric']}"))
     for target, r in results.items():
         lo, hi = r["ci95"]
-        rows.append((f"{target} accuracy", f"{100 * r['accuracy']:.1f} %  (95 % CI {100 * lo:.1f}-{100 * hi:.1f}, {r['correct']}/{r['count']})"))
+        rows.append(
+            (
+                f"{target} accuracy",
+                f"{100 * r['accuracy']:.1f} %  (95 % CI {100 * lo:.1f}-{100 * hi:.1f}, {r['correct']}/{r['count']})",
+            )
+        )
         if "perplexity" in r:
             rows.append((f"{target} perplexity", f"{r['perplexity']:.2f}"))
     return rows

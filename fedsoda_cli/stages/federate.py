@@ -65,10 +65,18 @@ def federate(ctx: StageContext, shards: dict[int, list[tuple[str, str]]], out: P
     transport = client_transport(worker_setup(spec, model_dir, shards, lora_layers), spec, ctx.console)
     reporter = ConsoleReporter(ctx.console)
     realigner = realigner_for(ctx, layer_map)
-    server = FederatedServer(plan_of(spec), transport, aggregator, fed.aggregator, store,
-                             realigner=realigner, reporter=reporter, model_bytes=model_download_bytes(model_dir),
-                             evaluator=evaluator_for(ctx, model_dir, peft_config, lora_layers),
-                             held_layers=held_layers_for(spec, model_dir) if realigner is not None else None)
+    server = FederatedServer(
+        plan_of(spec),
+        transport,
+        aggregator,
+        fed.aggregator,
+        store,
+        realigner=realigner,
+        reporter=reporter,
+        model_bytes=model_download_bytes(model_dir),
+        evaluator=evaluator_for(ctx, model_dir, peft_config, lora_layers),
+        held_layers=held_layers_for(spec, model_dir) if realigner is not None else None,
+    )
     try:
         result = server.run(resume)
     finally:
@@ -125,15 +133,21 @@ def evaluator_for(ctx: StageContext, model_dir: Path, peft_config, lora_layers: 
         return None
     examples = validation_examples(spec)
     if not examples:
-        raise SpecError(f"federate.eval_every = {spec.federate.eval_every} needs validation examples, but task.train_examples = "
-                        f"{spec.task.train_examples} leaves none of the training split unused (task.val_examples = {spec.task.val_examples}); "
-                        "lower task.train_examples, raise task.val_examples, or set federate.eval_every = 0")
+        raise SpecError(
+            f"federate.eval_every = {spec.federate.eval_every} needs validation examples, but task.train_examples = "
+            f"{spec.task.train_examples} leaves none of the training split unused (task.val_examples = {spec.task.val_examples}); "
+            "lower task.train_examples, raise task.val_examples, or set federate.eval_every = 0"
+        )
     from fedsoda_cli.federated.evaluator import ServerEvaluator
 
-    ctx.console.print(f"per-round evaluation every {spec.federate.eval_every} round(s) on {len(examples)} validation examples: "
-                      f"{', '.join(spec.federate.eval_targets)}", highlight=False)
-    return ServerEvaluator(spec, model_dir, ctx.inputs["quantize"] / LAYER_MAP, peft_config, lora_layers, examples,
-                           spec.federate.eval_targets)
+    ctx.console.print(
+        f"per-round evaluation every {spec.federate.eval_every} round(s) on {len(examples)} validation examples: "
+        f"{', '.join(spec.federate.eval_targets)}",
+        highlight=False,
+    )
+    return ServerEvaluator(
+        spec, model_dir, ctx.inputs["quantize"] / LAYER_MAP, peft_config, lora_layers, examples, spec.federate.eval_targets
+    )
 
 
 def run_identity(ctx: StageContext) -> dict[str, str]:
@@ -155,7 +169,9 @@ def resume_point(ctx: StageContext, store: CheckpointStore):
         return checkpoint
     dropped = store.clear()
     if dropped:
-        ctx.console.print(f"starting afresh: removed {dropped} checkpoint(s) of an earlier run in {escape(str(store.folder))} (--resume continues one)")
+        ctx.console.print(
+            f"starting afresh: removed {dropped} checkpoint(s) of an earlier run in {escape(str(store.folder))} (--resume continues one)"
+        )
     return None
 
 
@@ -169,22 +185,48 @@ def held_layers_for(spec: Spec, model_dir: Path):
 
 def plan_of(spec: Spec) -> RoundPlan:
     fed = spec.federate
-    return RoundPlan(seed=spec.run.seed, clients=fed.clients, clients_per_round=fed.clients_per_round, rounds=fed.rounds,
-                     min_clients=fed.min_clients, max_update_norm=fed.max_update_norm, realign_every=fed.realign_every,
-                     weighting=fed.weighting, eval_every=fed.eval_every, wire_dtype=fed.wire_dtype,
-                     realign_when=fed.realign_when, drift_threshold=fed.drift_threshold)
+    return RoundPlan(
+        seed=spec.run.seed,
+        clients=fed.clients,
+        clients_per_round=fed.clients_per_round,
+        rounds=fed.rounds,
+        min_clients=fed.min_clients,
+        max_update_norm=fed.max_update_norm,
+        realign_every=fed.realign_every,
+        weighting=fed.weighting,
+        eval_every=fed.eval_every,
+        wire_dtype=fed.wire_dtype,
+        realign_when=fed.realign_when,
+        drift_threshold=fed.drift_threshold,
+    )
 
 
-def worker_setup(spec: Spec, model_dir: Path, shards: dict[int, list[tuple[str, str]]], lora_layers: list[int] | None) -> WorkerSetup:
+def worker_setup(
+    spec: Spec, model_dir: Path, shards: dict[int, list[tuple[str, str]]], lora_layers: list[int] | None
+) -> WorkerSetup:
     from fedsoda_cli.data.tasks import trains_eos
 
     fed = spec.federate
-    training = LocalTraining(local_steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
-                             max_grad_norm=fed.max_grad_norm, proximal_mu=fed.proximal_mu, max_len=spec.task.max_len,
-                             train_eos=trains_eos(spec.task))
-    return WorkerSetup(model_dir=str(model_dir), lora=spec.lora.model_dump(), lora_seed=stable_seed(spec.run.seed, "lora-init"),
-                       threads=worker_threads(spec), training=training.__dict__, shards=shards, lora_layers=lora_layers,
-                       wire_dtype=spec.federate.wire_dtype)
+    training = LocalTraining(
+        local_steps=fed.local_steps,
+        batch_size=fed.batch_size,
+        lr=fed.lr,
+        optimizer=fed.optimizer,
+        max_grad_norm=fed.max_grad_norm,
+        proximal_mu=fed.proximal_mu,
+        max_len=spec.task.max_len,
+        train_eos=trains_eos(spec.task),
+    )
+    return WorkerSetup(
+        model_dir=str(model_dir),
+        lora=spec.lora.model_dump(),
+        lora_seed=stable_seed(spec.run.seed, "lora-init"),
+        threads=worker_threads(spec),
+        training=training.__dict__,
+        shards=shards,
+        lora_layers=lora_layers,
+        wire_dtype=spec.federate.wire_dtype,
+    )
 
 
 def worker_threads(spec: Spec) -> int:
@@ -205,8 +247,12 @@ def client_transport(setup: WorkerSetup, spec: Spec, console):
 def local_transport(setup: WorkerSetup, spec: Spec, console):
     from fedsoda_cli.federated.local import LocalWorkerPool
 
-    return LocalWorkerPool(setup, spec.federate.workers, spec.federate.task_timeout_s,
-                           log=lambda line: console.print(f"[yellow]{escape(line)}[/]", highlight=False))
+    return LocalWorkerPool(
+        setup,
+        spec.federate.workers,
+        spec.federate.task_timeout_s,
+        log=lambda line: console.print(f"[yellow]{escape(line)}[/]", highlight=False),
+    )
 
 
 def realigns(spec: Spec) -> bool:
@@ -220,10 +266,14 @@ def realigner_for(ctx: StageContext, layer_map: LayerMap):
         return None
     from fedsoda_cli.federated.realigner import ServerRealigner
 
-    return ServerRealigner(ctx.spec, artifacts.stage_dir(ctx.workdir, "align") / "model", layer_map, log_path=ctx.out / "realign.jsonl")
+    return ServerRealigner(
+        ctx.spec, artifacts.stage_dir(ctx.workdir, "align") / "model", layer_map, log_path=ctx.out / "realign.jsonl"
+    )
 
 
-def write_outputs(ctx: StageContext, out: Path, store: CheckpointStore, result: RunResult, peft_config, wall_s: float) -> dict[str, Any]:
+def write_outputs(
+    ctx: StageContext, out: Path, store: CheckpointStore, result: RunResult, peft_config, wall_s: float
+) -> dict[str, Any]:
     """adapter/, metrics.jsonl, summary.json, aggregator state, the last checkpoint; returns the summary."""
     write_peft_adapter(out / "adapter", result.adapter, peft_config)
     (out / "metrics.jsonl").write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in result.history))
@@ -256,7 +306,9 @@ def summarize(spec: Spec, result: RunResult, wall_s: float) -> dict[str, Any]:
         "wall_time_s": round(wall_s, 3),
         "model_loads_per_worker": {str(k): v for k, v in sorted(result.transport.get("model_loads", {}).items())},
         "worker_processes_started": result.transport.get("processes_started", 0),
-        **({"wire_bytes": result.transport["wire_bytes"]} if "wire_bytes" in result.transport else {}),  # flower: bytes Flower shipped
+        **(
+            {"wire_bytes": result.transport["wire_bytes"]} if "wire_bytes" in result.transport else {}
+        ),  # flower: bytes Flower shipped
     }
 
 
@@ -268,7 +320,10 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("rounds", f"{summary['rounds']}" + (f" (resumed after {summary['resumed_after']})" if summary["resumed_after"] else "")),
         ("final train loss", f"{loss:.4f}" if loss is not None else "-"),
         ("aggregation weights", summary["weighting"]),
-        *((f"validation accuracy ({target})", terminal.format_eval(entry)) for target, entry in (summary["final_eval"] or {}).items()),
+        *(
+            (f"validation accuracy ({target})", terminal.format_eval(entry))
+            for target, entry in (summary["final_eval"] or {}).items()
+        ),
         ("model download (all clients)", fmt(bytes_["model"])),
         ("adapters down / up", f"{fmt(bytes_['adapter_down'])} / {fmt(bytes_['adapter_up'])}"),
         ("realigned layers", fmt(bytes_["realign"])),

@@ -45,8 +45,15 @@ def run(ctx: StageContext) -> StageResult:
     with terminal.progress(ctx.console) as bar:
         task = bar.add_task("profile", total=count, status=f"{seq_len} tokens each")
         started = time.perf_counter()
-        profile = measure(model, input_ids, None, spec.profile.max_span, spec.profile.tokens,
-                          spec.profile.batch_size, progress=lambda k: bar.advance(task, k))
+        profile = measure(
+            model,
+            input_ids,
+            None,
+            spec.profile.max_span,
+            spec.profile.tokens,
+            spec.profile.batch_size,
+            progress=lambda k: bar.advance(task, k),
+        )
         elapsed = time.perf_counter() - started
 
     meta = {"tokens": spec.profile.tokens, "sequences": count, "seq_len": seq_len}
@@ -161,7 +168,9 @@ def _summary(profile: LayerProfile, span: int, metrics: dict, count: int, seq_le
     ]
     blocks = most_redundant(profile, span)
     if not blocks:
-        rows.append((f"most redundant n={span}", f"not measured: prune.group_size {span} > profile.max_span {max(profile.distances)}"))
+        rows.append(
+            (f"most redundant n={span}", f"not measured: prune.group_size {span} > profile.max_span {max(profile.distances)}")
+        )
     for rank, (layer, distance) in enumerate(blocks, start=1):
         rows.append((f"most redundant n={span} #{rank}", f"layers {layer}..{layer + span - 1}  d = {distance:.4f}"))
     return rows

@@ -42,12 +42,16 @@ def run(ctx: StageContext) -> StageResult:
     if config.storage_budget is None:
         check_request(profile.num_layers, config)
     if config.iterative and not pruner.supports_iterative:
-        raise SpecError(f"prune.iterative = true, but strategy '{config.strategy}' does not support iterative pruning; use prune.strategy = \"sgp\" or set prune.iterative = false")
+        raise SpecError(
+            f"prune.iterative = true, but strategy '{config.strategy}' does not support iterative pruning; use prune.strategy = \"sgp\" or set prune.iterative = false"
+        )
 
     model, tokenizer = load_causal_lm(spec.model)
     num_layers = len(decoder_layers(model))
     if num_layers != profile.num_layers:
-        raise ArtifactError(f"{ctx.inputs['profile']}: the profile has {profile.num_layers} layers but the model has {num_layers}; rerun `fedsoda profile SPEC --force`")
+        raise ArtifactError(
+            f"{ctx.inputs['profile']}: the profile has {profile.num_layers} layers but the model has {num_layers}; rerun `fedsoda profile SPEC --force`"
+        )
     params_full = _parameter_count(model)
 
     budget = rerank = None
@@ -62,7 +66,9 @@ def run(ctx: StageContext) -> StageResult:
     else:
         groups = validate_selection(_call(pruner, profile, config), num_layers, config, config.strategy)
         drop_layers(model, [layer for group in groups for layer in group])
-    return write_sub_llm(ctx, model, tokenizer, groups, num_layers, params_full, config.strategy, config.iterative, budget, rerank)
+    return write_sub_llm(
+        ctx, model, tokenizer, groups, num_layers, params_full, config.strategy, config.iterative, budget, rerank
+    )
 
 
 def _select_reranked(ctx: StageContext, profile: LayerProfile, model, tokenizer) -> tuple[list[list[int]], dict]:
@@ -92,10 +98,15 @@ def _select_reranked(ctx: StageContext, profile: LayerProfile, model, tokenizer)
         task = bar.add_task("re-rank", total=p * k, status=f"top {k} blocks by distance, by perplexity")
         for _ in range(p):
             taken = {layer for g in accepted for layer in g} | protected
-            ranked = [layer for layer in sorted(range(len(distances)), key=lambda layer: (distances[layer], layer))
-                      if math.isfinite(distances[layer]) and not taken & set(range(layer, layer + n))][:k]
+            ranked = [
+                layer
+                for layer in sorted(range(len(distances)), key=lambda layer: (distances[layer], layer))
+                if math.isfinite(distances[layer]) and not taken & set(range(layer, layer + n))
+            ][:k]
             if not ranked:
-                raise SpecError(f"prune.groups = {p} x prune.group_size = {n}: only {len(accepted)} non-overlapping blocks fit; lower prune.groups or prune.group_size")
+                raise SpecError(
+                    f"prune.groups = {p} x prune.group_size = {n}: only {len(accepted)} non-overlapping blocks fit; lower prune.groups or prune.group_size"
+                )
             scored = []
             for start in ranked:
                 trial = copy.deepcopy(model)
@@ -103,17 +114,27 @@ def _select_reranked(ctx: StageContext, profile: LayerProfile, model, tokenizer)
                 ppl = perplexity(trial.eval(), windows, batch_size=spec.profile.batch_size).perplexity
                 del trial
                 scored.append((ppl, ranked.index(start), start))
-                trials.append({"group": len(accepted) + 1, "block": [start, start + n - 1], "distance": distances[start], "ppl": ppl})
+                trials.append(
+                    {"group": len(accepted) + 1, "block": [start, start + n - 1], "distance": distances[start], "ppl": ppl}
+                )
                 bar.advance(task)
             _, _, best = min(scored)
             accepted.append(list(range(best, best + n)))
     by_distance = SimilarityGroupPruner().select(profile, config)
-    record = {"top_k": k, "sequences": int(windows.shape[0]), "trials": trials, "by_distance": by_distance,
-              "changed": sorted(accepted) != by_distance, "seconds": round(time.perf_counter() - started, 3)}
+    record = {
+        "top_k": k,
+        "sequences": int(windows.shape[0]),
+        "trials": trials,
+        "by_distance": by_distance,
+        "changed": sorted(accepted) != by_distance,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
     return sorted(accepted), record
 
 
-def _select_to_budget(ctx: StageContext, profile: LayerProfile, model, tokenizer, params_full: int) -> tuple[list[list[int]], dict]:
+def _select_to_budget(
+    ctx: StageContext, profile: LayerProfile, model, tokenizer, params_full: int
+) -> tuple[list[list[int]], dict]:
     """`prune.storage_budget`: the fewest layers whose removal fits the predicted client bytes in
     the budget, then the exact minimum-distance blocks removing at least that many."""
     from fedsoda_cli.models import storage
@@ -125,20 +146,36 @@ def _select_to_budget(ctx: StageContext, profile: LayerProfile, model, tokenizer
     L = profile.num_layers
     need = storage.layers_to_remove(prediction, L, budget)
     if need > L:
-        raise SpecError(f"prune.storage_budget = {config.storage_budget} ({budget:,} B) is below what the client model weighs "
-                        f"with no decoder layer at all ({prediction.bytes_with(0):,} B predicted); raise prune.storage_budget")
+        raise SpecError(
+            f"prune.storage_budget = {config.storage_budget} ({budget:,} B) is below what the client model weighs "
+            f"with no decoder layer at all ({prediction.bytes_with(0):,} B predicted); raise prune.storage_budget"
+        )
     groups = budget_blocks(profile, config, need)
     removed = sum(len(g) for g in groups)
-    record = {"budget_bytes": budget, "fraction_of_full_bf16": round(budget / (params_full * 2), 4),
-              "prediction": prediction.to_dict(), "predicted_client_bytes": prediction.bytes_with(L - removed),
-              "layers_needed": need, "layers_removed": removed,
-              "total_distance": round(sum(profile.distances[len(g)][g[0]] for g in groups), 6)}
+    record = {
+        "budget_bytes": budget,
+        "fraction_of_full_bf16": round(budget / (params_full * 2), 4),
+        "prediction": prediction.to_dict(),
+        "predicted_client_bytes": prediction.bytes_with(L - removed),
+        "layers_needed": need,
+        "layers_removed": removed,
+        "total_distance": round(sum(profile.distances[len(g)][g[0]] for g in groups), 6),
+    }
     return groups, record
 
 
-def write_sub_llm(ctx: StageContext, model, tokenizer, groups: list[list[int]], num_layers: int,
-                  params_full: int, strategy: str, iterative: bool = False, budget: dict | None = None,
-                  rerank: dict | None = None) -> StageResult:
+def write_sub_llm(
+    ctx: StageContext,
+    model,
+    tokenizer,
+    groups: list[list[int]],
+    num_layers: int,
+    params_full: int,
+    strategy: str,
+    iterative: bool = False,
+    budget: dict | None = None,
+    rerank: dict | None = None,
+) -> StageResult:
     """Save the (already pruned) sub-LLM and its layer map into the stage folder; the summary rows.
     `budget`: prune.storage_budget's record, kept in the layer map so quantize can check the actual
     bytes; `rerank`: prune.rerank_top_k's trials."""
@@ -161,13 +198,25 @@ def write_sub_llm(ctx: StageContext, model, tokenizer, groups: list[list[int]], 
         ("parameters", f"{params_full / 1e6:.1f} M -> {params_sub / 1e6:.1f} M ({100 * (params_sub / params_full - 1):+.1f} %)"),
     ]
     if rerank is not None:
-        summary.insert(1, ("re-ranked", f"top {rerank['top_k']} blocks per group by perplexity on {rerank['sequences']} public windows "
-                                        f"({'changed' if rerank['changed'] else 'same as'} the distance order"
-                                        + (f", by distance: {', '.join(f'{g[0]}..{g[-1]}' for g in rerank['by_distance'])}" if rerank["changed"] else "")
-                                        + f"; {len(rerank['trials'])} trials, {rerank['seconds']:.1f} s)"))
+        summary.insert(
+            1,
+            (
+                "re-ranked",
+                f"top {rerank['top_k']} blocks per group by perplexity on {rerank['sequences']} public windows "
+                f"({'changed' if rerank['changed'] else 'same as'} the distance order"
+                + (f", by distance: {', '.join(f'{g[0]}..{g[-1]}' for g in rerank['by_distance'])}" if rerank["changed"] else "")
+                + f"; {len(rerank['trials'])} trials, {rerank['seconds']:.1f} s)",
+            ),
+        )
     if budget is not None:
-        summary.insert(1, ("storage budget", f"{budget['budget_bytes']:,} B; predicted client model {budget['predicted_client_bytes']:,} B "
-                                             f"({budget['layers_removed']} layers removed, total distance {budget['total_distance']:.4f})"))
+        summary.insert(
+            1,
+            (
+                "storage budget",
+                f"{budget['budget_bytes']:,} B; predicted client model {budget['predicted_client_bytes']:,} B "
+                f"({budget['layers_removed']} layers removed, total distance {budget['total_distance']:.4f})",
+            ),
+        )
     return StageResult(metrics=metrics, summary=summary)
 
 
@@ -177,7 +226,9 @@ def validate_selection(groups: object, num_layers: int, config: PruneSpec, strat
     strategy and the first broken rule otherwise."""
 
     def broken(what: str) -> PluginError:
-        return PluginError(f"pruning strategy '{strategy}' returned an invalid selection: {what}; fix its select() (see docs/plugins.md)")
+        return PluginError(
+            f"pruning strategy '{strategy}' returned an invalid selection: {what}; fix its select() (see docs/plugins.md)"
+        )
 
     if not isinstance(groups, (list, tuple)) or not all(isinstance(g, (list, tuple)) for g in groups):
         raise broken(f"{_short(groups)} is not a list of lists of layer indices")
@@ -221,16 +272,28 @@ def _select_iteratively(ctx: StageContext, pruner: Pruner, profile: LayerProfile
     groups: list[list[int]] = []
     input_ids = public_input_ids(spec, tokenizer) if config.groups > 1 else None
     with terminal.progress(ctx.console) as bar:
-        task = bar.add_task("re-profile", total=max(0, config.groups - 1) * (0 if input_ids is None else len(input_ids)), status="")
+        task = bar.add_task(
+            "re-profile", total=max(0, config.groups - 1) * (0 if input_ids is None else len(input_ids)), status=""
+        )
         for step in range(config.groups):
             if step > 0:
-                profile = measure(model, input_ids, None, config.group_size, spec.profile.tokens,
-                                  spec.profile.batch_size, progress=lambda k: bar.advance(task, k))
-            current = validate_selection(_call(pruner, _without_straddling(profile, kept, config.group_size), one),
-                                         len(kept), one, config.strategy)[0]
+                profile = measure(
+                    model,
+                    input_ids,
+                    None,
+                    config.group_size,
+                    spec.profile.tokens,
+                    spec.profile.batch_size,
+                    progress=lambda k: bar.advance(task, k),
+                )
+            current = validate_selection(
+                _call(pruner, _without_straddling(profile, kept, config.group_size), one), len(kept), one, config.strategy
+            )[0]
             original = [kept[i] for i in current]
             if original != list(range(original[0], original[0] + len(original))):
-                raise PluginError(f"pruning strategy '{config.strategy}' chose current layers {current}, which straddle an earlier gap (original layers {original}); an iterative strategy must skip blocks with a non-finite distance")
+                raise PluginError(
+                    f"pruning strategy '{config.strategy}' chose current layers {current}, which straddle an earlier gap (original layers {original}); an iterative strategy must skip blocks with a non-finite distance"
+                )
             groups.append(original)
             drop_layers(model, current)
             kept = [k for i, k in enumerate(kept) if i not in set(current)]
@@ -253,7 +316,9 @@ def _call(pruner: Pruner, profile: LayerProfile, config: PruneSpec) -> object:
     except FedsodaError:
         raise
     except Exception as exc:
-        raise PluginError(f"pruning strategy '{config.strategy}' ({type(pruner).__module__}) failed in select(): {type(exc).__name__}: {exc}") from None
+        raise PluginError(
+            f"pruning strategy '{config.strategy}' ({type(pruner).__module__}) failed in select(): {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _parameter_count(model) -> int:

@@ -56,8 +56,12 @@ def run(ctx: StageContext) -> StageResult:
     teacher, _ = load_causal_lm(spec.model)
     with terminal.progress(ctx.console) as bar:
         task = bar.add_task("perplexity", total=2 * len(heldout), status="bf16 and quantized sub-LLM vs the full LLM")
-        bf16 = evaluate_alignment(teacher, float_model, kept, groups, heldout, spec.align, batch_size=PPL_BATCH, advance=lambda k: bar.advance(task, k))
-        deployed = evaluate_alignment(teacher, client, kept, groups, heldout, spec.align, batch_size=PPL_BATCH, advance=lambda k: bar.advance(task, k))
+        bf16 = evaluate_alignment(
+            teacher, float_model, kept, groups, heldout, spec.align, batch_size=PPL_BATCH, advance=lambda k: bar.advance(task, k)
+        )
+        deployed = evaluate_alignment(
+            teacher, client, kept, groups, heldout, spec.align, batch_size=PPL_BATCH, advance=lambda k: bar.advance(task, k)
+        )
     del teacher
     control = upstream_measurement(upstream, "deployed_unaligned")
     warnings = []
@@ -91,26 +95,51 @@ def run(ctx: StageContext) -> StageResult:
     }
     budget = layer_map.storage_budget
     if budget is not None:  # prune.storage_budget: the prediction prune chose by, against what was written
-        metrics["storage_budget"] = {**budget, "actual_client_bytes": client_bytes, "within_budget": client_bytes <= budget["budget_bytes"],
-                                     "predicted_over_actual": round(budget["predicted_client_bytes"] / client_bytes, 4)}
+        metrics["storage_budget"] = {
+            **budget,
+            "actual_client_bytes": client_bytes,
+            "within_budget": client_bytes <= budget["budget_bytes"],
+            "predicted_over_actual": round(budget["predicted_client_bytes"] / client_bytes, 4),
+        }
         if client_bytes > budget["budget_bytes"]:  # the prediction is an upper bound: this means it is wrong
-            metrics["warnings"] = warnings + [f"the client model weighs {client_bytes:,} B, over prune.storage_budget's {budget['budget_bytes']:,} B"]
+            metrics["warnings"] = warnings + [
+                f"the client model weighs {client_bytes:,} B, over prune.storage_budget's {budget['budget_bytes']:,} B"
+            ]
     fmt = terminal.format_bytes
     summary = [
-        ("format", f"{quant.quant_type}{' + double quant' if quant.double_quant and quant.quant_type in ('nf4', 'fp4') else ''}, embeddings {quant.embeddings}"),
+        (
+            "format",
+            f"{quant.quant_type}{' + double quant' if quant.double_quant and quant.quant_type in ('nf4', 'fp4') else ''}, embeddings {quant.embeddings}",
+        ),
         ("client model on disk", f"{fmt(client_bytes)} (weights {fmt(weight_bytes)})"),
         ("full LLM bf16 (computed)", fmt(full_bf16)),
         ("sub-LLM bf16 (computed)", fmt(sub_bf16)),
-        ("storage saving vs full", f"{metrics['saving_vs_full_pct']:.1f} % (weights only {metrics['saving_weights_vs_full_pct']:.1f} %)"),
+        (
+            "storage saving vs full",
+            f"{metrics['saving_vs_full_pct']:.1f} % (weights only {metrics['saving_weights_vs_full_pct']:.1f} %)",
+        ),
         ("held-out perplexity", f"bf16 sub-LLM {bf16['ppl_student']:.2f}, quantized {deployed['ppl_student']:.2f}"),
-        ("held-out KL to the full LLM", f"bf16 sub-LLM {bf16['kl']:.4f}, quantized {deployed['kl']:.4f}"
-         + (f" (unaligned control {control['kl']:.4f})" if control else "")),
+        (
+            "held-out KL to the full LLM",
+            f"bf16 sub-LLM {bf16['kl']:.4f}, quantized {deployed['kl']:.4f}"
+            + (f" (unaligned control {control['kl']:.4f})" if control else ""),
+        ),
     ]
     for gap, value in deployed["hidden_nmse"].items():
-        summary.append((f"hidden NMSE gap {gap}", f"bf16 {bf16['hidden_nmse'][gap]:.4f}, quantized {value:.4f}"
-                        + (f" (control {control['hidden_nmse'][gap]:.4f})" if control and gap in control["hidden_nmse"] else "")))
+        summary.append(
+            (
+                f"hidden NMSE gap {gap}",
+                f"bf16 {bf16['hidden_nmse'][gap]:.4f}, quantized {value:.4f}"
+                + (f" (control {control['hidden_nmse'][gap]:.4f})" if control and gap in control["hidden_nmse"] else ""),
+            )
+        )
     if budget is not None:
-        summary.append(("storage budget", f"{client_bytes:,} B of {budget['budget_bytes']:,} B (predicted {budget['predicted_client_bytes']:,} B)"))
+        summary.append(
+            (
+                "storage budget",
+                f"{client_bytes:,} B of {budget['budget_bytes']:,} B (predicted {budget['predicted_client_bytes']:,} B)",
+            )
+        )
     if bf16_layers:
         summary.append(("kept in bf16", "layers " + ", ".join(map(str, bf16_original)) + " (align.quant_aware = bf16_partial)"))
     if warnings:

@@ -52,10 +52,26 @@ def run(ctx: StageContext) -> StageResult:
             lines.write(json.dumps(row) + "\n")
             bar.update(task, advance=1, status=f"loss {row['loss']:.4f}")
 
-        result = realign(teacher, student, adapter_state, layer_map.kept, layer_map.removed_groups, batches, config=spec.align, lora=lora,
-                         steps=spec.realign.steps, heldout_ids=heldout_ids, quant=spec.quantize, progress=on_step)
-    artifact_bytes = write_partial_layers(result.partial_layer_state, broadcast_format(spec.align, spec.quantize), out / PARTIAL_LAYERS)
-    save_file({k: v.contiguous() for k, v in result.partial_layer_state.items()}, out / PARTIAL_LAYERS_FLOAT, metadata={"format": "pt"})
+        result = realign(
+            teacher,
+            student,
+            adapter_state,
+            layer_map.kept,
+            layer_map.removed_groups,
+            batches,
+            config=spec.align,
+            lora=lora,
+            steps=spec.realign.steps,
+            heldout_ids=heldout_ids,
+            quant=spec.quantize,
+            progress=on_step,
+        )
+    artifact_bytes = write_partial_layers(
+        result.partial_layer_state, broadcast_format(spec.align, spec.quantize), out / PARTIAL_LAYERS
+    )
+    save_file(
+        {k: v.contiguous() for k, v in result.partial_layer_state.items()}, out / PARTIAL_LAYERS_FLOAT, metadata={"format": "pt"}
+    )
     client, client_tokenizer = load_client_model(ctx.inputs["quantize"] / MODEL_DIR, prepare_for_training=False)
     apply_partial_layers(client, out / PARTIAL_LAYERS)
     save_client_model(client, client_tokenizer, out / MODEL_DIR)
@@ -72,16 +88,28 @@ def run(ctx: StageContext) -> StageResult:
         "measured": measured,
         "warnings": result.metrics["warnings"],
     }
-    rows = [("WARNING", "got worse: " + "; ".join(result.metrics["warnings"]) + " (the realigned model was written anyway)")] if result.metrics["warnings"] else []
+    rows = (
+        [("WARNING", "got worse: " + "; ".join(result.metrics["warnings"]) + " (the realigned model was written anyway)")]
+        if result.metrics["warnings"]
+        else []
+    )
     rows += [
         ("adapter", str(adapter_dir)),
         ("partial layers", ", ".join(map(str, result.metrics["partial_layers"]))),
         ("steps", str(result.metrics["steps"])),
-        ("KL (held-out, adapter on)", f"bf16 {before['kl']:.4f} -> {after['kl']:.4f}, deployed "
-                                      f"{measured['deployed_before']['kl']:.4f} -> {measured['deployed_after']['kl']:.4f}"),
-        *[(f"hidden NMSE gap {gap} (deployed)", f"{value:.4f} -> {measured['deployed_after']['hidden_nmse'][gap]:.4f}")
-          for gap, value in measured["deployed_before"]["hidden_nmse"].items()],
-        ("perplexity (deployed, adapter on)", f"{measured['deployed_before']['ppl_student']:.2f} -> {measured['deployed_after']['ppl_student']:.2f}"),
+        (
+            "KL (held-out, adapter on)",
+            f"bf16 {before['kl']:.4f} -> {after['kl']:.4f}, deployed "
+            f"{measured['deployed_before']['kl']:.4f} -> {measured['deployed_after']['kl']:.4f}",
+        ),
+        *[
+            (f"hidden NMSE gap {gap} (deployed)", f"{value:.4f} -> {measured['deployed_after']['hidden_nmse'][gap]:.4f}")
+            for gap, value in measured["deployed_before"]["hidden_nmse"].items()
+        ],
+        (
+            "perplexity (deployed, adapter on)",
+            f"{measured['deployed_before']['ppl_student']:.2f} -> {measured['deployed_after']['ppl_student']:.2f}",
+        ),
         ("broadcast per client", terminal.format_bytes(artifact_bytes)),
         ("new client model", str(ctx.workdir / "realign" / MODEL_DIR)),
     ]

@@ -134,8 +134,12 @@ def test_impossible_emulator_is_a_spec_error():
         dropped_middle_layers(4, 2, 0.5)
 
 
-BUDGET_KEYS = {"federate": ["clients", "clients_per_round", "rounds", "local_steps", "batch_size", "lr", "partition", "dirichlet_alpha"],
-               "lora": ["r", "alpha"], "task": ["name", "train_examples", "eval_examples", "max_len"], "run": ["seed"]}
+BUDGET_KEYS = {
+    "federate": ["clients", "clients_per_round", "rounds", "local_steps", "batch_size", "lr", "partition", "dirichlet_alpha"],
+    "lora": ["r", "alpha"],
+    "task": ["name", "train_examples", "eval_examples", "max_len"],
+    "run": ["seed"],
+}
 
 
 @pytest.mark.parametrize("task", ["sst2", "boolq", "gsm8k"])

@@ -72,12 +72,16 @@ def test_validate_unknown_aggregator_suggests(tmp_path):
 def test_real_subprocess_validate_and_error(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text("[run]\nname = 'sub'\n")
-    done = subprocess.run([sys.executable, "-m", "fedsoda_cli", "validate", str(good)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedsoda_cli", "validate", str(good)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "ok" in done.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text("[prune]\ngroups = -1\n")
-    failed = subprocess.run([sys.executable, "-m", "fedsoda_cli", "validate", str(bad)], capture_output=True, text=True, timeout=120)
+    failed = subprocess.run(
+        [sys.executable, "-m", "fedsoda_cli", "validate", str(bad)], capture_output=True, text=True, timeout=120
+    )
     assert failed.returncode == 2
     assert failed.stderr.strip().startswith("error:") and "prune.groups" in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr

@@ -81,8 +81,14 @@ def test_seeds_run_the_tiny_model_into_sibling_workdirs_and_reuse_profile_and_pr
     first, second = tmp_path / "work-seed0", tmp_path / "work-seed1"
     assert not (tmp_path / "work").exists()
     for seed, folder in ((0, first), (1, second)):
-        assert _states(spec_path, folder, seed) == {"profile": "done", "prune": "done", "align": "missing",
-                                                    "quantize": "missing", "federate": "missing", "eval": "missing"}
+        assert _states(spec_path, folder, seed) == {
+            "profile": "done",
+            "prune": "done",
+            "align": "missing",
+            "quantize": "missing",
+            "federate": "missing",
+            "eval": "missing",
+        }
         assert json.loads((folder / "spec.json").read_text())["run"]["seed"] == seed
     for stage in ("profile", "prune"):
         ours, theirs = artifacts.read_manifest(second, stage), artifacts.read_manifest(first, stage)

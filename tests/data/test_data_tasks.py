@@ -89,13 +89,17 @@ def test_unknown_template_field(data_dir):
         load_task(TaskSpec(name="sst2", prompt="Review: {text}"), data_dir, "eval", seed=0)
 
 
-@pytest.mark.parametrize("template", ["Review: {}", "Review: {sentence", "Review: {0}", "{sentence:d}", "{sentence!x}", "{label.real.foo}"])
+@pytest.mark.parametrize(
+    "template", ["Review: {}", "Review: {sentence", "Review: {0}", "{sentence:d}", "{sentence!x}", "{label.real.foo}"]
+)
 def test_malformed_template(data_dir, template):
     with pytest.raises(ValidationError, match=r"task\.prompt"):  # refused by validate already
         TaskSpec(name="sst2", prompt=template)
     # a spec that skipped validation still fails with the record named, never a traceback
     with pytest.raises(DataError, match=r"task\.prompt"):
-        load_task(TaskSpec.model_construct(**{**TaskSpec().model_dump(), "name": "sst2", "prompt": template}), data_dir, "eval", seed=0)
+        load_task(
+            TaskSpec.model_construct(**{**TaskSpec().model_dump(), "name": "sst2", "prompt": template}), data_dir, "eval", seed=0
+        )
 
 
 # ---- errors on broken files ---------------------------------------------------------------------
@@ -216,7 +220,12 @@ def test_hub_sst2_row_matches_local_format():
 
 
 def test_hub_boolq_and_gsm8k_rows():
-    assert hub_row_to_record("boolq", {"question": "q", "answer": True, "passage": "p"}) == {"question": "q", "passage": "p", "answer": True, "title": ""}
+    assert hub_row_to_record("boolq", {"question": "q", "answer": True, "passage": "p"}) == {
+        "question": "q",
+        "passage": "p",
+        "answer": True,
+        "title": "",
+    }
     assert hub_row_to_record("gsm8k", {"question": "q", "answer": "a\n#### 3"}) == {"question": "q", "answer": "a\n#### 3"}
     with pytest.raises(ValueError):
         hub_row_to_record("jsonl", {})
@@ -276,4 +285,6 @@ def test_user_classification_task_with_choices(tmp_path):
     assert [(e.label, e.answer, e.choices) for e in examples] == [(1, " blue", [" red", " blue"]), (0, " red", [" red", " blue"])]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"input": "x", "output": "green"}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:1: 'output' is 'green', not one of task.choices"):
-        load_task(TaskSpec(name="jsonl", train_file="bad.jsonl", choices=["red", "blue"]), None, "train", seed=0, spec_dir=tmp_path)
+        load_task(
+            TaskSpec(name="jsonl", train_file="bad.jsonl", choices=["red", "blue"]), None, "train", seed=0, spec_dir=tmp_path
+        )

@@ -22,7 +22,20 @@ def tiny():
 @pytest.fixture
 def sst2_like():
     """Five classification examples of different lengths (so batches need padding)."""
-    sentences = ["a gripping, funny film", "dull", "the plot wanders and the actors look bored throughout the film",
-                 "wonderful", "not bad at all, really quite lovely in places"]
-    return [Example(f"ex-{i}", f"Review: {s}\nSentiment:", " positive" if i % 2 == 0 else " negative",
-                    1 if i % 2 == 0 else 0, [" negative", " positive"]) for i, s in enumerate(sentences)]
+    sentences = [
+        "a gripping, funny film",
+        "dull",
+        "the plot wanders and the actors look bored throughout the film",
+        "wonderful",
+        "not bad at all, really quite lovely in places",
+    ]
+    return [
+        Example(
+            f"ex-{i}",
+            f"Review: {s}\nSentiment:",
+            " positive" if i % 2 == 0 else " negative",
+            1 if i % 2 == 0 else 0,
+            [" negative", " positive"],
+        )
+        for i, s in enumerate(sentences)
+    ]

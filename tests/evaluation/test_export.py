@@ -64,7 +64,9 @@ def test_merged_export_loads_with_stock_transformers_and_matches_peft(tmp_path):
     from fedsoda_cli.models.layer_map import LayerMap
 
     layer_map = json.loads((workdir / "quantize" / "layer_map.json").read_text())
-    plugin = write_plugin_adapter(workdir / "federate" / "adapter", LayerMap(layer_map["kept"], 6), "model.layers", tmp_path / "plugin")
+    plugin = write_plugin_adapter(
+        workdir / "federate" / "adapter", LayerMap(layer_map["kept"], 6), "model.layers", tmp_path / "plugin"
+    )
     full, _ = load_causal_lm(spec.model)
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     with torch.no_grad():

@@ -6,8 +6,16 @@ from fedsoda_cli.evaluation.task import evaluate_task
 
 
 def _gsm8k(n):
-    return [Example(f"gsm8k-test-{i}", f"Question: What is {i} plus {i + 1}?\nAnswer:", f" {i} + {i + 1} = {2 * i + 1}\n#### {2 * i + 1}", None, None)
-            for i in range(n)]
+    return [
+        Example(
+            f"gsm8k-test-{i}",
+            f"Question: What is {i} plus {i + 1}?\nAnswer:",
+            f" {i} + {i + 1} = {2 * i + 1}\n#### {2 * i + 1}",
+            None,
+            None,
+        )
+        for i in range(n)
+    ]
 
 
 def test_generation_runs_greedy_and_batching_keeps_outputs(tiny):
@@ -17,7 +25,9 @@ def test_generation_runs_greedy_and_batching_keeps_outputs(tiny):
     alone = [generate_answers(model, tokenizer, [p], max_new_tokens=6, max_len=256, batch_size=1)[0] for p in prompts]
     assert len(batched) == 4 and all(isinstance(t, str) for t in batched)
     assert batched == alone  # left padding must not shift positions
-    assert generate_answers(model, tokenizer, prompts[:1], max_new_tokens=6, max_len=256, batch_size=1) == alone[:1]  # greedy: deterministic
+    assert (
+        generate_answers(model, tokenizer, prompts[:1], max_new_tokens=6, max_len=256, batch_size=1) == alone[:1]
+    )  # greedy: deterministic
 
 
 def test_evaluate_task_on_gsm8k_counts_exact_matches(tiny):

@@ -40,7 +40,9 @@ def test_scoring_uses_the_same_tokens_as_training(tiny, sst2_like):
     _, tokenizer = tiny
     for max_len in (256, 12):
         batch = sft_batch(sst2_like, tokenizer, max_len)
-        for row, example, (context, words) in zip(range(len(sst2_like)), sst2_like, choice_contexts(tokenizer, sst2_like, max_len)):
+        for row, example, (context, words) in zip(
+            range(len(sst2_like)), sst2_like, choice_contexts(tokenizer, sst2_like, max_len)
+        ):
             gold = words[example.label]
             ids = batch["input_ids"][row][: len(context) + len(gold)].tolist()
             assert ids == context + gold

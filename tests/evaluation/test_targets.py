@@ -97,5 +97,9 @@ def test_layer_map_errors_name_the_file(tmp_path):
     with pytest.raises(ModelError, match="8 layers"):
         check_layer_map(full, LayerMap([0, 1], 8), path)
     with pytest.raises(ArtifactError, match="sub-LLM layer 4"):
-        sub_to_full_adapter({"base_model.model.model.layers.4.self_attn.q_proj.lora_A.weight": torch.zeros(2, 2)}, [0, 1, 5],
-                            layers_path="model.layers", num_layers=6)
+        sub_to_full_adapter(
+            {"base_model.model.model.layers.4.self_attn.q_proj.lora_A.weight": torch.zeros(2, 2)},
+            [0, 1, 5],
+            layers_path="model.layers",
+            num_layers=6,
+        )

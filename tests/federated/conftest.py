@@ -143,5 +143,11 @@ def worker_setup(client_model: Path, shards, threads: int = 1, **training):
     from fedsoda_cli.federated.worker import WorkerSetup
     from fedsoda_cli.spec.schema import LoraSpec
 
-    return WorkerSetup(model_dir=str(client_model), lora=LoraSpec(r=4, alpha=8).model_dump(), lora_seed=11, threads=threads,
-                       training={**TRAINING, **training}, shards=shards)
+    return WorkerSetup(
+        model_dir=str(client_model),
+        lora=LoraSpec(r=4, alpha=8).model_dump(),
+        lora_seed=11,
+        threads=threads,
+        training={**TRAINING, **training},
+        shards=shards,
+    )

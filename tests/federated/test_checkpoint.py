@@ -21,8 +21,11 @@ def checkpoint(round: int) -> Checkpoint:
         realign_layers=b"layers-bytes" if round > 1 else None,
         realigner_state={"model.layers.2.mlp.up_proj.weight": torch.zeros(2, 2)} if round > 1 else {},
         history=[{"round": r, "train_loss": 1.0 / r} for r in range(1, round + 1)],
-        ledger={"totals": {"model": 10, "adapter_down": 2 * round, "adapter_up": 2 * round, "realign": 0},
-                "total": 10 + 4 * round, "per_client": {"0": {"model": 10, "adapter_down": 2, "adapter_up": 2, "realign": 0}}},
+        ledger={
+            "totals": {"model": 10, "adapter_down": 2 * round, "adapter_up": 2 * round, "realign": 0},
+            "total": 10 + 4 * round,
+            "per_client": {"0": {"model": 10, "adapter_down": 2, "adapter_up": 2, "realign": 0}},
+        },
         rng=capture_rng(),
     )
 

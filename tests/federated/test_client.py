@@ -52,8 +52,22 @@ def test_clients_sharing_a_model_never_start_from_each_others_weights(client, sh
 def test_proximal_term_keeps_the_update_near_the_global_adapter(client, shards):
     model, tokenizer = client
     global_adapter = adapter_state(model)
-    free = train_client(model, tokenizer, global_adapter, _shard(shards, 2), LocalTraining(**{**TRAINING, "proximal_mu": 0.0, "local_steps": 4}), 5)
-    held = train_client(model, tokenizer, global_adapter, _shard(shards, 2), LocalTraining(**{**TRAINING, "proximal_mu": 1e4, "local_steps": 4}), 5)
+    free = train_client(
+        model,
+        tokenizer,
+        global_adapter,
+        _shard(shards, 2),
+        LocalTraining(**{**TRAINING, "proximal_mu": 0.0, "local_steps": 4}),
+        5,
+    )
+    held = train_client(
+        model,
+        tokenizer,
+        global_adapter,
+        _shard(shards, 2),
+        LocalTraining(**{**TRAINING, "proximal_mu": 1e4, "local_steps": 4}),
+        5,
+    )
     assert _distance(held.adapter, global_adapter) < 0.5 * _distance(free.adapter, global_adapter)
 
 
@@ -61,7 +75,9 @@ def test_sgd_changes_only_lora_tensors(client, shards):
     model, tokenizer = client
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()}
     global_adapter = adapter_state(model)
-    result = train_client(model, tokenizer, global_adapter, _shard(shards, 3), LocalTraining(**{**TRAINING, "optimizer": "sgd"}), 9)
+    result = train_client(
+        model, tokenizer, global_adapter, _shard(shards, 3), LocalTraining(**{**TRAINING, "optimizer": "sgd"}), 9
+    )
     assert set(result.adapter) == set(global_adapter)
     assert _distance(result.adapter, global_adapter) > 0
     assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if n in base_before)

@@ -11,14 +11,24 @@ from fedsoda_cli.federated.layer_delta import CHUNK, apply_delta, make_delta
 
 def artifact(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"l.0.q.weight": torch.randint(0, 256, (1000, 1), dtype=torch.uint8, generator=g),  # odd chunk tail
-            "l.0.q.weight.absmax": torch.randint(0, 256, (31,), dtype=torch.uint8, generator=g),
-            "l.0.q.weight.nested_absmax": torch.rand(2, generator=g),
-            "l.0.norm.weight": torch.rand(48, generator=g).to(torch.bfloat16)}
+    return {
+        "l.0.q.weight": torch.randint(0, 256, (1000, 1), dtype=torch.uint8, generator=g),  # odd chunk tail
+        "l.0.q.weight.absmax": torch.randint(0, 256, (31,), dtype=torch.uint8, generator=g),
+        "l.0.q.weight.nested_absmax": torch.rand(2, generator=g),
+        "l.0.norm.weight": torch.rand(48, generator=g).to(torch.bfloat16),
+    }
 
 
 def same(a: dict, b: dict) -> bool:
-    return set(a) == set(b) and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.bfloat16 else a[k], b[k].view(torch.uint8) if b[k].dtype == torch.bfloat16 else b[k]) for k in a)
+    return set(a) == set(b) and all(
+        a[k].dtype == b[k].dtype
+        and a[k].shape == b[k].shape
+        and torch.equal(
+            a[k].view(torch.uint8) if a[k].dtype == torch.bfloat16 else a[k],
+            b[k].view(torch.uint8) if b[k].dtype == torch.bfloat16 else b[k],
+        )
+        for k in a
+    )
 
 
 @pytest.mark.parametrize("where", [[0], [999], [0, 500, 999], list(range(0, 1000, 7))])

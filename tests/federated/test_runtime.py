@@ -94,8 +94,12 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, reference, sub_l
     _, ref_workdir, _, _ = reference
     spec, workdir, spec_path = prepare_run(tmp_path, sub_llm)
     checkpoints = workdir / "federate.checkpoints"
-    run = subprocess.Popen([sys.executable, "-m", "tests.federated.run_federate", str(spec_path)], cwd=REPO,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "tests.federated.run_federate", str(spec_path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (checkpoints / "round-0002" / "state.json").is_file():  # after the first realignment
@@ -127,7 +131,9 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, reference, sub_l
     ref_lines = (ref_workdir / "federate" / "metrics.jsonl").read_text().splitlines()
     lines = (workdir / "federate" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["global_digest"] for x in lines] == [json.loads(x)["global_digest"] for x in ref_lines]
-    assert (workdir / "federate" / "realigned_layers.safetensors").read_bytes() == (ref_workdir / "federate" / "realigned_layers.safetensors").read_bytes()
+    assert (workdir / "federate" / "realigned_layers.safetensors").read_bytes() == (
+        ref_workdir / "federate" / "realigned_layers.safetensors"
+    ).read_bytes()
 
 
 class Saboteur(RoundReporter):
@@ -163,8 +169,13 @@ def test_a_killed_worker_is_replaced_and_ctrl_c_leaves_the_last_good_round(tmp_p
     plan = dict(clients=4, clients_per_round=4)  # 2 tasks per worker: both are busy at 0.3 s
     # The unfaulted reference trains in worker processes too: in this process, training after another
     # test ran a stage in-process gave other bits (a process-wide setting leaks; see the closing note).
-    expected = server(tmp_path / "unfaulted", setup, transport=LocalWorkerPool(setup, workers=2, task_timeout_s=300, log=lambda line: None),
-                      rounds=1, **plan).run()
+    expected = server(
+        tmp_path / "unfaulted",
+        setup,
+        transport=LocalWorkerPool(setup, workers=2, task_timeout_s=300, log=lambda line: None),
+        rounds=1,
+        **plan,
+    ).run()
 
     pool = LocalWorkerPool(setup, workers=2, task_timeout_s=300, log=lambda line: None)
     run = server(tmp_path / "local", setup, transport=pool, rounds=2, **plan)
@@ -200,7 +211,9 @@ def test_a_task_past_its_timeout_counts_as_a_dead_worker(tmp_path, client_model_
     setup = worker_setup(client_model_dir, shards, local_steps=200)
     pool = LocalWorkerPool(setup, workers=1, task_timeout_s=0.5, log=lambda line: None)
     run = server(tmp_path, setup, transport=pool, clients=2, clients_per_round=1, rounds=1, retries=0)
-    with pytest.raises(FedsodaError, match=r"round 1: only 0 valid client update.*ran past federate.task_timeout_s = 0.5 s and was killed"):
+    with pytest.raises(
+        FedsodaError, match=r"round 1: only 0 valid client update.*ran past federate.task_timeout_s = 0.5 s and was killed"
+    ):
         run.run()
     assert pool.stats()["processes_started"] == 2  # the worker, and its replacement (stopped with the run)
     assert not _live_workers()
@@ -209,7 +222,9 @@ def test_a_task_past_its_timeout_counts_as_a_dead_worker(tmp_path, client_model_
 def test_a_client_model_that_does_not_load_stops_with_the_reason(tmp_path, shards):
     setup = worker_setup(tmp_path / "no-such-model", shards)
     pool = LocalWorkerPool(setup, workers=1, task_timeout_s=60, log=lambda line: None)
-    with pytest.raises(FedsodaError, match=r"client worker 0 could not load the client model: client model .*no-such-model: no model.safetensors"):
+    with pytest.raises(
+        FedsodaError, match=r"client worker 0 could not load the client model: client model .*no-such-model: no model.safetensors"
+    ):
         server(tmp_path, setup, transport=pool, clients=2, clients_per_round=1).run()
     assert not _live_workers()
 

@@ -40,10 +40,12 @@ class Tampering(InlineTransport):
 
 def rewrite(change):
     """A tamper function that edits the uploaded adapter tensors with `change(dict)`."""
+
     def apply(result):
         adapter = adapter_from_bytes(result.adapter)
         change(adapter)
         result.adapter = adapter_to_bytes(adapter)
+
     return apply
 
 
@@ -64,8 +66,16 @@ def server(tmp_path, setup, *, transport=None, aggregator="fedavg", console=None
     plan = RoundPlan(**{"seed": 1, "clients": 6, "clients_per_round": 6, "rounds": 1, **plan})
     store = CheckpointStore(tmp_path / "ckpt", IDENTITY, lora_config(LoraSpec(r=4, alpha=8)))
     reporter = ConsoleReporter(console) if console else None
-    return FederatedServer(plan, transport or InlineTransport(setup), aggregators.create(aggregator, seed=0), aggregator,
-                           store, realigner=realigner, reporter=reporter, model_bytes=1000)
+    return FederatedServer(
+        plan,
+        transport or InlineTransport(setup),
+        aggregators.create(aggregator, seed=0),
+        aggregator,
+        store,
+        realigner=realigner,
+        reporter=reporter,
+        model_bytes=1000,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +113,13 @@ def test_a_client_that_did_not_start_from_the_global_adapter_is_excluded(tmp_pat
 
 def test_too_few_valid_updates_stop_the_run_at_the_last_good_round(tmp_path, setup):
     poison_round_2 = {c: (lambda result, f=POISON[c]: f(result) if result.round == 2 else None) for c in (1, 2)}
-    run = server(tmp_path, setup, transport=Tampering(setup, poison_round_2), clients=3, clients_per_round=3, rounds=3, min_clients=2)
-    with pytest.raises(FedsodaError, match=r"round 2: only 1 valid client update.*min_clients = 2.*client 1: .*NaN.*last good round: round 1.*--resume"):
+    run = server(
+        tmp_path, setup, transport=Tampering(setup, poison_round_2), clients=3, clients_per_round=3, rounds=3, min_clients=2
+    )
+    with pytest.raises(
+        FedsodaError,
+        match=r"round 2: only 1 valid client update.*min_clients = 2.*client 1: .*NaN.*last good round: round 1.*--resume",
+    ):
         run.run()
     assert run.store.latest().round == 1
 
@@ -130,11 +145,14 @@ class BadState(Aggregator):
         return {"nested": {"x": torch.zeros(1)}}
 
 
-@pytest.mark.parametrize("name, message", [
-    ("test-raises", r"aggregator 'test-raises' \(tests\.federated\.test_server\) raised ValueError in aggregate\(\): boom"),
-    ("test-wrong-shape", r"aggregator 'test-wrong-shape' returned '.*' as \(\d+,\) torch.float32, expected"),
-    ("test-bad-state", r"aggregator 'test-bad-state' state_dict\(\) must hold only tensors and JSON values"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("test-raises", r"aggregator 'test-raises' \(tests\.federated\.test_server\) raised ValueError in aggregate\(\): boom"),
+        ("test-wrong-shape", r"aggregator 'test-wrong-shape' returned '.*' as \(\d+,\) torch.float32, expected"),
+        ("test-bad-state", r"aggregator 'test-bad-state' state_dict\(\) must hold only tensors and JSON values"),
+    ],
+)
 def test_a_broken_aggregator_gives_a_plugin_error_naming_it(tmp_path, setup, name, message):
     with pytest.raises(PluginError, match=message):
         server(tmp_path, setup, aggregator=name, clients_per_round=1).run()
@@ -143,11 +161,16 @@ def test_a_broken_aggregator_gives_a_plugin_error_naming_it(tmp_path, setup, nam
 def _realign_spec():
     from fedsoda_cli.spec import Spec
 
-    return Spec.model_validate({
-        "run": {"seed": 1}, "model": {"name": "tiny-random-llama"},
-        "public_data": {"sequences": 4, "seq_len": 16, "heldout_sequences": 1},
-        "align": {"batch_size": 2}, "realign": {"steps": 2}, "lora": {"r": 4, "alpha": 8},
-    })
+    return Spec.model_validate(
+        {
+            "run": {"seed": 1},
+            "model": {"name": "tiny-random-llama"},
+            "public_data": {"sequences": 4, "seq_len": 16, "heldout_sequences": 1},
+            "align": {"batch_size": 2},
+            "realign": {"steps": 2},
+            "lora": {"r": 4, "alpha": 8},
+        }
+    )
 
 
 def _run(tmp_path, setup, sub_llm, rounds, *, realign=True, resume=False, stop_in=None):
@@ -156,8 +179,16 @@ def _run(tmp_path, setup, sub_llm, rounds, *, realign=True, resume=False, stop_i
 
     realigner = ServerRealigner(_realign_spec(), sub_llm["float"], LAYER_MAP) if realign else None
     poison = {c: (lambda result: POISON[1](result) if result.round == stop_in else None) for c in range(4)}
-    run = server(tmp_path, setup, realigner=realigner, rounds=rounds, clients=4, clients_per_round=2, realign_every=1 if realign else 0,
-                 transport=Tampering(setup, poison) if stop_in else None)
+    run = server(
+        tmp_path,
+        setup,
+        realigner=realigner,
+        rounds=rounds,
+        clients=4,
+        clients_per_round=2,
+        realign_every=1 if realign else 0,
+        transport=Tampering(setup, poison) if stop_in else None,
+    )
     return run.run(run.store.latest() if resume else None)
 
 
@@ -180,7 +211,9 @@ def test_realign_broadcasts_layers_and_a_resumed_run_repeats_it_exactly(tmp_path
     from safetensors.torch import load
 
     sent = load(whole.realign_layers)
-    assert any(k.startswith("model.layers.3.") and k.endswith(".weight.absmax") for k in sent)  # sub layer 3 = original 4, after the gap
+    assert any(
+        k.startswith("model.layers.3.") and k.endswith(".weight.absmax") for k in sent
+    )  # sub layer 3 = original 4, after the gap
     assert not any(k.startswith("model.layers.1.") for k in sent)  # only the partial layers travel
     # Clients trained on the realigned layers from round 2 on: the runs part ways exactly there.
     assert plain.history[0]["global_digest"] == whole.history[0]["global_digest"]
@@ -218,7 +251,9 @@ def test_a_narrow_wire_halves_adapter_bytes_and_keeps_an_fp32_master(tmp_path, s
     for dtype in ("fp32", wire):
         narrow = dataclasses.replace(setup, wire_dtype=dtype)
         transport = Tampering(narrow, {c: (lambda r, d=dtype: uploads[d].append(r.adapter)) for c in (0, 1)})
-        results[dtype] = server(tmp_path / dtype, narrow, transport=transport, clients=2, clients_per_round=2, wire_dtype=dtype).run()
+        results[dtype] = server(
+            tmp_path / dtype, narrow, transport=transport, clients=2, clients_per_round=2, wire_dtype=dtype
+        ).run()
     wide, thin = results["fp32"], results[wire]
     assert thin.history[0]["updated"] == [0, 1] and not thin.history[0]["excluded"]  # clients start from the rounded global
     expected = {"bf16": torch.bfloat16, "fp16": torch.float16}[wire]
@@ -254,8 +289,16 @@ def test_a_client_that_applies_the_realign_delta_ends_bit_identical_to_a_redownl
         plan = RoundPlan(seed=1, clients=4, clients_per_round=2, rounds=3, realign_every=1)
         store = CheckpointStore(tmp_path / wire / "ckpt", IDENTITY, lora_config(LoraSpec(r=4, alpha=8)))
         held = HeldLayers(client_model_dir / WEIGHTS) if wire == "delta" else None
-        loop = FederatedServer(plan, transport, aggregators.create("fedavg", seed=0), "fedavg", store, model_bytes=1000,
-                               realigner=ServerRealigner(_realign_spec(), sub_llm["float"], LAYER_MAP), held_layers=held)
+        loop = FederatedServer(
+            plan,
+            transport,
+            aggregators.create("fedavg", seed=0),
+            "fedavg",
+            store,
+            model_bytes=1000,
+            realigner=ServerRealigner(_realign_spec(), sub_llm["float"], LAYER_MAP),
+            held_layers=held,
+        )
         runs[wire] = (loop.run(), transport.kept)
     (full, _), (delta, delta_client) = runs["full"], runs["delta"]
     # The same training on the same layers: every round's global adapter is bit-identical.
@@ -274,16 +317,27 @@ def test_a_client_that_applies_the_realign_delta_ends_bit_identical_to_a_redownl
     changed = set(load(full.realign_layers))
     assert any(k in ours for k in changed)
     for key in ours:
-        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key].view(torch.uint8) if ours[key].is_floating_point() else ours[key],
-                                                                     theirs[key].view(torch.uint8) if theirs[key].is_floating_point() else theirs[key]), key
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(
+            ours[key].view(torch.uint8) if ours[key].is_floating_point() else ours[key],
+            theirs[key].view(torch.uint8) if theirs[key].is_floating_point() else theirs[key],
+        ), key
 
 
 def _drift_spec(threshold: float):
     from fedsoda_cli.spec import Spec
 
     spec = _realign_spec()
-    return Spec.model_validate({**spec.model_dump(), "federate": {**spec.federate.model_dump(), "realign_when": "drift",
-                                                                "drift_threshold": threshold, "drift_sequences": 2}})
+    return Spec.model_validate(
+        {
+            **spec.model_dump(),
+            "federate": {
+                **spec.federate.model_dump(),
+                "realign_when": "drift",
+                "drift_threshold": threshold,
+                "drift_sequences": 2,
+            },
+        }
+    )
 
 
 @pytest.mark.parametrize("threshold", [1.0 + 1e-9, 1e9])
@@ -291,14 +345,25 @@ def test_drift_triggered_realignment_realigns_exactly_when_drift_passes_the_thre
     from fedsoda_cli.federated.realigner import ServerRealigner
 
     def run(folder, when, realigner):
-        plan = RoundPlan(seed=1, clients=4, clients_per_round=2, rounds=4, realign_every=1, realign_when=when, drift_threshold=threshold)
+        plan = RoundPlan(
+            seed=1, clients=4, clients_per_round=2, rounds=4, realign_every=1, realign_when=when, drift_threshold=threshold
+        )
         store = CheckpointStore(tmp_path / folder, IDENTITY, lora_config(LoraSpec(r=4, alpha=8)))
-        return FederatedServer(plan, InlineTransport(setup), aggregators.create("fedavg", seed=0), "fedavg", store,
-                               realigner=realigner, model_bytes=1000).run()
+        return FederatedServer(
+            plan,
+            InlineTransport(setup),
+            aggregators.create("fedavg", seed=0),
+            "fedavg",
+            store,
+            realigner=realigner,
+            model_bytes=1000,
+        ).run()
 
     result = run("drift", "drift", ServerRealigner(_drift_spec(threshold), sub_llm["float"], LAYER_MAP))
     drifts = [h["drift"] for h in result.history]
-    assert all(d["kl"] > 0 and d["ratio"] == pytest.approx(d["kl"] / d["reference"]) and d["threshold"] == threshold for d in drifts)
+    assert all(
+        d["kl"] > 0 and d["ratio"] == pytest.approx(d["kl"] / d["reference"]) and d["threshold"] == threshold for d in drifts
+    )
     realigned = [h["round"] for h in result.history if h["bytes_realign"]]
     assert realigned == [h["round"] for h, d in zip(result.history, drifts) if d["ratio"] > threshold and h["round"] < 4]
     for h, d in zip(result.history, drifts):  # after a realignment, the reference is the drift under the new layers
@@ -321,8 +386,19 @@ def test_report_plots_the_drift_the_server_wrote(tmp_path, setup, sub_llm):
 
     plan = RoundPlan(seed=1, clients=4, clients_per_round=2, rounds=2, realign_every=1, realign_when="drift", drift_threshold=1.5)
     store = CheckpointStore(tmp_path / "ckpt", IDENTITY, lora_config(LoraSpec(r=4, alpha=8)))
-    history = FederatedServer(plan, InlineTransport(setup), aggregators.create("fedavg", seed=0), "fedavg", store, model_bytes=1000,
-                              realigner=ServerRealigner(_drift_spec(1.5), sub_llm["float"], LAYER_MAP)).run().history
+    history = (
+        FederatedServer(
+            plan,
+            InlineTransport(setup),
+            aggregators.create("fedavg", seed=0),
+            "fedavg",
+            store,
+            model_bytes=1000,
+            realigner=ServerRealigner(_drift_spec(1.5), sub_llm["float"], LAYER_MAP),
+        )
+        .run()
+        .history
+    )
     spec = report_spec("drifting", "fedsoda", federate={"realign_when": "drift", "drift_threshold": 1.5})
     workdir = report_run(tmp_path, "drifting", spec, rounds=history, accuracy={"plugin": 0.5})
     assert [p[0] for p in read_run(workdir).drift_rounds()] == [1, 2]

@@ -22,15 +22,18 @@ def test_a_good_update_passes():
     assert check_update(GLOBAL, good(), max_update_norm=10) is None
 
 
-@pytest.mark.parametrize("update, reason", [
-    (good(**{"a.lora_A.weight": torch.full((2, 3), float("nan"))}), "a.lora_A.weight contains NaN or Inf"),
-    (good(**{"a.lora_B.weight": torch.tensor([[float("inf"), 0.0]] * 3)}), "a.lora_B.weight contains NaN or Inf"),
-    (good(**{"a.lora_A.weight": torch.zeros(3, 2)}), "a.lora_A.weight has shape (3, 2), expected (2, 3)"),
-    (good(**{"a.lora_A.weight": torch.zeros(2, 3, dtype=torch.float64)}), "has dtype torch.float64, expected torch.float32"),
-    ({"a.lora_A.weight": torch.zeros(2, 3)}, "missing 1 adapter tensor(s), e.g. a.lora_B.weight"),
-    (good(**{"b.lora_A.weight": torch.zeros(1)}), "unexpected adapter tensor(s), e.g. b.lora_A.weight"),
-    (good(**{"a.lora_A.weight": torch.full((2, 3), 100.0)}), "update norm 245 exceeds federate.max_update_norm = 10"),
-])
+@pytest.mark.parametrize(
+    "update, reason",
+    [
+        (good(**{"a.lora_A.weight": torch.full((2, 3), float("nan"))}), "a.lora_A.weight contains NaN or Inf"),
+        (good(**{"a.lora_B.weight": torch.tensor([[float("inf"), 0.0]] * 3)}), "a.lora_B.weight contains NaN or Inf"),
+        (good(**{"a.lora_A.weight": torch.zeros(3, 2)}), "a.lora_A.weight has shape (3, 2), expected (2, 3)"),
+        (good(**{"a.lora_A.weight": torch.zeros(2, 3, dtype=torch.float64)}), "has dtype torch.float64, expected torch.float32"),
+        ({"a.lora_A.weight": torch.zeros(2, 3)}, "missing 1 adapter tensor(s), e.g. a.lora_B.weight"),
+        (good(**{"b.lora_A.weight": torch.zeros(1)}), "unexpected adapter tensor(s), e.g. b.lora_A.weight"),
+        (good(**{"a.lora_A.weight": torch.full((2, 3), 100.0)}), "update norm 245 exceeds federate.max_update_norm = 10"),
+    ],
+)
 def test_bad_updates_are_rejected_with_the_reason(update, reason):
     assert reason in check_update(GLOBAL, update, max_update_norm=10)
 

@@ -29,13 +29,22 @@ from fedsoda_cli.federated.flower.shards import write_shards
 from fedsoda_cli.spec import load_spec
 from tests.federated.conftest import prepare_run
 
-pytestmark = pytest.mark.skipif(shutil.which("flower-superlink", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])) is None,
-                                reason="flwr is not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("flower-superlink", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    is None,
+    reason="flwr is not installed",
+)
 
 # Two clients, both sampled every round, realignment after every round (so realigned layers reach the sites).
 # Flower sites always receive the whole realigned layers (they are prepared by its digest), so the
 # local reference ships them whole too, for byte-for-byte equal accounting.
-OVERRIDES = ["federate.clients=2", "federate.clients_per_round=2", "federate.rounds=2", "federate.realign_every=1", 'federate.realign_wire="full"']
+OVERRIDES = [
+    "federate.clients=2",
+    "federate.clients_per_round=2",
+    "federate.rounds=2",
+    "federate.realign_every=1",
+    'federate.realign_wire="full"',
+]
 
 
 def federate(spec, workdir, **options):
@@ -44,8 +53,10 @@ def federate(spec, workdir, **options):
 
 def outputs(workdir):
     out = workdir / "federate"
-    return ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
-            json.loads((out / "summary.json").read_text()))
+    return (
+        [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+        json.loads((out / "summary.json").read_text()),
+    )
 
 
 def flower_run(folder, sub_llm, overrides=()):
@@ -58,8 +69,16 @@ def flower_run(folder, sub_llm, overrides=()):
 
 
 def spec_for(spec_path, fed, overrides=()):
-    return load_spec(spec_path, [*OVERRIDES, 'federate.backend="flower"', *overrides,
-                                 f'federate.flower_superlink="{fed.address}"', "federate.flower_connect_timeout_s=120"])
+    return load_spec(
+        spec_path,
+        [
+            *OVERRIDES,
+            'federate.backend="flower"',
+            *overrides,
+            f'federate.flower_superlink="{fed.address}"',
+            "federate.flower_connect_timeout_s=120",
+        ],
+    )
 
 
 def leftovers(fed) -> list[str]:
@@ -97,9 +116,14 @@ def test_two_rounds_through_flower_match_the_local_backend(tmp_path, sub_llm, lo
     assert summary["model_loads_per_worker"] == {"0": 1, "1": 1}  # one model load per site for the whole run
     assert summary["failed_tasks"] == 0 and manifest.metrics["rounds"] == 2
     wire = summary["wire_bytes"]  # what Flower itself shipped: at least the adapters and layers it carried
-    assert wire["down"] >= summary["bytes"]["adapter_down"] + summary["bytes"]["realign"] and wire["up"] >= summary["bytes"]["adapter_up"]
-    print(f"\nflower: {seconds:.1f} s for 2 rounds incl. SuperLink/SuperNode start; rounds {[line['seconds'] for line in lines]} s; "
-          f"local rounds {[line['seconds'] for line in local_lines]} s; wire {wire}; accounted {summary['bytes']}")
+    assert (
+        wire["down"] >= summary["bytes"]["adapter_down"] + summary["bytes"]["realign"]
+        and wire["up"] >= summary["bytes"]["adapter_up"]
+    )
+    print(
+        f"\nflower: {seconds:.1f} s for 2 rounds incl. SuperLink/SuperNode start; rounds {[line['seconds'] for line in lines]} s; "
+        f"local rounds {[line['seconds'] for line in local_lines]} s; wire {wire}; accounted {summary['bytes']}"
+    )
 
 
 def _kill_site_when(fed, round_to_kill: int, client: int, monkeypatch):
@@ -119,7 +143,12 @@ def test_killed_supernode_the_run_finishes_with_the_other_client(tmp_path, sub_l
     spec_path, workdir, sites = flower_run(tmp_path, sub_llm, ["federate.realign_every=0"])
     with LoopbackFederation(sites, tmp_path / "federation") as fed:
         _kill_site_when(fed, 1, client=1, monkeypatch=monkeypatch)
-        federate(spec_for(spec_path, fed, ["federate.realign_every=0", "federate.min_clients=1", "federate.flower_round_timeout_s=20"]), workdir)
+        federate(
+            spec_for(
+                spec_path, fed, ["federate.realign_every=0", "federate.min_clients=1", "federate.flower_round_timeout_s=20"]
+            ),
+            workdir,
+        )
     assert leftovers(fed) == []
     lines, summary = outputs(workdir)
     assert [line["updated"] for line in lines] == [[0], [0]]
@@ -131,7 +160,9 @@ def test_killed_supernode_the_run_stops_at_the_last_good_round(tmp_path, sub_llm
     spec_path, workdir, sites = flower_run(tmp_path, sub_llm, ["federate.realign_every=0"])
     with LoopbackFederation(sites, tmp_path / "federation") as fed:
         _kill_site_when(fed, 2, client=0, monkeypatch=monkeypatch)
-        spec = spec_for(spec_path, fed, ["federate.realign_every=0", "federate.min_clients=2", "federate.flower_round_timeout_s=20"])
+        spec = spec_for(
+            spec_path, fed, ["federate.realign_every=0", "federate.min_clients=2", "federate.flower_round_timeout_s=20"]
+        )
         with pytest.raises(FedsodaError, match=r"round 2: only 1 valid client update.*last good round: round 1"):
             federate(spec, workdir)
     assert leftovers(fed) == []

@@ -9,7 +9,9 @@ from .test_learning import run_pipeline
 
 
 def test_central_pools_the_data_and_does_the_federations_work(tmp_path):
-    run = run_pipeline(tmp_path, "run.method=central", "federate.partition=dirichlet", "federate.dirichlet_alpha=0.5", "federate.rounds=5")
+    run = run_pipeline(
+        tmp_path, "run.method=central", "federate.partition=dirichlet", "federate.dirichlet_alpha=0.5", "federate.rounds=5"
+    )
     assert run["results"]["plugin"]["accuracy"] >= 0.9 and run["results"]["sub"]["accuracy"] >= 0.9
     partition = json.loads((tmp_path / "work" / "federate" / "partition.json").read_text())
     assert partition["clients"] == 1 and partition["per_client"][0]["size"] == 96  # every training example, one client
@@ -18,8 +20,17 @@ def test_central_pools_the_data_and_does_the_federations_work(tmp_path):
 
 def test_local_trains_every_client_alone_and_reports_the_worst(tmp_path):
     folder = tmp_path / "local"
-    assert run_pipeline(folder, "run.method=local", "federate.partition=dirichlet", "federate.dirichlet_alpha=0.5", "federate.eval_every=0",
-                        "federate.rounds=3")["rounds"] == []
+    assert (
+        run_pipeline(
+            folder,
+            "run.method=local",
+            "federate.partition=dirichlet",
+            "federate.dirichlet_alpha=0.5",
+            "federate.eval_every=0",
+            "federate.rounds=3",
+        )["rounds"]
+        == []
+    )
     work = folder / "work"
     results = json.loads((work / "eval" / "results.json").read_text())
     for target in ("plugin", "sub"):

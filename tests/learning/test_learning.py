@@ -86,8 +86,10 @@ batch_size = 32
 def write_task(folder: Path) -> None:
     rng = random.Random(0)
     rows = [{"item": item, "color": color} for color, items in ITEMS.items() for item in items]
+
     def sample(n):
         return "".join(json.dumps(rng.choice(rows)) + "\n" for _ in range(n))
+
     (folder / "train.jsonl").write_text(sample(160))
     (folder / "eval.jsonl").write_text(sample(64))
 
@@ -101,14 +103,20 @@ def run_pipeline(folder: Path, *overrides: str) -> dict:
     assert result.exit_code == 0, result.output
     work = folder / "work"
     metrics = work / "federate" / "metrics.jsonl"  # the local method has one per client instead
-    return {"results": json.loads((work / "eval" / "results.json").read_text()),
-            "rounds": [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []}
+    return {
+        "results": json.loads((work / "eval" / "results.json").read_text()),
+        "rounds": [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else [],
+    }
 
 
-@pytest.mark.parametrize("overrides", [
-    ("federate.partition=iid",),
-    ("federate.partition=dirichlet", "federate.dirichlet_alpha=0.5", "federate.weighting=examples"),
-], ids=["iid", "dirichlet-0.5"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("federate.partition=iid",),
+        ("federate.partition=dirichlet", "federate.dirichlet_alpha=0.5", "federate.weighting=examples"),
+    ],
+    ids=["iid", "dirichlet-0.5"],
+)
 def test_federated_training_takes_both_targets_from_chance_to_90_percent(tmp_path, overrides):
     run = run_pipeline(tmp_path, *overrides)
     results, evals = run["results"], [r["eval"] for r in run["rounds"] if "eval" in r]

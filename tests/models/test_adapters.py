@@ -52,7 +52,8 @@ def test_mapping_puts_each_module_on_its_original_layer(full_and_sub):
 def test_layers_path_is_not_assumed():
     key = "base_model.model.transformer.h.2.attn.c_attn.lora_A.weight"
     assert adapters.sub_to_full_adapter({key: torch.ones(1)}, [0, 4, 7], layers_path="transformer.h") == {
-        "base_model.model.transformer.h.7.attn.c_attn.lora_A.weight": torch.ones(1)}
+        "base_model.model.transformer.h.7.attn.c_attn.lora_A.weight": torch.ones(1)
+    }
     assert adapters.layer_index("base_model.model.lm_head.lora_A.weight") is None
 
 

@@ -33,8 +33,14 @@ def test_fake_quantize_equals_the_bitsandbytes_weight(quant_type, double_quant):
     import bitsandbytes as bnb
 
     w = torch.randn(8, 200, generator=torch.Generator().manual_seed(0)) * 0.05  # 1600 = 25 blocks of 64
-    p = bnb.nn.Params4bit(w.clone(), requires_grad=False, blocksize=64, compress_statistics=double_quant,
-                          quant_type=quant_type, quant_storage=torch.uint8).to("cpu")
+    p = bnb.nn.Params4bit(
+        w.clone(),
+        requires_grad=False,
+        blocksize=64,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=torch.uint8,
+    ).to("cpu")
     reference = bnb.functional.dequantize_4bit(p.data, p.quant_state)
     fake = fakequant.fake_quantize(w, QuantizeSpec(quant_type=quant_type, double_quant=double_quant))
     assert torch.equal(fake, reference)
@@ -45,8 +51,16 @@ def test_fake_quantize_equals_the_bitsandbytes_weight(quant_type, double_quant):
         assert torch.isclose(ratio.unsqueeze(-1), codes.view(1, 1, -1), atol=1e-6).any(-1).all()
 
 
-@pytest.mark.parametrize("quant", [QuantizeSpec(), QuantizeSpec(quant_type="fp4"), QuantizeSpec(double_quant=False),
-                                   QuantizeSpec(embeddings="int8"), QuantizeSpec(quant_type="none")])
+@pytest.mark.parametrize(
+    "quant",
+    [
+        QuantizeSpec(),
+        QuantizeSpec(quant_type="fp4"),
+        QuantizeSpec(double_quant=False),
+        QuantizeSpec(embeddings="int8"),
+        QuantizeSpec(quant_type="none"),
+    ],
+)
 def test_deployed_view_gives_the_client_logits_and_restores_the_floats(sub, quant):
     folder, model, _ = sub
     client = quantized.quantize_checkpoint(folder, quant)

@@ -18,13 +18,21 @@ def test_prune_and_align_maps_are_written_as_before(tmp_path):
     folder.mkdir()
     pruned = LayerMap([0, 1, 4, 5], 6, [[2, 3]], "sgp", False, storage_budget=BUDGET)
     pruned.write(folder / LAYER_MAP)
-    expected = {"kept": [0, 1, 4, 5], "removed_groups": [[2, 3]], "num_layers": 6, "strategy": "sgp", "iterative": False,
-                "storage_budget": BUDGET}
+    expected = {
+        "kept": [0, 1, 4, 5],
+        "removed_groups": [[2, 3]],
+        "num_layers": 6,
+        "strategy": "sgp",
+        "iterative": False,
+        "storage_budget": BUDGET,
+    }
     assert (folder / LAYER_MAP).read_text() == json.dumps(expected, indent=2)
     read = read_layer_map(folder / LAYER_MAP)
     assert read == pruned
     aligned = read.with_alignment([1, 4], [])
-    assert json.dumps(aligned.to_dict(), indent=2) == json.dumps({**expected, "partial_layers": [1, 4], "bf16_layers": []}, indent=2)
+    assert json.dumps(aligned.to_dict(), indent=2) == json.dumps(
+        {**expected, "partial_layers": [1, 4], "bf16_layers": []}, indent=2
+    )
 
 
 def test_unknown_keys_survive_a_round_trip(tmp_path):
@@ -44,14 +52,17 @@ def test_removed_groups_default_to_runs_of_removed_layers():
     assert LayerMap([0, 1, 2], 3).removed_groups == []
 
 
-@pytest.mark.parametrize("text, message", [
-    (None, "no layer map; rerun `fedsoda prune SPEC`"),
-    ("{not json", "malformed layer map"),
-    ('{"kept": [0, 1]}', "malformed layer map"),
-    ('{"kept": [0, 3, 2], "removed_groups": [[1]], "num_layers": 4}', "'kept' must be increasing"),
-    ('{"kept": [0, 1], "num_layers": 3}', "no 'removed_groups'"),
-    ('{"kept": [0, 1], "removed_groups": [], "num_layers": 3}', "do not cover layers 0..2 exactly once"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (None, "no layer map; rerun `fedsoda prune SPEC`"),
+        ("{not json", "malformed layer map"),
+        ('{"kept": [0, 1]}', "malformed layer map"),
+        ('{"kept": [0, 3, 2], "removed_groups": [[1]], "num_layers": 4}', "'kept' must be increasing"),
+        ('{"kept": [0, 1], "num_layers": 3}', "no 'removed_groups'"),
+        ('{"kept": [0, 1], "removed_groups": [], "num_layers": 3}', "do not cover layers 0..2 exactly once"),
+    ],
+)
 def test_a_damaged_map_names_the_file_and_the_command_that_rebuilds_it(tmp_path, text, message):
     path = tmp_path / "prune" / LAYER_MAP
     path.parent.mkdir()

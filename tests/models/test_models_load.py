@@ -77,7 +77,11 @@ def test_folder_without_config(tmp_path):
     assert "no config.json" in _error(tmp_path)
 
 
-@pytest.mark.parametrize("config", [BertConfig(architectures=["BertForMaskedLM"]), BertConfig(), T5Config()], ids=["bert", "bert-no-architectures", "t5"])
+@pytest.mark.parametrize(
+    "config",
+    [BertConfig(architectures=["BertForMaskedLM"]), BertConfig(), T5Config()],
+    ids=["bert", "bert-no-architectures", "t5"],
+)
 def test_not_a_causal_lm(tmp_path, config):
     config.save_pretrained(tmp_path)
     assert "decoder-only causal LM" in _error(tmp_path)

@@ -26,7 +26,13 @@ def test_architecture(name, cls):
     model, tokenizer = load_causal_lm(ModelSpec(name=name))
     c = model.config
     assert type(model) is cls
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (6, 64, 4, 2, 128)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (
+        6,
+        64,
+        4,
+        2,
+        128,
+    )
     assert len(model.model.layers) == 6
     assert c.vocab_size == len(tokenizer) == 49152
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "embeddings must be tied"

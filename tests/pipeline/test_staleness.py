@@ -1,6 +1,5 @@
 """make-like behaviour: done / stale / missing, input checks, and `run` skipping up-to-date stages."""
 
-
 import pytest
 from rich.console import Console
 

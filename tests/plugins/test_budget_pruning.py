@@ -24,8 +24,12 @@ def random_profile(rng: random.Random, num_layers: int, max_span: int) -> LayerP
 def brute_force(profile: LayerProfile, config: PruneSpec, need: int) -> float:
     """The lowest total distance over every set of disjoint blocks removing >= need layers."""
     L, protected = profile.num_layers, protected_layers(profile.num_layers, config)
-    blocks = [(layer, n) for n, row in profile.distances.items() for layer in range(len(row))
-              if layer + n <= L and not protected & set(range(layer, layer + n))]
+    blocks = [
+        (layer, n)
+        for n, row in profile.distances.items()
+        for layer in range(len(row))
+        if layer + n <= L and not protected & set(range(layer, layer + n))
+    ]
     best = math.inf
     for k in range(1, L + 1):
         for combo in itertools.combinations(blocks, k):

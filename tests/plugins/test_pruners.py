@@ -42,6 +42,7 @@ def random_profile(rng: random.Random, num_layers: int, max_span: int) -> LayerP
 
 # --- sgp ------------------------------------------------------------------------------------
 
+
 def test_sgp_picks_lowest_non_overlapping_blocks():
     # d_2(l) for l = 0..6; the lowest (l=3) rules out l=2 and l=4; l=0 is protected.
     d2 = [0.01, 0.5, 0.2, 0.1, 0.15, 0.3, 0.4]
@@ -64,8 +65,14 @@ def test_sgp_never_chooses_a_non_finite_distance():
 
 
 @settings(max_examples=300, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), num_layers=st.integers(3, 32), n=st.integers(1, 4), p=st.integers(0, 6),
-       first=st.booleans(), last=st.booleans())
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    num_layers=st.integers(3, 32),
+    n=st.integers(1, 4),
+    p=st.integers(0, 6),
+    first=st.booleans(),
+    last=st.booleans(),
+)
 def test_sgp_properties_on_random_profiles(seed, num_layers, n, p, first, last):
     profile = random_profile(random.Random(seed), num_layers, max_span=4)
     config = PruneSpec(group_size=n, groups=p, protect_first=first, protect_last=last)
@@ -96,7 +103,9 @@ def test_sgp_properties_on_random_profiles(seed, num_layers, n, p, first, last):
 
 def test_impossible_requests_raise_spec_error():
     profile = random_profile(random.Random(0), 6, 3)
-    with pytest.raises(SpecError, match=r"prune.groups = 2 x prune.group_size = 2 removes 4 of the model's 6 layers, but at most 3"):
+    with pytest.raises(
+        SpecError, match=r"prune.groups = 2 x prune.group_size = 2 removes 4 of the model's 6 layers, but at most 3"
+    ):
         SimilarityGroupPruner().select(profile, PruneSpec(group_size=2, groups=2))
     for pruner in (BlockInfluencePruner(), UniformPruner(), LastLayersPruner()):
         with pytest.raises(SpecError, match="prune.group_size"):
@@ -104,7 +113,9 @@ def test_impossible_requests_raise_spec_error():
     # 6 of 7 layers fit the budget, but greedy takes block 2..4 first and leaves only 0..1 and 5..6.
     d3 = [0.9, 0.5, 0.1, 0.5, 0.9]
     with pytest.raises(SpecError, match="only 1 non-overlapping blocks"):
-        SimilarityGroupPruner().select(profile_from({3: d3}, 7), PruneSpec(group_size=3, groups=2, protect_first=False, protect_last=False))
+        SimilarityGroupPruner().select(
+            profile_from({3: d3}, 7), PruneSpec(group_size=3, groups=2, protect_first=False, protect_last=False)
+        )
 
 
 def test_sgp_needs_the_span_profiled():
@@ -120,6 +131,7 @@ def test_zero_groups_remove_nothing():
 
 # --- the other built-ins --------------------------------------------------------------------
 
+
 def test_block_influence_removes_lowest_single_layers():
     influence = [0.0, 0.3, 0.05, 0.2, 0.01, 0.4, 0.02, 0.0]  # layers 0 and 7 are protected
     profile = profile_from({1: [0.5] * 8}, 8, influence)
@@ -133,14 +145,20 @@ def test_uniform_spreads_over_the_middle_layers():
     assert groups == [[2], [4], [6], [9], [11], [13], [16], [18], [20], [23], [25], [27]]
     strides = {b[0] - a[0] for a, b in zip(groups, groups[1:])}
     assert strides <= {2, 3}
-    unprotected = UniformPruner().select(profile_from({1: [0.1] * 10}, 10), PruneSpec(group_size=1, groups=2, protect_first=False, protect_last=False))
+    unprotected = UniformPruner().select(
+        profile_from({1: [0.1] * 10}, 10), PruneSpec(group_size=1, groups=2, protect_first=False, protect_last=False)
+    )
     assert unprotected == [[2], [7]]
 
 
 def test_last_removes_the_deepest_layers_but_the_final_one():
     profile = random_profile(random.Random(4), 30, 1)
     assert LastLayersPruner().select(profile, PruneSpec(group_size=3, groups=4)) == [
-        [17, 18, 19], [20, 21, 22], [23, 24, 25], [26, 27, 28]]
+        [17, 18, 19],
+        [20, 21, 22],
+        [23, 24, 25],
+        [26, 27, 28],
+    ]
     assert LastLayersPruner().select(profile, PruneSpec(group_size=2, groups=1, protect_last=False)) == [[28, 29]]
 
 
@@ -158,20 +176,24 @@ def test_builtins_are_registered_and_always_valid(name):
 
 # --- the validator --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad, why", [
-    ([[2, 3], [3, 4]], "overlap at layers \\[3\\]"),
-    ([[7, 8], [2, 3]], "outside the layers 0..7"),
-    ([[-1, 0], [2, 3]], "outside the layers"),
-    ([[0, 1], [3, 4]], "protected layers \\[0\\]"),
-    ([[2, 4], [5, 6]], "not a run of consecutive layers"),
-    ([[2, 3]], "removes 2 layers, but prune.groups x prune.group_size = 4"),
-    ([[2, 3], []], "an empty group"),
-    ("2,3", "not a list of lists"),
-    (None, "not a list of lists"),
-    ([2, 3], "not a list of lists"),
-    ([[2.0, 3.0], [4, 5]], "other than integer layer indices"),
-    ([[True, 2], [4, 5]], "other than integer layer indices"),
-])
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ([[2, 3], [3, 4]], "overlap at layers \\[3\\]"),
+        ([[7, 8], [2, 3]], "outside the layers 0..7"),
+        ([[-1, 0], [2, 3]], "outside the layers"),
+        ([[0, 1], [3, 4]], "protected layers \\[0\\]"),
+        ([[2, 4], [5, 6]], "not a run of consecutive layers"),
+        ([[2, 3]], "removes 2 layers, but prune.groups x prune.group_size = 4"),
+        ([[2, 3], []], "an empty group"),
+        ("2,3", "not a list of lists"),
+        (None, "not a list of lists"),
+        ([2, 3], "not a list of lists"),
+        ([[2.0, 3.0], [4, 5]], "other than integer layer indices"),
+        ([[True, 2], [4, 5]], "other than integer layer indices"),
+    ],
+)
 def test_validator_rejects_broken_selections(bad, why):
     with pytest.raises(PluginError, match=f"pruning strategy 'thirdparty' returned an invalid selection: .*{why}"):
         validate_selection(bad, 8, PruneSpec(group_size=2, groups=2), "thirdparty")
@@ -185,6 +207,7 @@ def test_validator_refuses_removing_every_layer_and_normalises():
 
 
 # --- discovery --------------------------------------------------------------------------------
+
 
 def test_unknown_strategy_suggests_the_closest():
     with pytest.raises(PluginError) as info:
@@ -226,13 +249,15 @@ def test_example_plugin_is_optimal_on_random_profiles(tmp_path):
 
 
 def test_entry_point_pruner_is_found(tmp_path, monkeypatch):
-    (tmp_path / "fake_fedsoda_pruner.py").write_text(textwrap.dedent("""
+    (tmp_path / "fake_fedsoda_pruner.py").write_text(
+        textwrap.dedent("""
         from fedsoda_cli.plugins import Pruner
 
         class EveryOther(Pruner):
             def select(self, profile, config):
                 return [[l] for l in range(1, 2 * config.groups * config.group_size, 2)]
-    """))
+    """)
+    )
     dist = tmp_path / "fake_fedsoda_pruner-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-fedsoda-pruner\nVersion: 0.1\n")

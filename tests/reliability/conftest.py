@@ -152,8 +152,15 @@ def fedsoda(*args) -> Result:
 
 def fedsoda_process(*args, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     """The fedsoda CLI as a real process (`python -m fedsoda_cli ...`), the way CI runs it."""
-    return subprocess.run([sys.executable, "-m", "fedsoda_cli", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=child_env(), **popen)
+    return subprocess.run(
+        [sys.executable, "-m", "fedsoda_cli", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+        **popen,
+    )
 
 
 def child_env() -> dict[str, str]:

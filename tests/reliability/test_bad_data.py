@@ -42,11 +42,18 @@ TASK_FILE_CASES = {
     # case: (train file content, needles: file and line, what is wrong, how to fix)
     "a line that is not JSON": (GOOD + "{not json\n", [":2: not valid JSON", "make every line one JSON object"]),
     "a line that is not an object": (GOOD + "[1, 2]\n", [":2: a JSON list, not an object", "make every line one JSON object"]),
-    "a record without its output field": (GOOD + '{"input": "dull"}\n', [":2: record has no (or an empty) field 'output' (task.output_field)",
-                                                                          "fill it in every record or fix the spec"]),
+    "a record without its output field": (
+        GOOD + '{"input": "dull"}\n',
+        [":2: record has no (or an empty) field 'output' (task.output_field)", "fill it in every record or fix the spec"],
+    ),
     "an empty file": ("", ["has no records", "fill it"]),
-    "a client left without examples": (GOOD, ["client 1 of 2 gets no training example (iid partition of 1 examples)",
-                                              "use fewer federate.clients or more task.train_examples"]),
+    "a client left without examples": (
+        GOOD,
+        [
+            "client 1 of 2 gets no training example (iid partition of 1 examples)",
+            "use fewer federate.clients or more task.train_examples",
+        ],
+    ),
 }
 
 
@@ -73,8 +80,16 @@ def test_task_file_missing(spec_path, workdir, tmp_path):
 
 
 def task_files(train: Path, evaluation: Path) -> list[str]:
-    return ["--set", "task.name='jsonl'", "--set", f"task.train_file='{train}'", "--set", f"task.eval_file='{evaluation}'",
-            "--set", "task.output_field='output'"]
+    return [
+        "--set",
+        "task.name='jsonl'",
+        "--set",
+        f"task.train_file='{train}'",
+        "--set",
+        f"task.eval_file='{evaluation}'",
+        "--set",
+        "task.output_field='output'",
+    ]
 
 
 def test_a_bad_task_file_as_a_real_process(spec_path, workdir, tmp_path):

@@ -35,8 +35,10 @@ def model_folder(template: Path, tmp_path: Path, damage: str) -> Path:
         with open(weights, "r+b") as handle:
             handle.write(b"\xff" * 8)  # the header length: now absurd
     elif damage in ("bert", "t5"):
-        config = {"bert": {"model_type": "bert", "architectures": ["BertForMaskedLM"]},
-                  "t5": {"model_type": "t5", "is_encoder_decoder": True, "architectures": ["T5ForConditionalGeneration"]}}[damage]
+        config = {
+            "bert": {"model_type": "bert", "architectures": ["BertForMaskedLM"]},
+            "t5": {"model_type": "t5", "is_encoder_decoder": True, "architectures": ["T5ForConditionalGeneration"]},
+        }[damage]
         (folder / "config.json").write_text(json.dumps(config))
     elif damage == "no weights":
         weights.unlink()
@@ -45,7 +47,10 @@ def model_folder(template: Path, tmp_path: Path, damage: str) -> Path:
 
 MODEL_CASES = {
     "missing": (None, ["no such folder", "check the path"]),
-    "truncated": ("truncated", ["weight file model.safetensors is corrupt or truncated", "re-save or re-download the checkpoint"]),
+    "truncated": (
+        "truncated",
+        ["weight file model.safetensors is corrupt or truncated", "re-save or re-download the checkpoint"],
+    ),
     "corrupt header": ("corrupt header", ["weight file model.safetensors is corrupt or truncated", "re-save or re-download"]),
     "no weights": ("no weights", ["no weight files (*.safetensors)", "re-save the checkpoint"]),
     "an encoder model": ("bert", ["model type 'bert' is not a decoder-only causal LM", "fedsoda needs a decoder-only causal LM"]),
@@ -94,7 +99,9 @@ def test_a_corrupt_manifest(spec_path, workdir):
     (workdir / "prune" / "manifest.json").write_text('{"stage": "prune", ')
     before = snapshot(workdir)
     result = fedsoda("align", spec_path, "--workdir", workdir)
-    assert_fails(result, "artifact", str(workdir / "prune" / "manifest.json"), "corrupt manifest", "rerun the 'prune' stage with --force")
+    assert_fails(
+        result, "artifact", str(workdir / "prune" / "manifest.json"), "corrupt manifest", "rerun the 'prune' stage with --force"
+    )
     assert snapshot(workdir) == before
 
 

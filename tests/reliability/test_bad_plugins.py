@@ -23,10 +23,15 @@ FILE_CASES = {
     # case: (plugin file content or None for no file, needles)
     "missing": (None, ["not found (spec key 'plugins')", "give a path relative to the spec"]),
     "a syntax error": ("def broken(:\n", ["failed to import: SyntaxError", "fix the file or remove it from 'plugins'"]),
-    "raises at import": ("raise RuntimeError('boom at import')\n", ["failed to import: RuntimeError: boom at import", "fix the file"]),
+    "raises at import": (
+        "raise RuntimeError('boom at import')\n",
+        ["failed to import: RuntimeError: boom at import", "fix the file"],
+    ),
     "imports a missing module": ("import no_such_module_xyz\n", ["failed to import: ModuleNotFoundError", "fix the file"]),
-    "registers a non-class": ("from fedsoda_cli.plugins import pruners\npruners.register('reliability-number')(42)\n",
-                              ["pruner 'reliability-number' must be a subclass of fedsoda_cli.plugins.contracts.Pruner, got 42"]),
+    "registers a non-class": (
+        "from fedsoda_cli.plugins import pruners\npruners.register('reliability-number')(42)\n",
+        ["pruner 'reliability-number' must be a subclass of fedsoda_cli.plugins.contracts.Pruner, got 42"],
+    ),
 }
 
 
@@ -42,7 +47,10 @@ def test_a_broken_plugin_file(case, tmp_path):
 
 
 NAME_CASES = {
-    "an unknown aggregator": ("federate.aggregator='fedavgg'", ["unknown aggregator 'fedavgg'", "did you mean 'fedavg'", "registered: "]),
+    "an unknown aggregator": (
+        "federate.aggregator='fedavgg'",
+        ["unknown aggregator 'fedavgg'", "did you mean 'fedavg'", "registered: "],
+    ),
     "an unknown pruner": ("prune.strategy='spg'", ["unknown pruner 'spg'", "did you mean 'sgp'", "registered: block-influence"]),
 }
 
@@ -60,10 +68,16 @@ def test_an_unregistered_name_as_a_real_process(spec_path):
 
 PRUNER_CASES = {
     "raises": ["pruning strategy 'reliability-raises'", "failed in select(): ValueError: select exploded"],
-    "not-a-list": ["pruning strategy 'reliability-not-a-list' returned an invalid selection", "is not a list of lists of layer indices",
-                   "fix its select() (see docs/plugins.md)"],
-    "overlapping": ["pruning strategy 'reliability-overlapping' returned an invalid selection", "groups overlap at layers [3]",
-                    "fix its select()"],
+    "not-a-list": [
+        "pruning strategy 'reliability-not-a-list' returned an invalid selection",
+        "is not a list of lists of layer indices",
+        "fix its select() (see docs/plugins.md)",
+    ],
+    "overlapping": [
+        "pruning strategy 'reliability-overlapping' returned an invalid selection",
+        "groups overlap at layers [3]",
+        "fix its select()",
+    ],
 }
 
 
@@ -80,8 +94,14 @@ def test_a_pruner_that_breaks_its_contract(case, spec_path, workdir):
 def test_an_aggregator_option_it_does_not_take(command, spec_path, workdir):
     before = snapshot(workdir)
     result = fedsoda(command, spec_path, "--workdir", workdir, "--set", "federate.aggregator_options={trim=0.2}")
-    assert_fails(result, "plugin", "aggregator 'fedavg'", "failed to start", "unexpected keyword argument 'trim'",
-                 "fix the options the spec gives it (e.g. federate.aggregator_options)")
+    assert_fails(
+        result,
+        "plugin",
+        "aggregator 'fedavg'",
+        "failed to start",
+        "unexpected keyword argument 'trim'",
+        "fix the options the spec gives it (e.g. federate.aggregator_options)",
+    )
     assert snapshot(workdir) == before
 
 
@@ -92,7 +112,9 @@ def test_an_aggregator_that_returns_the_wrong_shapes(spec_path, workdir):
     stages_before = {rel: d for rel, d in snapshot(workdir).items() if not rel.startswith("federate.checkpoints")}
     result = fedsoda("federate", spec_path, "--workdir", workdir, "--set", "federate.aggregator='reliability-wrong-shape'")
     line = assert_fails(result, "plugin", "aggregator 'reliability-wrong-shape' returned", "fix the plugin's aggregate()")
-    assert re.search(r"returned '[\w.]+lora_[AB]\.weight' as \(1, \d+\) torch.float32, expected \(\d+, \d+\) torch.float32", line), line
+    assert re.search(
+        r"returned '[\w.]+lora_[AB]\.weight' as \(1, \d+\) torch.float32, expected \(\d+, \d+\) torch.float32", line
+    ), line
     assert {rel: d for rel, d in snapshot(workdir).items() if not rel.startswith("federate.checkpoints")} == stages_before
     assert_no_scratch_left(workdir)
     assert stage_states(spec_path, workdir) == dict.fromkeys(STAGES, "done")

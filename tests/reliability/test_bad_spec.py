@@ -44,17 +44,26 @@ FILE_CASES = {
     "unknown section": ("[federat]\nrounds = 3\n", ["bad.toml:1", "unknown key 'federat'", "did you mean 'federate'"]),
     "unknown key": ("[federate]\nround = 3\n", ["bad.toml:2", "unknown key 'federate.round'", "did you mean 'rounds'"]),
     "wrong type": ("[prune]\ngroups = 'four'\n", ["bad.toml:2", "prune.groups", "valid integer", "got 'four'"]),
-    "wrong choice": ("[federate]\npartition = 'random'\n", ["bad.toml:2", "federate.partition", "'iid', 'dirichlet' or 'shards'", "got 'random'"]),
+    "wrong choice": (
+        "[federate]\npartition = 'random'\n",
+        ["bad.toml:2", "federate.partition", "'iid', 'dirichlet' or 'shards'", "got 'random'"],
+    ),
     "negative rounds": ("[federate]\nrounds = -1\n", ["bad.toml:2", "federate.rounds", "greater than or equal to 1", "got -1"]),
     "dirichlet alpha 0": ("[federate]\ndirichlet_alpha = 0\n", ["bad.toml:2", "federate.dirichlet_alpha", "greater than 0"]),
     "lora alpha 0": ("[lora]\nalpha = 0\n", ["bad.toml:2", "lora.alpha", "greater than or equal to 1"]),
     "temperature 0": ("[align]\ntau = 0\n", ["bad.toml:2", "align.tau", "greater than 0"]),
-    "more clients per round than clients": ("[federate]\nclients = 2\nclients_per_round = 5\n",
-                                             ["bad.toml:1", "federate.clients_per_round (5) must be <= federate.clients (2)"]),
-    "min_clients above clients_per_round": ("[federate]\nclients_per_round = 2\nmin_clients = 3\n",
-                                            ["bad.toml:1", "federate.min_clients (3) must be <= federate.clients_per_round (2)"]),
-    "profile text is the held-out text": ("[public_data]\nsplit = 'test'\nheldout_split = 'test'\n",
-                                          ["bad.toml:1", "public_data.split and public_data.heldout_split must differ"]),
+    "more clients per round than clients": (
+        "[federate]\nclients = 2\nclients_per_round = 5\n",
+        ["bad.toml:1", "federate.clients_per_round (5) must be <= federate.clients (2)"],
+    ),
+    "min_clients above clients_per_round": (
+        "[federate]\nclients_per_round = 2\nmin_clients = 3\n",
+        ["bad.toml:1", "federate.min_clients (3) must be <= federate.clients_per_round (2)"],
+    ),
+    "profile text is the held-out text": (
+        "[public_data]\nsplit = 'test'\nheldout_split = 'test'\n",
+        ["bad.toml:1", "public_data.split and public_data.heldout_split must differ"],
+    ),
 }
 
 
@@ -75,9 +84,14 @@ OVERRIDE_CASES = {
     "unknown key": ("federate.rouns=3", ["--set 'federate.rouns=3'", "unknown key 'federate.rouns'", "did you mean 'rounds'"]),
     "key below a value": ("federate.rounds.x=1", ["--set 'federate.rounds.x=1'", "'rounds'", "is a value, not a section"]),
     "not a number": ("federate.rounds=abc", ["--set 'federate.rounds=abc'", "federate.rounds", "valid integer", "got 'abc'"]),
-    "out of range": ("federate.rounds=-2", ["--set 'federate.rounds=-2'", "federate.rounds", "greater than or equal to 1", "got -2"]),
-    "contradicts the file": ("federate.clients_per_round=9", ["spec.toml", "--set 'federate.clients_per_round=9'",
-                                                              "federate.clients_per_round (9) must be <= federate.clients (2)"]),
+    "out of range": (
+        "federate.rounds=-2",
+        ["--set 'federate.rounds=-2'", "federate.rounds", "greater than or equal to 1", "got -2"],
+    ),
+    "contradicts the file": (
+        "federate.clients_per_round=9",
+        ["spec.toml", "--set 'federate.clients_per_round=9'", "federate.clients_per_round (9) must be <= federate.clients (2)"],
+    ),
 }
 
 
@@ -100,15 +114,25 @@ def test_more_layers_removed_than_the_model_has(spec_path, run_copy):
     prune, which refuses before writing anything."""
     before = snapshot(run_copy)
     result = fedsoda("run", spec_path, "--workdir", run_copy, "--set", "prune.groups=3", "--set", "prune.group_size=2")
-    assert_fails(result, "spec", "prune.groups = 3 x prune.group_size = 2 removes 6 of the model's 6 layers",
-                 "at most 3 can go", "lower prune.groups or prune.group_size")
+    assert_fails(
+        result,
+        "spec",
+        "prune.groups = 3 x prune.group_size = 2 removes 6 of the model's 6 layers",
+        "at most 3 can go",
+        "lower prune.groups or prune.group_size",
+    )
     assert snapshot(run_copy) == before
     assert_no_scratch_left(run_copy)
 
 
 def test_run_range_that_is_not_a_stage(spec_path, run_copy):
-    assert_fails(fedsoda("run", spec_path, "--workdir", run_copy, "--from", "prun"), "spec",
-                 "--from 'prun'", "not a stage of this method", "choose one of profile, prune")
+    assert_fails(
+        fedsoda("run", spec_path, "--workdir", run_copy, "--from", "prun"),
+        "spec",
+        "--from 'prun'",
+        "not a stage of this method",
+        "choose one of profile, prune",
+    )
 
 
 def test_a_spec_error_as_a_real_process(tmp_path):

@@ -34,8 +34,16 @@ def test_unusable_updates_are_excluded_and_the_run_stops_cleanly(case, spec_path
     overrides, reason = CASES[case]
     stages_before = {rel: d for rel, d in snapshot(workdir).items() if not rel.startswith("federate.checkpoints")}
     result = fedsoda("federate", spec_path, "--workdir", workdir, *[a for o in overrides for a in ("--set", o)])
-    line = assert_fails(result, "runtime", "only 0 valid client update(s), federate.min_clients = 1", "client 0: ", "client 1: ",
-                        reason, "stopped, last good round: ", "Fix the cause and rerun with --resume")
+    line = assert_fails(
+        result,
+        "runtime",
+        "only 0 valid client update(s), federate.min_clients = 1",
+        "client 0: ",
+        "client 1: ",
+        reason,
+        "stopped, last good round: ",
+        "Fix the cause and rerun with --resume",
+    )
     assert line.count(reason) == 2
     failed_round = int(re.search(r"error: round (\d+):", line).group(1))
     out = " ".join(result.stdout.split())

@@ -29,11 +29,13 @@ FIXTURES = [HealthCheck.function_scoped_fixture]
 
 def _aggregator_file(folder: Path, file_name: str, name: str) -> Path:
     path = folder / file_name
-    path.write_text("from fedsoda_cli.plugins import Aggregator, aggregators\n\n"
-                    f"@aggregators.register({name!r})\n"
-                    "class Mine(Aggregator):\n"
-                    "    def aggregate(self, round, global_adapter, updates):\n"
-                    "        return global_adapter\n")
+    path.write_text(
+        "from fedsoda_cli.plugins import Aggregator, aggregators\n\n"
+        f"@aggregators.register({name!r})\n"
+        "class Mine(Aggregator):\n"
+        "    def aggregate(self, round, global_adapter, updates):\n"
+        "        return global_adapter\n"
+    )
     return path
 
 
@@ -43,19 +45,30 @@ def test_a_plugin_cannot_take_a_name_already_registered(tmp_path):
     second = _aggregator_file(tmp_path, "twin_two.py", "reliability-twin")
     spec = tmp_path / "spec.toml"
     spec.write_text(f'plugins = ["{builtin_clash.name}"]\n')
-    assert_fails(fedsoda("validate", spec), "plugin", "aggregator 'fedavg' is registered twice",
-                 "built-in fedsoda_cli.plugins.aggregators.fedavg:FedAvg", str(builtin_clash), "give the plugin another name")
+    assert_fails(
+        fedsoda("validate", spec),
+        "plugin",
+        "aggregator 'fedavg' is registered twice",
+        "built-in fedsoda_cli.plugins.aggregators.fedavg:FedAvg",
+        str(builtin_clash),
+        "give the plugin another name",
+    )
     spec.write_text(f'plugins = ["{first.name}", "{second.name}"]\n')
-    assert_fails(fedsoda("validate", spec), "plugin", "aggregator 'reliability-twin' is registered twice",
-                 str(first), str(second))
+    assert_fails(
+        fedsoda("validate", spec), "plugin", "aggregator 'reliability-twin' is registered twice", str(first), str(second)
+    )
     assert aggregators.get("fedavg").__module__ == "fedsoda_cli.plugins.aggregators.fedavg"  # the built-in stayed
 
 
 def test_the_builtins_and_their_own_entry_points_are_one_plugin():
     """An installed fedsoda's metadata may still list the built-ins as entry points (installs made before
     they were declared only in code): the same target is no clash."""
-    fresh = Registry("aggregator", "fedsoda.aggregators", Aggregator,
-                     {"fedavg": "fedsoda_cli.plugins.aggregators.fedavg:FedAvg", "fedavgm": "fedsoda_cli.plugins.aggregators.fedavgm:FedAvgM"})
+    fresh = Registry(
+        "aggregator",
+        "fedsoda.aggregators",
+        Aggregator,
+        {"fedavg": "fedsoda_cli.plugins.aggregators.fedavg:FedAvg", "fedavgm": "fedsoda_cli.plugins.aggregators.fedavgm:FedAvgM"},
+    )
     assert {"fedavg", "fedavgm"} <= set(fresh.names())
     assert fresh.create("fedavg", seed=0) is not None
 
@@ -66,7 +79,9 @@ def test_a_plugin_file_that_calls_sys_exit_is_a_plugin_error(tmp_path, code):
     plugin.write_text(f"import sys\nsys.exit({code!r})\n")
     spec = tmp_path / "spec.toml"
     spec.write_text(f'plugins = ["{plugin.name}"]\n')
-    assert_fails(fedsoda("validate", spec), "plugin", f"plugin file {plugin} called sys.exit({code!r})", "only define and register")
+    assert_fails(
+        fedsoda("validate", spec), "plugin", f"plugin file {plugin} called sys.exit({code!r})", "only define and register"
+    )
 
 
 # ---- values refused at validate -------------------------------------------------------------------
@@ -79,9 +94,16 @@ VALUE_CASES = {
     "no per-round eval targets": (["federate.eval_targets=[]"], "spec", ["federate.eval_targets", "at least 1 item"]),
     "no lora layers": (["lora.layers=[]"], "spec", ["lora.layers is empty", "omit the key"]),
     "a lora layer past the model": (["lora.layers=[1, 6]"], "spec", ["lora.layers holds 6", "the model has 6 layers"]),
-    "more layers pruned than the model has": (["prune.groups=3", "prune.group_size=2"], "spec",
-                                              ["removes 6 of the model's 6 layers", "lower prune.groups or prune.group_size"]),
-    "a model path that does not exist": (["model.path='/nonexistent/model'"], "model", ["model.path /nonexistent/model: no such folder"]),
+    "more layers pruned than the model has": (
+        ["prune.groups=3", "prune.group_size=2"],
+        "spec",
+        ["removes 6 of the model's 6 layers", "lower prune.groups or prune.group_size"],
+    ),
+    "a model path that does not exist": (
+        ["model.path='/nonexistent/model'"],
+        "model",
+        ["model.path /nonexistent/model: no such folder"],
+    ),
     "a format spec": (["task.prompt='Review: {sentence:d}'"], "spec", ["task.prompt", "Unknown format code 'd'", "plain {name}"]),
     "a conversion": (["task.prompt='{sentence!x}'"], "spec", ["task.prompt", "Unknown conversion specifier x"]),
     "an attribute": (["task.prompt='{label.real.foo}'"], "spec", ["task.prompt", "has no attribute 'real'"]),
@@ -98,8 +120,18 @@ def test_a_value_that_would_fail_later_is_refused_by_validate(case, spec_path):
 def test_validate_reads_the_depth_of_a_model_folder_from_its_config(spec_path, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 4,
-                                                   "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128}))
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "num_hidden_layers": 4,
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "intermediate_size": 128,
+            }
+        )
+    )
     result = fedsoda("validate", spec_path, "--set", f"model.path='{model}'", "--set", "prune.groups=2")
     assert_fails(result, "spec", "removes 2 of the model's 4 layers, but at most 1 can go")
     assert fedsoda("validate", spec_path, "--set", f"model.path='{model}'").exit_code == 0  # no weights needed to validate
@@ -107,9 +139,11 @@ def test_validate_reads_the_depth_of_a_model_folder_from_its_config(spec_path, t
 
 # ---- files fedsoda wrote, damaged -----------------------------------------------------------------
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                           max_leaves=8)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
 
 
 def _damage(data, original: bytes) -> bytes:
@@ -120,7 +154,7 @@ def _damage(data, original: bytes) -> bytes:
         return original[: data.draw(st.integers(0, max(0, len(original) - 1)))]
     if how == "flip":
         at = data.draw(st.integers(0, len(original) - 1))
-        return original[:at] + bytes([original[at] ^ data.draw(st.integers(1, 255))]) + original[at + 1:]
+        return original[:at] + bytes([original[at] ^ data.draw(st.integers(1, 255))]) + original[at + 1 :]
     if how == "bytes":
         return data.draw(st.binary(max_size=64).filter(lambda b: b != original))
     if how == "nested":
@@ -154,7 +188,12 @@ def test_a_damaged_manifest_is_an_artifact_error(spec_path, template, tmp_path_f
     assert snapshot(workdir) == before
 
 
-REPORT_FILES = {"spec.json": None, "eval/results.json": "eval", "federate/metrics.jsonl": "federate", "federate/summary.json": "federate"}
+REPORT_FILES = {
+    "spec.json": None,
+    "eval/results.json": "eval",
+    "federate/metrics.jsonl": "federate",
+    "federate/summary.json": "federate",
+}
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=FIXTURES)
@@ -199,17 +238,29 @@ def test_a_corrupt_tokenizer_in_the_model_cache(spec_path, tmp_path):
 def test_an_aggregator_whose_state_dict_is_none(spec_path, workdir, tmp_path):
     # The same `plugins` entry (a part of the spec hashes) in another folder keeps every stage current.
     plugin = tmp_path / "reliability_plugins.py"
-    plugin.write_text("from fedsoda_cli.plugins import aggregators\n"
-                      "from fedsoda_cli.plugins.aggregators.fedavg import FedAvg\n\n"
-                      "@aggregators.register('reliability-none-state')\n"
-                      "class NoneState(FedAvg):\n"
-                      "    def state_dict(self):\n"
-                      "        return None\n")
+    plugin.write_text(
+        "from fedsoda_cli.plugins import aggregators\n"
+        "from fedsoda_cli.plugins.aggregators.fedavg import FedAvg\n\n"
+        "@aggregators.register('reliability-none-state')\n"
+        "class NoneState(FedAvg):\n"
+        "    def state_dict(self):\n"
+        "        return None\n"
+    )
     spec = tmp_path / "spec.toml"
     spec.write_text(spec_path.read_text())
     before = snapshot(workdir)
-    result = fedsoda("federate", spec, "--workdir", workdir, "--set", "federate.aggregator='reliability-none-state'",
-                     "--set", "federate.rounds=1", "--set", "federate.local_steps=1")
+    result = fedsoda(
+        "federate",
+        spec,
+        "--workdir",
+        workdir,
+        "--set",
+        "federate.aggregator='reliability-none-state'",
+        "--set",
+        "federate.rounds=1",
+        "--set",
+        "federate.local_steps=1",
+    )
     assert_fails(result, "plugin", "aggregator 'reliability-none-state' state_dict() returned NoneType", "fix the plugin")
     stage_files = {k: v for k, v in before.items() if not k.startswith(CHECKPOINTS)}
     assert {k: v for k, v in snapshot(workdir).items() if not k.startswith(CHECKPOINTS)} == stage_files
@@ -221,17 +272,34 @@ def test_an_aggregator_whose_state_dict_is_none(spec_path, workdir, tmp_path):
 GOOD = '{"input": "a fine film", "output": "positive"}\n'
 
 
-@pytest.mark.parametrize("case, line, needles", [
-    ("not UTF-8", b'{"input": "caf\xe9", "output": "positive"}\n', [":2: not UTF-8 text (byte 0xe9", "save the file as UTF-8"]),
-    ("nested too deeply", b"[" * 100_000 + b"]" * 100_000 + b"\n", [":2: JSON nested too deeply"]),
-])
+@pytest.mark.parametrize(
+    "case, line, needles",
+    [
+        (
+            "not UTF-8",
+            b'{"input": "caf\xe9", "output": "positive"}\n',
+            [":2: not UTF-8 text (byte 0xe9", "save the file as UTF-8"],
+        ),
+        ("nested too deeply", b"[" * 100_000 + b"]" * 100_000 + b"\n", [":2: JSON nested too deeply"]),
+    ],
+)
 def test_a_task_file_with_bad_bytes_or_deep_nesting(spec_path, workdir, tmp_path, case, line, needles):
     train = tmp_path / "train.jsonl"
     train.write_bytes(GOOD.encode() + line)
     (tmp_path / "eval.jsonl").write_text(GOOD)
     before = snapshot(workdir)
-    result = fedsoda("federate", spec_path, "--workdir", workdir, "--set", "task.name='jsonl'", "--set", f"task.train_file='{train}'",
-                     "--set", f"task.eval_file='{tmp_path / 'eval.jsonl'}'")
+    result = fedsoda(
+        "federate",
+        spec_path,
+        "--workdir",
+        workdir,
+        "--set",
+        "task.name='jsonl'",
+        "--set",
+        f"task.train_file='{train}'",
+        "--set",
+        f"task.eval_file='{tmp_path / 'eval.jsonl'}'",
+    )
     assert_fails(result, "data", str(train), *needles)
     assert snapshot(workdir) == before
 
@@ -274,12 +342,15 @@ def test_any_run_name_is_printed_literally_or_refused_in_one_line(spec_path, nam
 _NO_SPACE = {ord(c): None for c in string.whitespace}
 
 
-@pytest.mark.parametrize("command, option, value, needle", [
-    ("profile", "--workdir", "x" * 5000, "file name too long"),  # created only by a command that writes
-    ("validate", "--set", "model.path='" + "m" * 5000 + "'", "file name too long"),
-    ("validate", "--set", "plugins=['" + "p" * 5000 + ".py']", "file name too long"),
-    ("validate", "--set", "run.workdir='w\x00x'", "contains a NUL character"),
-])
+@pytest.mark.parametrize(
+    "command, option, value, needle",
+    [
+        ("profile", "--workdir", "x" * 5000, "file name too long"),  # created only by a command that writes
+        ("validate", "--set", "model.path='" + "m" * 5000 + "'", "file name too long"),
+        ("validate", "--set", "plugins=['" + "p" * 5000 + ".py']", "file name too long"),
+        ("validate", "--set", "run.workdir='w\x00x'", "contains a NUL character"),
+    ],
+)
 def test_a_path_the_system_cannot_take(spec_path, command, option, value, needle):
     assert_fails(fedsoda(command, spec_path, option, value), "spec", needle)
 
@@ -301,7 +372,9 @@ def test_sigterm_ends_every_worker_in_one_line(spec_path, workdir, tmp_path):
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
-    assert_one_line_error(code, (tmp_path / "stderr.txt").read_text(), 143, "terminated (SIGTERM)", "round checkpoints are kept", "--resume")
+    assert_one_line_error(
+        code, (tmp_path / "stderr.txt").read_text(), 143, "terminated (SIGTERM)", "round checkpoints are kept", "--resume"
+    )
     _, alive = psutil.wait_procs(family, timeout=15)
     assert not alive, f"left running after SIGTERM: {[(p.pid, p.cmdline()) for p in alive]}"
     assert (workdir / CHECKPOINTS / "round-0001" / "state.json").is_file()

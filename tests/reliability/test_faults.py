@@ -38,8 +38,14 @@ CHECKPOINTS = "federate.checkpoints"
 def start(tmp_path: Path, *args) -> subprocess.Popen:
     """The CLI as a process in its own process group (as a shell runs a job), output to files."""
     out, err = (open(tmp_path / name, "w") for name in ("stdout.txt", "stderr.txt"))
-    return subprocess.Popen([sys.executable, "-m", "fedsoda_cli", *map(str, args)], cwd=REPO, env=child_env(),
-                            stdout=out, stderr=err, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsoda_cli", *map(str, args)],
+        cwd=REPO,
+        env=child_env(),
+        stdout=out,
+        stderr=err,
+        start_new_session=True,
+    )
 
 
 def wait_for(path: Path, run: subprocess.Popen, timeout: float = 300) -> None:
@@ -89,8 +95,9 @@ def test_a_client_worker_killed_mid_round_the_run_completes(spec_path, template,
     assert summary["worker_processes_started"] == 2
     # Every round got both updates, and the result is the uninterrupted run's, bit for bit.
     assert round_digests(workdir) == round_digests(template)
-    assert (workdir / "federate" / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (template / "federate" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (workdir / "federate" / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        template / "federate" / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
     assert not worker.is_running()
 
 
@@ -130,7 +137,9 @@ def test_sigkill_of_the_whole_run_then_resume(spec_path, template, workdir, tmp_
 def test_resume_refuses_checkpoints_of_another_spec(spec_path, workdir):
     before = snapshot(workdir)
     result = fedsoda("federate", spec_path, "--workdir", workdir, "--resume", "--set", "federate.lr=0.02")
-    assert_fails(result, "artifact", f"checkpoint {workdir / CHECKPOINTS}", "came from a different spec", "rerun without --resume")
+    assert_fails(
+        result, "artifact", f"checkpoint {workdir / CHECKPOINTS}", "came from a different spec", "rerun without --resume"
+    )
     assert snapshot(workdir) == before
 
 
@@ -149,7 +158,9 @@ def test_ctrl_c_ends_every_worker_and_keeps_finished_work(spec_path, workdir, tm
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
-    assert_one_line_error(code, (tmp_path / "stderr.txt").read_text(), 130, "interrupted", "round checkpoints are kept", "--resume")
+    assert_one_line_error(
+        code, (tmp_path / "stderr.txt").read_text(), 130, "interrupted", "round checkpoints are kept", "--resume"
+    )
     # The process table: none of the run's processes is left, and none was re-parented away.
     _, alive = psutil.wait_procs(family, timeout=15)
     assert not alive, f"left running after Ctrl-C: {[(p.pid, p.cmdline()) for p in alive]}"
@@ -172,8 +183,14 @@ def test_disk_full_during_a_stage_write(spec_path, workdir):
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
     done = fedsoda_process("prune", spec_path, "--workdir", workdir, preexec_fn=small_files)
-    assert_one_line_error(done.returncode, done.stderr, 1, "a file in the workdir: File too large; free disk space",
-                          "choose a writable --workdir", "earlier outputs are intact")
+    assert_one_line_error(
+        done.returncode,
+        done.stderr,
+        1,
+        "a file in the workdir: File too large; free disk space",
+        "choose a writable --workdir",
+        "earlier outputs are intact",
+    )
     assert snapshot(workdir) == before
     assert_no_scratch_left(workdir)
     assert stage_states(spec_path, workdir) == dict.fromkeys(STAGES, "done")

@@ -41,8 +41,15 @@ def without_checkpoints(files: dict[str, str]) -> dict[str, str]:
 
 def kill_at(point: str, args: list[str], timeout: float = 240) -> None:
     """Start the CLI under killpoint, wait for it to announce `point`, SIGKILL its whole process group."""
-    child = subprocess.Popen([sys.executable, "-m", "tests.reliability.killpoint", point, *map(str, args)], cwd=REPO,
-                             env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.reliability.killpoint", point, *map(str, args)],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + timeout
         for line in child.stdout:

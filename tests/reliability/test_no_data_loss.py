@@ -31,8 +31,11 @@ def tree(folder: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under `folder`, hidden ones included ('' for a file itself)."""
     if folder.is_file():
         return {"": hashlib.sha256(folder.read_bytes()).hexdigest()}
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def user_files(folder: Path) -> Path:
@@ -104,6 +107,7 @@ def test_export_replaces_its_own_earlier_export(spec_path, workdir, tmp_path):
 
 # --- stage folders ----------------------------------------------------------------------------------
 
+
 def _file_named_like_the_stage(work: Path) -> None:
     work.mkdir()
     (work / "profile").write_text("not a folder\n")
@@ -128,7 +132,9 @@ def test_a_stage_never_replaces_a_folder_it_did_not_write(case, spec_path, tmp_p
     make(work)
     before = tree(work)
     result = fedsoda("profile", spec_path, "--workdir", work)
-    assert_fails(result, "artifact", str(work / "profile"), needle, ONLY_OURS, "move it out of the way, or choose another --workdir")
+    assert_fails(
+        result, "artifact", str(work / "profile"), needle, ONLY_OURS, "move it out of the way, or choose another --workdir"
+    )
     assert tree(work) == before  # nothing moved into .retired/, no scratch or lock left
 
 
@@ -181,6 +187,7 @@ def test_a_workdir_at_the_filesystem_root_is_refused(spec_path):
 
 
 # --- round checkpoints ------------------------------------------------------------------------------
+
 
 def _latest_checkpoint(workdir: Path) -> Path:
     return sorted((workdir / CHECKPOINTS).glob("round-*"))[-1]
@@ -266,15 +273,27 @@ with artifacts.workdir_lock(Path(sys.argv[1])):
 
 
 def test_a_second_command_on_a_workdir_in_use_fails_at_once(spec_path, workdir, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(workdir)], cwd=REPO, env=child_env(),
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(workdir)],
+        cwd=REPO,
+        env=child_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = snapshot(workdir)
         for command in (["run", "--force"], ["federate", "--resume"], ["profile"], ["export", "--out", tmp_path / "merged"]):
             result = fedsoda(command[0], spec_path, "--workdir", workdir, *command[1:])
-            assert_fails(result, "artifact", str(workdir), "in use by another fedsoda process", f"pid {holder.pid}",
-                         "wait for it to finish, or choose another --workdir")
+            assert_fails(
+                result,
+                "artifact",
+                str(workdir),
+                "in use by another fedsoda process",
+                f"pid {holder.pid}",
+                "wait for it to finish, or choose another --workdir",
+            )
         assert snapshot(workdir) == before and not (tmp_path / "merged").exists()
     finally:
         holder.stdin.close()

@@ -20,14 +20,22 @@ def cited() -> set[tuple[str, str]]:
 
 
 def test_every_cited_test_exists():
-    missing = [f"{path}::{name}" for path, name in sorted(cited())
-               if not (REPO / path).is_file() or name not in functions_in(REPO / path)]
+    missing = [
+        f"{path}::{name}"
+        for path, name in sorted(cited())
+        if not (REPO / path).is_file() or name not in functions_in(REPO / path)
+    ]
     assert not missing, missing
 
 
 def test_every_reliability_test_is_cited():
     refs = cited()
     folder = REPO / "tests" / "reliability"
-    uncited = [f"{path.name}::{name}" for path in sorted(folder.glob("test_*.py")) if path.name != "test_reliability_doc.py"
-               for name in sorted(functions_in(path)) if (f"tests/reliability/{path.name}", name) not in refs]
+    uncited = [
+        f"{path.name}::{name}"
+        for path in sorted(folder.glob("test_*.py"))
+        if path.name != "test_reliability_doc.py"
+        for name in sorted(functions_in(path))
+        if (f"tests/reliability/{path.name}", name) not in refs
+    ]
     assert not uncited, uncited

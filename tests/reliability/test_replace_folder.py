@@ -66,7 +66,9 @@ def test_an_interrupted_swap_leaves_old_or_new_complete(k, then, retired_in, tmp
     if then == "continue":  # an error the process survives: it put the old folder back itself
         assert contents(target) in (OLD, NEW)
     else:  # at most the swap's two renames ran: old under the target or its retired name, new under one of its two names
-        old_at = [p for p in (target, *tmp_path.glob(".out.retired-*"), *(tmp_path / ".retired").glob("out-*")) if contents(p) == OLD]
+        old_at = [
+            p for p in (target, *tmp_path.glob(".out.retired-*"), *(tmp_path / ".retired").glob("out-*")) if contents(p) == OLD
+        ]
         new_at = [p for p in (target, new) if p.is_dir() and contents(p) == NEW]
         assert old_at or new_at
     artifacts.recover_folder(target, retired_in=retired)

@@ -24,7 +24,9 @@ SOURCES = sorted([*(REPO / "fedsoda_cli").rglob("*.py"), *(REPO / "plugins").glo
 
 # Ways Python code can end up unpickling (running) what it reads, and the one acceptable form.
 UNSAFE = {
-    "pickle-family import": re.compile(r"^\s*(import|from)\s+(pickle|_pickle|cPickle|dill|cloudpickle|joblib|shelve|marshal)\b", re.MULTILINE),
+    "pickle-family import": re.compile(
+        r"^\s*(import|from)\s+(pickle|_pickle|cPickle|dill|cloudpickle|joblib|shelve|marshal)\b", re.MULTILINE
+    ),
     "pickle call": re.compile(r"\bpickle\.(loads?|Unpickler)\b"),
     "numpy pickle": re.compile(r"allow_pickle\s*=\s*True"),
     "weights_only=False": re.compile(r"weights_only\s*=\s*False"),
@@ -78,8 +80,13 @@ def test_a_pickle_checkpoint_is_refused_without_running_it(spec_path, template, 
     (model / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": RunsCode(marker)}, protocol=4))
     before = snapshot(workdir)
     done = fedsoda_process("profile", spec_path, "--workdir", workdir, "--set", f"model.path='{model}'")  # stderr as CI sees it
-    assert_one_line_error(done.returncode, done.stderr, 6, f"model.path {model}: cannot load the weights (UnpicklingError: Weights only load failed",
-                          "re-save or re-download the checkpoint")
+    assert_one_line_error(
+        done.returncode,
+        done.stderr,
+        6,
+        f"model.path {model}: cannot load the weights (UnpicklingError: Weights only load failed",
+        "re-save or re-download the checkpoint",
+    )
     assert not marker.exists()
     assert snapshot(workdir) == before
 
@@ -157,8 +164,11 @@ def test_plugins_are_never_loaded_from_a_run_folder(spec_path, workdir, tmp_path
         (folder / "evil.py").write_text(code)
     spec_json = json.loads((workdir / "spec.json").read_text())
     (workdir / "spec.json").write_text(json.dumps({**spec_json, "plugins": ["evil.py", "prune/evil.py"]}))
-    for args in (["status", spec_path, "--workdir", workdir], ["run", spec_path, "--workdir", workdir],
-                 ["report", workdir, "--out", tmp_path / "report"]):
+    for args in (
+        ["status", spec_path, "--workdir", workdir],
+        ["run", spec_path, "--workdir", workdir],
+        ["report", workdir, "--out", tmp_path / "report"],
+    ):
         result = fedsoda(*args)
         assert result.exit_code == 0, result.output
     assert not marker.exists()

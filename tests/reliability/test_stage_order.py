@@ -23,8 +23,12 @@ def test_a_stage_before_its_input_exists(stage, spec_path, tmp_path):
     empty = tmp_path / "fresh"
     result = fedsoda(stage, spec_path, "--workdir", empty)
     needed = NEEDS[stage]
-    assert_fails(result, "artifact", f"stage '{stage}' needs the output of '{needed}' in {empty / needed}",
-                 f"run `fedsoda {needed} SPEC` first")
+    assert_fails(
+        result,
+        "artifact",
+        f"stage '{stage}' needs the output of '{needed}' in {empty / needed}",
+        f"run `fedsoda {needed} SPEC` first",
+    )
     assert not empty.exists() or not any(empty.iterdir())  # no stage folder, no spec.json
 
 
@@ -47,7 +51,12 @@ def test_an_input_made_under_a_different_spec(case, spec_path, workdir):
     stage, override, stale = STALE_CASES[case]
     before = snapshot(workdir)
     result = fedsoda(stage, spec_path, "--workdir", workdir, "--set", override)
-    assert_fails(result, "artifact", f"input '{stale}' in {workdir / stale} is stale", f"rerun `fedsoda {stale} SPEC` (or `fedsoda run SPEC`)")
+    assert_fails(
+        result,
+        "artifact",
+        f"input '{stale}' in {workdir / stale} is stale",
+        f"rerun `fedsoda {stale} SPEC` (or `fedsoda run SPEC`)",
+    )
     assert snapshot(workdir) == before
     assert_no_scratch_left(workdir)
     assert {p.name for p in workdir.iterdir() if not p.name.startswith(".")} == {*STAGES, "spec.json", "federate.checkpoints"}

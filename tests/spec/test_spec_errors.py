@@ -75,16 +75,21 @@ def test_contradictory_settings(tmp_path):
 
 
 def test_overrides_apply_and_parse_toml_values(tmp_path):
-    spec = load_spec(write(tmp_path, "[federate]\nrounds = 3\n"), ["federate.rounds=7", "lora.target_modules=['q_proj']", "run.name=abc"])
+    spec = load_spec(
+        write(tmp_path, "[federate]\nrounds = 3\n"), ["federate.rounds=7", "lora.target_modules=['q_proj']", "run.name=abc"]
+    )
     assert spec.federate.rounds == 7 and spec.lora.target_modules == ["q_proj"] and spec.run.name == "abc"
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("federate.rounds", "expected section.key=value"),
-    ("federat.rounds=3", "did you mean 'federate'"),
-    ("federate.rounds=-2", "federate.rounds"),
-    ("federate.rouns=2", "did you mean 'rounds'"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("federate.rounds", "expected section.key=value"),
+        ("federat.rounds=3", "did you mean 'federate'"),
+        ("federate.rounds=-2", "federate.rounds"),
+        ("federate.rouns=2", "did you mean 'rounds'"),
+    ],
+)
 def test_bad_overrides(tmp_path, override, needle):
     assert needle in error_of(write(tmp_path, ""), [override])
 

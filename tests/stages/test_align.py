@@ -57,12 +57,15 @@ def test_touching_groups_share_one_alignment_point():
     assert [(g.removed, g.teacher_boundary, g.student_boundary) for g in plan] == [((2, 3, 4), 5, 2)]
 
 
-@pytest.mark.parametrize("partial, expected", [
-    ("after_gap", [2, 3]),
-    ("both_neighbours", [1, 2, 3]),
-    ("all_kept", [0, 1, 2, 3]),
-    ([1, 5], [1, 3]),
-])
+@pytest.mark.parametrize(
+    "partial, expected",
+    [
+        ("after_gap", [2, 3]),
+        ("both_neighbours", [1, 2, 3]),
+        ("all_kept", [0, 1, 2, 3]),
+        ([1, 5], [1, 3]),
+    ],
+)
 def test_partial_layers_options(partial, expected):
     assert distill.partial_layers(partial, [0, 1, 3, 5], GROUPS) == expected
 
@@ -89,7 +92,9 @@ def test_a_loss_that_cannot_train_is_a_spec_error_not_a_traceback(tiny_teacher):
     student, kept = pruned(teacher, [[2]])
     config = AlignSpec(alpha=0.0, beta=1.0, hidden_at="gap")
     with pytest.raises(SpecError, match=r"hidden_at"):
-        distill.align_partial_layers(teacher, student, kept, [[2]], "after_gap", distill.seeded_batches(token_windows(2, 8, 4), 2, 0), config, steps=1)
+        distill.align_partial_layers(
+            teacher, student, kept, [[2]], "after_gap", distill.seeded_batches(token_windows(2, 8, 4), 2, 0), config, steps=1
+        )
 
 
 # ---- the loss ------------------------------------------------------------------------------------
@@ -184,7 +189,9 @@ def test_sgd_trains_too(tiny_teacher):
     student, kept = pruned(teacher)
     before = student.model.layers[2].mlp.down_proj.weight.clone()
     config = AlignSpec(optimizer="sgd", lr=1.0)
-    distill.align_partial_layers(teacher, student, kept, GROUPS, "after_gap", distill.seeded_batches(token_windows(2, 8, 4), 2, 0), config, steps=1)
+    distill.align_partial_layers(
+        teacher, student, kept, GROUPS, "after_gap", distill.seeded_batches(token_windows(2, 8, 4), 2, 0), config, steps=1
+    )
     assert not torch.equal(before, student.model.layers[2].mlp.down_proj.weight)
 
 
@@ -196,7 +203,9 @@ def test_alignment_lowers_the_loss(tiny_teacher):
     config = AlignSpec(lr=3e-3, logit_chunk=32)
     with torch.no_grad():
         start = float(distill.oda_loss(teacher, student, fixed, plan, config).loss)
-    history = distill.align_partial_layers(teacher, student, kept, GROUPS, "both_neighbours", iter([fixed] * 12), config, steps=12)
+    history = distill.align_partial_layers(
+        teacher, student, kept, GROUPS, "both_neighbours", iter([fixed] * 12), config, steps=12
+    )
     with torch.no_grad():
         end = float(distill.oda_loss(teacher, student, fixed, plan, config).loss)
     assert len(history) == 12 and history[0]["step"] == 1
@@ -214,8 +223,17 @@ def test_the_hidden_term_alone_lowers_the_hidden_nmse_at_every_gap(tiny_teacher,
     heldout = token_windows(2, 16, 6)
     partial = distill.partial_layers("after_gap", kept, GROUPS)
     before = distill.measure(teacher, student, kept, GROUPS, heldout, config, QuantizeSpec(), partial)
-    history = distill.align_partial_layers(teacher, student, kept, GROUPS, "after_gap", distill.seeded_batches(token_windows(8, 16, 7), 4, 0),
-                                           config, steps=15, quant=QuantizeSpec())
+    history = distill.align_partial_layers(
+        teacher,
+        student,
+        kept,
+        GROUPS,
+        "after_gap",
+        distill.seeded_batches(token_windows(8, 16, 7), 4, 0),
+        config,
+        steps=15,
+        quant=QuantizeSpec(),
+    )
     after = distill.measure(teacher, student, kept, GROUPS, heldout, config, QuantizeSpec(), partial)
     assert set(history[0]["hidden_nmse"]) == {"out3", "out5"}
     view = "deployed" if quant_aware == "ste" else "bf16"
@@ -233,8 +251,17 @@ def test_quant_aware_alignment_changes_only_the_partial_layers_and_lowers_the_de
     heldout = token_windows(2, 16, 8)
     partial = distill.partial_layers("after_gap", kept, GROUPS)
     before = distill.measure(teacher, student, kept, GROUPS, heldout, config, QuantizeSpec(), partial)
-    distill.align_partial_layers(teacher, student, kept, GROUPS, "after_gap", distill.seeded_batches(token_windows(8, 16, 9), 4, 0),
-                                 config, steps=10, quant=QuantizeSpec())
+    distill.align_partial_layers(
+        teacher,
+        student,
+        kept,
+        GROUPS,
+        "after_gap",
+        distill.seeded_batches(token_windows(8, 16, 9), 4, 0),
+        config,
+        steps=10,
+        quant=QuantizeSpec(),
+    )
     after = distill.measure(teacher, student, kept, GROUPS, heldout, config, QuantizeSpec(), partial)
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in frozen.items())  # back to their float values
     assert after["deployed"]["kl"] < before["deployed"]["kl"]
@@ -265,17 +292,21 @@ def make_ctx(tmp_path, spec, prune_dir):
 def tiny_spec(**align):
     from fedsoda_cli.spec.schema import Spec
 
-    return Spec.model_validate({
-        "model": {"name": "tiny-random-llama"},
-        "public_data": {"sequences": 4, "seq_len": 24, "heldout_sequences": 2},
-        "align": {"steps": 3, "batch_size": 2, "lr": 1e-3, **align},
-    })
+    return Spec.model_validate(
+        {
+            "model": {"name": "tiny-random-llama"},
+            "public_data": {"sequences": 4, "seq_len": 24, "heldout_sequences": 2},
+            "align": {"steps": 3, "batch_size": 2, "lr": 1e-3, **align},
+        }
+    )
 
 
 def write_prune_output(folder, teacher, tokenizer, groups=GROUPS):
     student, kept = pruned(teacher, groups)
     save_checkpoint(student, tokenizer, folder / "model")
-    (folder / "layer_map.json").write_text(json.dumps({"kept": kept, "removed_groups": groups, "num_layers": 6, "strategy": "sgp"}))
+    (folder / "layer_map.json").write_text(
+        json.dumps({"kept": kept, "removed_groups": groups, "num_layers": 6, "strategy": "sgp"})
+    )
     return folder
 
 
@@ -333,7 +364,9 @@ def test_bf16_partial_layers_stay_bf16_in_the_client_model(tmp_path, tiny_teache
 
     from fedsoda_cli.pipeline import StageContext
 
-    qctx = StageContext(spec=ctx.spec, workdir=tmp_path, out=tmp_path / "q", inputs={"align": ctx.out}, console=Console(quiet=True))
+    qctx = StageContext(
+        spec=ctx.spec, workdir=tmp_path, out=tmp_path / "q", inputs={"align": ctx.out}, console=Console(quiet=True)
+    )
     result = quantize.run(qctx)
     client, _ = quantized.load_client_model(tmp_path / "q" / "model", prepare_for_training=False)
     assert type(client.model.layers[2].mlp.up_proj) is torch.nn.Linear
@@ -368,7 +401,9 @@ def test_short_alignment_of_smollm2_lowers_heldout_kl():
     heldout = public_sequences(data_dir, "test", tokenizer, 4, 64)
     config = AlignSpec(lr=2e-4, batch_size=4, logit_chunk=256)
     before = distill.evaluate_alignment(teacher, student, kept, groups, heldout, config)
-    distill.align_partial_layers(teacher, student, kept, groups, "after_gap", distill.seeded_batches(train, 4, 0), config, steps=6)
+    distill.align_partial_layers(
+        teacher, student, kept, groups, "after_gap", distill.seeded_batches(train, 4, 0), config, steps=6
+    )
     after = distill.evaluate_alignment(teacher, student, kept, groups, heldout, config)
     assert after["kl"] < before["kl"]
     assert after["ppl_student"] < before["ppl_student"]

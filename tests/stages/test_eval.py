@@ -43,13 +43,15 @@ def data_dir():
 
 
 def _spec(**task) -> Spec:
-    return Spec.model_validate({
-        "model": {"name": "tiny-random-llama"},
-        "task": {"name": "sst2", "eval_examples": 6, **task},
-        "lora": {"r": 4, "alpha": 8},
-        "public_data": {"heldout_sequences": 2, "seq_len": 16},
-        "eval": {"batch_size": 4, "max_new_tokens": 8},
-    })
+    return Spec.model_validate(
+        {
+            "model": {"name": "tiny-random-llama"},
+            "task": {"name": "sst2", "eval_examples": 6, **task},
+            "lora": {"r": 4, "alpha": 8},
+            "public_data": {"heldout_sequences": 2, "seq_len": 16},
+            "eval": {"batch_size": 4, "max_new_tokens": 8},
+        }
+    )
 
 
 def _fake_run(workdir, spec):
@@ -104,8 +106,9 @@ def test_eval_stage_writes_results_and_predictions_for_every_target(tmp_path, da
     examples = load_task(spec.task, data_dir, "eval", spec.run.seed)
     full, tokenizer = load_causal_lm(spec.model)
     zero_shot = label_word_logprobs(full, tokenizer, examples, max_len=spec.task.max_len, batch_size=1)
-    plugin = label_word_logprobs(PeftModel.from_pretrained(full, str(out / "plugin_adapter")), tokenizer, examples,
-                                 max_len=spec.task.max_len, batch_size=1)
+    plugin = label_word_logprobs(
+        PeftModel.from_pretrained(full, str(out / "plugin_adapter")), tokenizer, examples, max_len=spec.task.max_len, batch_size=1
+    )
     by_target = {t: [line["scores"] for line in lines if line["target"] == t] for t in results}
     assert torch.allclose(torch.tensor(by_target["zero-shot"]), torch.tensor(zero_shot), atol=1e-4)
     assert torch.allclose(torch.tensor(by_target["plugin"]), torch.tensor(plugin), atol=1e-4)
@@ -130,8 +133,15 @@ def test_the_in_memory_plugin_model_matches_the_stage_plugin_target(tmp_path, da
     full, tokenizer = load_causal_lm(spec.model)
     examples = load_task(spec.task, data_dir, "eval", spec.run.seed)
     with plugin_model(full, adapter, lora_config(spec.lora), LayerMap(kept, 6)) as model:
-        score = evaluate_task(model, tokenizer, spec.task.name, examples, batch_size=spec.eval.batch_size,
-                              max_len=spec.task.max_len, max_new_tokens=spec.eval.max_new_tokens)
+        score = evaluate_task(
+            model,
+            tokenizer,
+            spec.task.name,
+            examples,
+            batch_size=spec.eval.batch_size,
+            max_len=spec.task.max_len,
+            max_new_tokens=spec.eval.max_new_tokens,
+        )
     assert score.summary() == {k: stage_result[k] for k in score.summary()}
     assert not any("lora" in name for name, _ in full.named_modules())
 

@@ -207,6 +207,8 @@ def test_read_profile_names_missing_and_corrupt_files(tmp_path):
     (tmp_path / "distances.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="distances.json: not readable JSON"):
         read_profile(tmp_path)
-    (tmp_path / "distances.json").write_text(json.dumps({"num_layers": 4, "distances": {"1": [0.1, 0.2]}, "block_influence": [0.1] * 4}))
+    (tmp_path / "distances.json").write_text(
+        json.dumps({"num_layers": 4, "distances": {"1": [0.1, 0.2]}, "block_influence": [0.1] * 4})
+    )
     with pytest.raises(ArtifactError, match="malformed profile"):
         read_profile(tmp_path)

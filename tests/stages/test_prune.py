@@ -30,7 +30,9 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def make_spec(folder: Path, model: str = "tiny-random-llama", prune: str = "", extra: str = "", sequences: int = 4, seq_len: int = 32):
+def make_spec(
+    folder: Path, model: str = "tiny-random-llama", prune: str = "", extra: str = "", sequences: int = 4, seq_len: int = 32
+):
     path = folder / "spec.toml"
     path.write_text(f"""
 {extra}
@@ -66,8 +68,9 @@ def pruned(tmp_path_factory):
 
 def skip_layers(model, removed: set[int]):
     """Hooks that make the removed layers of the full model pass their input through unchanged."""
-    return [layer.register_forward_hook(lambda m, args, out: args[0])
-            for i, layer in enumerate(decoder_layers(model)) if i in removed]
+    return [
+        layer.register_forward_hook(lambda m, args, out: args[0]) for i, layer in enumerate(decoder_layers(model)) if i in removed
+    ]
 
 
 def test_layer_map_follows_the_profile(pruned):
@@ -157,7 +160,9 @@ def test_broken_third_party_output_stops_before_any_file(tmp_path):
         "    def select(self, profile, config):\n"
         "        return [[1, 2], [2, 3]]\n"
     )
-    spec = make_spec(tmp_path, prune='strategy = "test-overlapping"\ngroup_size = 2\ngroups = 1', extra='plugins = ["overlapping.py"]')
+    spec = make_spec(
+        tmp_path, prune='strategy = "test-overlapping"\ngroup_size = 2\ngroups = 1', extra='plugins = ["overlapping.py"]'
+    )
     workdir = tmp_path / "run"
     run_stages(spec, workdir, "profile")
     with pytest.raises(PluginError, match="'test-overlapping' returned an invalid selection: groups overlap at layers \\[2\\]"):
@@ -203,5 +208,5 @@ def test_smollm2_profile_prune_generate(tmp_path):
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = sub.generate(**prompt, max_new_tokens=12, do_sample=False)
-    text = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.strip()

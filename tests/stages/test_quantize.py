@@ -41,7 +41,9 @@ def logits(model, x):
         return model(input_ids=x).logits
 
 
-@pytest.mark.parametrize("quant_type, embeddings", [("nf4", "bf16"), ("fp4", "bf16"), ("int8", "bf16"), ("none", "bf16"), ("nf4", "int8")])
+@pytest.mark.parametrize(
+    "quant_type, embeddings", [("nf4", "bf16"), ("fp4", "bf16"), ("int8", "bf16"), ("none", "bf16"), ("nf4", "int8")]
+)
 def test_reload_gives_the_same_logits(tmp_path, float_sub, quant_type, embeddings):
     folder, float_model, tokenizer = float_sub
     client = quantized.quantize_checkpoint(folder, QuantizeSpec(quant_type=quant_type, embeddings=embeddings))
@@ -85,7 +87,9 @@ def test_nf4_bytes_match_the_bits_per_weight(tmp_path, float_sub):
     quantized.save_client_model(client, tokenizer, tmp_path / "client")
     file = tmp_path / "client" / "model.safetensors"
 
-    linear = [m.weight.numel() for name, m in float_model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
+    linear = [
+        m.weight.numel() for name, m in float_model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name
+    ]
     other = sum(p.numel() for n, p in float_model.named_parameters() if not (n.endswith("proj.weight") and ".layers." in n))
     payload = sum(n / 2 + n / 64 for n in linear) + 2 * other
     # per quantized tensor: quant_map (16 fp32), nested_quant_map (256 fp32), nested_absmax,
@@ -161,7 +165,9 @@ def test_quantize_stage_reports_bytes_and_perplexity(tmp_path, float_sub):
 
     folder, float_model, _ = float_sub
     align_dir = folder.parent
-    (align_dir / "layer_map.json").write_text(json.dumps({"kept": [0, 1, 4, 5], "removed_groups": [REMOVED], "num_layers": 6, "strategy": "sgp"}))
+    (align_dir / "layer_map.json").write_text(
+        json.dumps({"kept": [0, 1, 4, 5], "removed_groups": [REMOVED], "num_layers": 6, "strategy": "sgp"})
+    )
     spec = Spec.model_validate({"model": {"name": "tiny-random-llama"}, "public_data": {"heldout_sequences": 2, "seq_len": 16}})
     out = tmp_path / "out"
     out.mkdir()

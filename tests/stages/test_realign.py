@@ -76,7 +76,9 @@ def test_the_adapter_is_attached_during_realignment(setup):
     """With the adapter on, the loss differs from the loss without it, so realign really sees it."""
     teacher, student, _, kept, state = setup
     with_adapter = run_realign(copy.deepcopy(teacher), copy.deepcopy(student), kept, state, steps=1)
-    plain = distill.align_partial_layers(copy.deepcopy(teacher), copy.deepcopy(student), kept, GROUPS, CONFIG.partial, batches(), CONFIG, 1)
+    plain = distill.align_partial_layers(
+        copy.deepcopy(teacher), copy.deepcopy(student), kept, GROUPS, CONFIG.partial, batches(), CONFIG, 1
+    )
     assert with_adapter.metrics["history"][0]["loss"] != pytest.approx(plain[0]["loss"], rel=1e-6)
 
 
@@ -154,15 +156,17 @@ def test_standalone_realign_writes_a_new_client_model(tmp_path):
     from fedsoda_cli import pipeline
     from fedsoda_cli.spec.schema import Spec
 
-    spec = Spec.model_validate({
-        "run": {"threads": 1},
-        "model": {"name": "tiny-random-llama"},
-        "public_data": {"sequences": 4, "seq_len": 16, "heldout_sequences": 2},
-        "profile": {"max_span": 2},
-        "prune": {"group_size": 1, "groups": 2},
-        "align": {"steps": 1, "batch_size": 2},
-        "realign": {"steps": 2},
-    })
+    spec = Spec.model_validate(
+        {
+            "run": {"threads": 1},
+            "model": {"name": "tiny-random-llama"},
+            "public_data": {"sequences": 4, "seq_len": 16, "heldout_sequences": 2},
+            "profile": {"max_span": 2},
+            "prune": {"group_size": 1, "groups": 2},
+            "align": {"steps": 1, "batch_size": 2},
+            "realign": {"steps": 2},
+        }
+    )
     workdir, console = tmp_path / "run", Console(quiet=True)
     for name in ("profile", "prune", "align", "quantize"):
         pipeline.execute(spec, workdir, pipeline.stage_named(spec, name), console)
@@ -179,7 +183,13 @@ def test_standalone_realign_writes_a_new_client_model(tmp_path):
     manifest = pipeline.execute(spec, workdir, pipeline.REALIGN, console, adapter=tmp_path / "adapter")
     out = workdir / "realign"
     assert (workdir / "quantize" / "model" / "model.safetensors").read_bytes() == old_bytes
-    assert {"model/model.safetensors", "partial_layers.safetensors", "partial_layers.float.safetensors", "layer_map.json", "metrics.jsonl"} <= set(manifest.outputs)
+    assert {
+        "model/model.safetensors",
+        "partial_layers.safetensors",
+        "partial_layers.float.safetensors",
+        "layer_map.json",
+        "metrics.jsonl",
+    } <= set(manifest.outputs)
     assert manifest.metrics["partial_layers_bytes"] == (out / "partial_layers.safetensors").stat().st_size
     assert manifest.metrics["partial_layers_bytes"] < manifest.metrics["client_model_bytes"] / 5
     new_client, _ = quantized.load_client_model(out / "model")
@@ -194,8 +204,19 @@ def test_quant_aware_realign_measures_bf16_and_deployed_before_and_after(setup):
     teacher, student, _, kept, state = setup
     heldout = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(3))
     config = CONFIG.model_copy(update={"quant_aware": "ste"})
-    result = realign(teacher, student, state, kept, GROUPS, batches(), config=config, lora=LORA, steps=2,
-                     heldout_ids=heldout, quant=QuantizeSpec())
+    result = realign(
+        teacher,
+        student,
+        state,
+        kept,
+        GROUPS,
+        batches(),
+        config=config,
+        lora=LORA,
+        steps=2,
+        heldout_ids=heldout,
+        quant=QuantizeSpec(),
+    )
     m = result.metrics
     assert set(m["measured"]) == {"before_bf16", "after_bf16", "deployed_before", "deployed_after"}
     assert all(set(v["hidden_nmse"]) == {"2", "4"} for v in m["measured"].values())

@@ -40,8 +40,13 @@ embeddings = "{embeddings}"
 
 
 def fedsoda(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedsoda_cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "fedsoda_cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.mark.parametrize("embeddings", ["bf16", "int8"])
@@ -74,7 +79,9 @@ def test_a_budget_no_pruning_can_meet_is_one_line(tmp_path):
 
 
 def test_budget_with_another_strategy_is_refused_at_validate(tmp_path):
-    (tmp_path / "spec.toml").write_text(SPEC.format(budget=0.5, embeddings="bf16").replace("[prune]", '[prune]\nstrategy = "uniform"'))
+    (tmp_path / "spec.toml").write_text(
+        SPEC.format(budget=0.5, embeddings="bf16").replace("[prune]", '[prune]\nstrategy = "uniform"')
+    )
     done = fedsoda("validate", "spec.toml", cwd=tmp_path)
     assert done.returncode == 2 and "prune.storage_budget" in done.stdout + done.stderr
 
@@ -87,7 +94,9 @@ def test_rerank_picks_the_lowest_perplexity_block_among_the_top_k(tmp_path):
     from fedsoda_cli.spec import load_spec
     from fedsoda_cli.stages.profile import public_input_ids
 
-    spec_text = SPEC.replace("storage_budget = {budget}", "group_size = 1\ngroups = 2\nrerank_top_k = 3\nrerank_sequences = 3").format(embeddings="bf16")
+    spec_text = SPEC.replace(
+        "storage_budget = {budget}", "group_size = 1\ngroups = 2\nrerank_top_k = 3\nrerank_sequences = 3"
+    ).format(embeddings="bf16")
     (tmp_path / "spec.toml").write_text(spec_text)
     done = fedsoda("run", "spec.toml", "--to", "prune", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -95,7 +104,9 @@ def test_rerank_picks_the_lowest_perplexity_block_among_the_top_k(tmp_path):
     groups = json.loads((tmp_path / "run" / "prune" / "layer_map.json").read_text())["removed_groups"]
     assert len(record["trials"]) <= 2 * 3 and record["sequences"] == 3
     first = [t for t in record["trials"] if t["group"] == 1]
-    assert len(first) == 3 and [t["block"][0] for t in first] == sorted((t["block"][0] for t in first), key=lambda layer: next(x["distance"] for x in first if x["block"][0] == layer))
+    assert len(first) == 3 and [t["block"][0] for t in first] == sorted(
+        (t["block"][0] for t in first), key=lambda layer: next(x["distance"] for x in first if x["block"][0] == layer)
+    )
     best_first = min(first, key=lambda t: t["ppl"])["block"][0]
     assert [best_first] in groups
     # Each trial's perplexity is the pruned model's, measured again here on the same windows.

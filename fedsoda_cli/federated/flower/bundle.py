@@ -61,7 +61,8 @@ fedsoda-token = ""
         '"""fedsoda\'s Flower apps (installed with fedsoda on every machine)."""\n\n'
         "from fedsoda_cli.federated.flower import clientapp, serverapp\n\n"
         "client_app = clientapp.app\n"
-        "server_app = serverapp.app\n")
+        "server_app = serverapp.app\n"
+    )
     return folder
 
 
@@ -70,5 +71,7 @@ def write_cli_home(folder: Path, address: str, root_certificates: Path | None) -
     (TLS with `root_certificates`, or plain HTTP when None); the user's own FLWR_HOME is untouched."""
     folder.mkdir(parents=True, exist_ok=True)
     security = f'root-certificates = "{Path(root_certificates).resolve()}"' if root_certificates else "insecure = true"
-    (folder / "config.toml").write_text(f'[superlink]\ndefault = "fedsoda"\n\n[superlink.fedsoda]\naddress = "{address}"\n{security}\n')
+    (folder / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedsoda"\n\n[superlink.fedsoda]\naddress = "{address}"\n{security}\n'
+    )
     return folder

@@ -99,10 +99,23 @@ def _wait_for(path: Path) -> socket.socket:
 
 
 def _start_worker(config, path: Path) -> None:
-    command = [sys.executable, "-m", "fedsoda_cli.federated.flower.site", "--socket", str(path),
-               "--client", str(int(config["fedsoda-client"])), "--model-dir", str(config["fedsoda-model"]),
-               "--shard", str(config["fedsoda-shard"]), "--threads", str(int(config.get("fedsoda-threads", 1))),
-               "--watch-pid", str(os.getppid())]  # our parent is the SuperNode's SuperExec, which lives as long as it
+    command = [
+        sys.executable,
+        "-m",
+        "fedsoda_cli.federated.flower.site",
+        "--socket",
+        str(path),
+        "--client",
+        str(int(config["fedsoda-client"])),
+        "--model-dir",
+        str(config["fedsoda-model"]),
+        "--shard",
+        str(config["fedsoda-shard"]),
+        "--threads",
+        str(int(config.get("fedsoda-threads", 1))),
+        "--watch-pid",
+        str(os.getppid()),
+    ]  # our parent is the SuperNode's SuperExec, which lives as long as it
     with open(f"{path}.log", "ab") as log:
         # Same process group as the SuperNode (no new session), so stopping the site's group stops it too.
         subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True)

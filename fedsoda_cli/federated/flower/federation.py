@@ -61,17 +61,31 @@ class LoopbackFederation:
         self.home.mkdir(parents=True, exist_ok=True)
         port = free_port()
         self.address = f"127.0.0.1:{port}"
-        self.superlink = self._spawn("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                                                  "--disable-runtime-dependency-installation"])
+        self.superlink = self._spawn(
+            "superlink",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         _wait_for_port(port, self.superlink, self.folder / "superlink.log")
         for site in self.sites:
             self.start_supernode(site)
 
     def start_supernode(self, site: Site) -> subprocess.Popen:
-        config = (f'fedsoda-client={site.client} fedsoda-model="{site.model_dir}" fedsoda-shard="{site.shard}" '
-                  f'fedsoda-socket="{self.folder / f"site-{site.client}.sock"}" fedsoda-threads={site.threads}')
-        process = self._spawn(f"supernode-{site.client}", ["flower-supernode", "--insecure", "--superlink", self.address,
-                                                           "--port", str(free_port()), "--node-config", config])
+        config = (
+            f'fedsoda-client={site.client} fedsoda-model="{site.model_dir}" fedsoda-shard="{site.shard}" '
+            f'fedsoda-socket="{self.folder / f"site-{site.client}.sock"}" fedsoda-threads={site.threads}'
+        )
+        process = self._spawn(
+            f"supernode-{site.client}",
+            ["flower-supernode", "--insecure", "--superlink", self.address, "--port", str(free_port()), "--node-config", config],
+        )
         self.supernodes[site.client] = process
         return process
 
@@ -89,8 +103,9 @@ class LoopbackFederation:
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "ab")
         with log:  # the child keeps its own descriptor
-            return subprocess.Popen(command, env=offline_env(self.home), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True)  # its own process group, so it can be stopped whole
+            return subprocess.Popen(
+                command, env=offline_env(self.home), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )  # its own process group, so it can be stopped whole
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:

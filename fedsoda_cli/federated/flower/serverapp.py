@@ -52,8 +52,15 @@ def main(grid: Grid, context: Context) -> None:
 
 def exchange(grid: Grid, link: socket.socket, items: list[dict], requests: list[bytes], timeout_s: float) -> None:
     """Push one message per item, stream each reply back as it arrives, fail what times out."""
-    messages = [Message(RecordDict({RECORD: ConfigRecord({"request": request})}), dst_node_id=int(item["node"]),
-                        message_type=item["type"], ttl=timeout_s + 60) for item, request in zip(items, requests)]
+    messages = [
+        Message(
+            RecordDict({RECORD: ConfigRecord({"request": request})}),
+            dst_node_id=int(item["node"]),
+            message_type=item["type"],
+            ttl=timeout_s + 60,
+        )
+        for item, request in zip(items, requests)
+    ]
     sizes = [wire_size(m) for m in messages]
     index = {mid: i for i, mid in enumerate(grid.push_messages(messages))}
     deadline = time.monotonic() + timeout_s
@@ -63,10 +70,22 @@ def exchange(grid: Grid, link: socket.socket, items: list[dict], requests: list[
             if i is None:
                 continue
             if reply.has_error():
-                send_frame(link, pack("failed", {"index": i, "reason": f"Flower error {reply.error.code}: {reply.error.reason}", "timed_out": False}))
+                send_frame(
+                    link,
+                    pack(
+                        "failed",
+                        {"index": i, "reason": f"Flower error {reply.error.code}: {reply.error.reason}", "timed_out": False},
+                    ),
+                )
             else:
-                send_frame(link, pack("reply", {"index": i, "wire_down": sizes[i], "wire_up": wire_size(reply)},
-                                      bytes(reply.content[RECORD]["reply"])))
+                send_frame(
+                    link,
+                    pack(
+                        "reply",
+                        {"index": i, "wire_down": sizes[i], "wire_up": wire_size(reply)},
+                        bytes(reply.content[RECORD]["reply"]),
+                    ),
+                )
         if index:
             time.sleep(_POLL_S)
     for i in index.values():

@@ -52,7 +52,7 @@ def read_shard(path: Path) -> list[tuple[str, str]]:
             try:
                 pairs.append((str(record["prompt"]), str(record["answer"])))
             except KeyError as exc:
-                raise ValueError(f"{path}:{number}: a shard line needs \"prompt\" and \"answer\" (missing {exc})") from None
+                raise ValueError(f'{path}:{number}: a shard line needs "prompt" and "answer" (missing {exc})') from None
     if not pairs:
         raise ValueError(f"{path}: the shard holds no examples")
     return pairs
@@ -81,7 +81,9 @@ class SiteWorker:
                 task = unpack_task(header, payload)
                 return pack_result(self._runtime().handle(task, worker=self.client))
         except Exception as exc:  # reported to the server as this client's failure, the worker lives on
-            return pack("error", {"round": header.get("round", 0), "client": self.client, "message": f"{type(exc).__name__}: {exc}"})
+            return pack(
+                "error", {"round": header.get("round", 0), "client": self.client, "message": f"{type(exc).__name__}: {exc}"}
+            )
         return pack("error", {"round": 0, "client": self.client, "message": f"unknown request {kind!r}"})
 
     def prepare(self, header: dict[str, Any], layers: bytes) -> bytes:
@@ -93,15 +95,24 @@ class SiteWorker:
         key = json.dumps(setup, sort_keys=True)
         if self.runtime is None or key != self.setup_key or (self.layers_digest and not wanted):
             self.runtime = None  # free the old model before loading the new one
-            self.runtime = ClientRuntime(WorkerSetup(model_dir=str(self.model_dir), threads=self.threads,
-                                                     shards={self.client: self.pairs}, **setup))
+            self.runtime = ClientRuntime(
+                WorkerSetup(model_dir=str(self.model_dir), threads=self.threads, shards={self.client: self.pairs}, **setup)
+            )
             self.setup_key, self.layers_digest = key, ""
             self.model_loads += 1
         if wanted and wanted != self.layers_digest:
             self.runtime.apply_layers(layers)
             self.layers_digest = wanted
-        return pack("ready", {"client": self.client, "pid": os.getpid(), "model_loads": self.model_loads,
-                              "model_digest": self.digest, "examples": len(self.pairs)})
+        return pack(
+            "ready",
+            {
+                "client": self.client,
+                "pid": os.getpid(),
+                "model_loads": self.model_loads,
+                "model_digest": self.digest,
+                "examples": len(self.pairs),
+            },
+        )
 
     def _runtime(self):
         if self.runtime is None:

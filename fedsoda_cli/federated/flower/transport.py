@@ -72,8 +72,9 @@ class _Wire:
 class FlowerTransport:
     """A `ClientTransport` whose model holders are the site workers of a Flower deployment."""
 
-    def __init__(self, setup: dict[str, Any], clients: int, model_digest: str, settings: FlowerSettings,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self, setup: dict[str, Any], clients: int, model_digest: str, settings: FlowerSettings, log: Callable[[str], None] = print
+    ):
         """`setup` = the WorkerSetup fields every site shares (lora, lora_seed, lora_layers, training, wire_dtype)."""
         self.setup, self.clients, self.model_digest, self.settings, self.log = setup, clients, model_digest, settings, log
         self._layers: bytes | None = None
@@ -103,7 +104,9 @@ class FlowerTransport:
         [outcome] = self._exchange([(node, "query", pack("init"))], self.settings.round_timeout_s)
         kind, header, payload = self._reply(node, outcome)
         if kind != "adapter":
-            raise FedsodaError(f"client {node.client}'s site could not give the initial adapter: {header.get('message', outcome.reason)}")
+            raise FedsodaError(
+                f"client {node.client}'s site could not give the initial adapter: {header.get('message', outcome.reason)}"
+            )
         return payload
 
     def run_tasks(self, tasks: list[ClientTask]) -> Iterator[TaskOutcome]:
@@ -122,7 +125,9 @@ class FlowerTransport:
             if node.node_id in failed:
                 yield TaskFailure(task.round, task.client, failed[node.node_id], worker=task.client)
         ready = [(node, task) for node, task in ready if node.node_id not in failed]
-        outcomes = self._exchange([(node, "train", pack_task(task)) for node, task in ready], self.settings.round_timeout_s, stream=True)
+        outcomes = self._exchange(
+            [(node, "train", pack_task(task)) for node, task in ready], self.settings.round_timeout_s, stream=True
+        )
         for outcome in outcomes:
             node, task = ready[outcome.index]
             yield self._task_outcome(node, task, outcome)
@@ -137,8 +142,12 @@ class FlowerTransport:
         return len(layers)
 
     def stats(self) -> dict[str, Any]:
-        return {"model_loads": dict(sorted(self._loads.items())), "processes_started": 0, "flower_run_id": self.run_id,
-                "wire_bytes": {"down": self._wire.down, "up": self._wire.up, "messages": self._wire.messages}}
+        return {
+            "model_loads": dict(sorted(self._loads.items())),
+            "processes_started": 0,
+            "flower_run_id": self.run_id,
+            "wire_bytes": {"down": self._wire.down, "up": self._wire.up, "messages": self._wire.messages},
+        }
 
     def close(self) -> None:
         """End the Flower run (the ServerApp returns when told to stop), then remove the socket."""
@@ -168,19 +177,24 @@ class FlowerTransport:
         self._listener.listen(1)
         write_cli_home(self._folder / "flwr-home", self.settings.superlink, self.settings.root_certificates)
         app = write_app(self._folder / "app")
-        out = self._flwr("run", str(app), "fedsoda", "--format", "json",
-                         "--run-config", f'fedsoda-socket="{path}" fedsoda-token="{token}"')
-        reply = json.loads(out[out.index("{"):]) if "{" in out else {}
+        out = self._flwr(
+            "run", str(app), "fedsoda", "--format", "json", "--run-config", f'fedsoda-socket="{path}" fedsoda-token="{token}"'
+        )
+        reply = json.loads(out[out.index("{") :]) if "{" in out else {}
         if not reply.get("run-id"):
-            raise FedsodaError(f"the SuperLink at {self.settings.superlink} did not start the run: {' '.join(str(reply.get('error-message', out)).split())}")
+            raise FedsodaError(
+                f"the SuperLink at {self.settings.superlink} did not start the run: {' '.join(str(reply.get('error-message', out)).split())}"
+            )
         self.run_id = str(reply["run-id"])
         self._listener.settimeout(self.settings.connect_timeout_s)
         try:
             link, _ = self._listener.accept()
         except TimeoutError:
-            raise FedsodaError(f"the SuperLink at {self.settings.superlink} did not start fedsoda's ServerApp (run {self.run_id}) within "
-                               f"federate.flower_connect_timeout_s = {self.settings.connect_timeout_s:g} s; it must run on this machine "
-                               f"with fedsoda installed (`flwr log {self.run_id}` shows why)") from None
+            raise FedsodaError(
+                f"the SuperLink at {self.settings.superlink} did not start fedsoda's ServerApp (run {self.run_id}) within "
+                f"federate.flower_connect_timeout_s = {self.settings.connect_timeout_s:g} s; it must run on this machine "
+                f"with fedsoda installed (`flwr log {self.run_id}` shows why)"
+            ) from None
         link.settimeout(None)
         kind, header, _ = unpack(recv_frame(link))
         if kind != "hello" or not secrets.compare_digest(header.get("token", ""), token):
@@ -194,11 +208,15 @@ class FlowerTransport:
         done = subprocess.run(["flwr", *args], env=env, capture_output=True, text=True, timeout=120)
         if check and done.returncode != 0:
             detail = (done.stdout + done.stderr).strip().splitlines()
-            raise FedsodaError(f"`flwr {args[0]}` against the SuperLink at {self.settings.superlink} failed: "
-                               f"{' '.join(line.strip(' │╭╮╰╯─') for line in detail[-3:])}; is it running (see docs/flower.md)?")
+            raise FedsodaError(
+                f"`flwr {args[0]}` against the SuperLink at {self.settings.superlink} failed: "
+                f"{' '.join(line.strip(' │╭╮╰╯─') for line in detail[-3:])}; is it running (see docs/flower.md)?"
+            )
         return done.stdout
 
-    def _exchange(self, items: list[tuple[_Node, str, bytes]], timeout_s: float, stream: bool = False) -> Iterator[_Exchanged] | list[_Exchanged]:
+    def _exchange(
+        self, items: list[tuple[_Node, str, bytes]], timeout_s: float, stream: bool = False
+    ) -> Iterator[_Exchanged] | list[_Exchanged]:
         """Send each (node, message type, request); outcomes in completion order (a generator when
         `stream`, else a list)."""
         outcomes = self._exchange_stream(items, timeout_s)
@@ -207,7 +225,9 @@ class FlowerTransport:
     def _exchange_stream(self, items, timeout_s: float) -> Iterator[_Exchanged]:
         if not items:
             return
-        send_frame(self._link, pack("exchange", {"timeout_s": timeout_s, "items": [{"node": n.node_id, "type": t} for n, t, _ in items]}))
+        send_frame(
+            self._link, pack("exchange", {"timeout_s": timeout_s, "items": [{"node": n.node_id, "type": t} for n, t, _ in items]})
+        )
         for _, _, request in items:
             send_frame(self._link, request)
         while True:
@@ -225,8 +245,10 @@ class FlowerTransport:
             return recv_frame(self._link)
         except (EOFError, OSError):
             self._link = None
-            raise FedsodaError(f"fedsoda's ServerApp (Flower run {self.run_id}) went away; `flwr log {self.run_id}` shows why. "
-                               "Restart the SuperLink if needed and rerun with --resume") from None
+            raise FedsodaError(
+                f"fedsoda's ServerApp (Flower run {self.run_id}) went away; `flwr log {self.run_id}` shows why. "
+                "Restart the SuperLink if needed and rerun with --resume"
+            ) from None
 
     def _count(self, kind: str, down: int, up: int) -> None:
         self._wire.down += down
@@ -249,9 +271,11 @@ class FlowerTransport:
             if not wait or not missing:
                 return
             if time.monotonic() > deadline:
-                raise FedsodaError(f"no SuperNode serves client(s) {missing} after federate.flower_connect_timeout_s = "
-                                   f"{self.settings.connect_timeout_s:g} s ({len(self._live_nodes())} of {self.clients} connected to "
-                                   f"{self.settings.superlink}); start one per client with --node-config 'fedsoda-client=K ...' (docs/flower.md)")
+                raise FedsodaError(
+                    f"no SuperNode serves client(s) {missing} after federate.flower_connect_timeout_s = "
+                    f"{self.settings.connect_timeout_s:g} s ({len(self._live_nodes())} of {self.clients} connected to "
+                    f"{self.settings.superlink}); start one per client with --node-config 'fedsoda-client=K ...' (docs/flower.md)"
+                )
             time.sleep(1.0)
 
     def _greet(self, node_ids: list[int]) -> None:
@@ -262,8 +286,10 @@ class FlowerTransport:
                 continue  # a node that cannot answer yet is asked again on the next discovery
             node.client = int(unpack(outcome.reply)[1]["client"])
             if not 0 <= node.client < self.clients:
-                raise FedsodaError(f"SuperNode {node.node_id} serves fedsoda-client={node.client}, but federate.clients = {self.clients} "
-                                   f"(clients are 0..{self.clients - 1}); fix its --node-config")
+                raise FedsodaError(
+                    f"SuperNode {node.node_id} serves fedsoda-client={node.client}, but federate.clients = {self.clients} "
+                    f"(clients are 0..{self.clients - 1}); fix its --node-config"
+                )
             for other in self._live_nodes():
                 if other.client == node.client:  # a restarted site replaces its old node
                     other.dead = f"replaced by SuperNode {node.node_id}"
@@ -288,12 +314,19 @@ class FlowerTransport:
             node = nodes[outcome.index]
             kind, reply, _ = self._reply(node, outcome)
             if kind != "ready":
-                failures.append((node.node_id, f"client {node.client}'s site could not load the client model: {reply.get('message', outcome.reason)}"))
+                failures.append(
+                    (
+                        node.node_id,
+                        f"client {node.client}'s site could not load the client model: {reply.get('message', outcome.reason)}",
+                    )
+                )
                 continue
             if reply["model_digest"] != self.model_digest:
-                raise FedsodaError(f"client {node.client}'s site (SuperNode {node.node_id}) holds a different client model "
-                                   f"(digest {reply['model_digest']}, the server's is {self.model_digest}); copy the server's "
-                                   f"<workdir>/quantize/model to its fedsoda-model folder")
+                raise FedsodaError(
+                    f"client {node.client}'s site (SuperNode {node.node_id}) holds a different client model "
+                    f"(digest {reply['model_digest']}, the server's is {self.model_digest}); copy the server's "
+                    f"<workdir>/quantize/model to its fedsoda-model folder"
+                )
             node.layers_digest = self._layers_digest
             self._loads[node.client] = int(reply["model_loads"])
         return failures
@@ -313,7 +346,9 @@ class FlowerTransport:
             return unpack_result(header, payload)
         if outcome.timed_out:
             return TaskFailure(task.round, task.client, f"client {task.client}'s SuperNode {node.dead}", worker=task.client)
-        return TaskFailure(task.round, task.client, f"client {task.client}'s site: {header.get('message', outcome.reason)}", worker=task.client)
+        return TaskFailure(
+            task.round, task.client, f"client {task.client}'s site: {header.get('message', outcome.reason)}", worker=task.client
+        )
 
     def _set_layers(self, payload: bytes) -> None:
         self._layers = payload
@@ -340,9 +375,16 @@ def flower_transport(setup, spec, log: Callable[[str], None] = print) -> FlowerT
         if not certificates.is_file():
             raise SpecError(f"federate.flower_root_certificates: {certificates} does not exist")
     elif fed.flower_superlink.rsplit(":", 1)[0].strip("[]") not in ("127.0.0.1", "localhost", "::1"):
-        raise SpecError(f"federate.flower_root_certificates: the SuperLink {fed.flower_superlink} is not on this machine, so its "
-                        "traffic must be encrypted; give the CA certificate of its TLS (docs/flower.md, 'A real deployment')")
-    shared = {"lora": setup.lora, "lora_seed": setup.lora_seed, "lora_layers": setup.lora_layers, "training": setup.training,
-              "wire_dtype": setup.wire_dtype}
+        raise SpecError(
+            f"federate.flower_root_certificates: the SuperLink {fed.flower_superlink} is not on this machine, so its "
+            "traffic must be encrypted; give the CA certificate of its TLS (docs/flower.md, 'A real deployment')"
+        )
+    shared = {
+        "lora": setup.lora,
+        "lora_seed": setup.lora_seed,
+        "lora_layers": setup.lora_layers,
+        "training": setup.training,
+        "wire_dtype": setup.wire_dtype,
+    }
     settings = FlowerSettings(fed.flower_superlink, certificates, fed.flower_round_timeout_s, fed.flower_connect_timeout_s)
     return FlowerTransport(shared, fed.clients, model_digest(Path(setup.model_dir)), settings, log)
