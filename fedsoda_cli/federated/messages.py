@@ -86,9 +86,6 @@ def unpack_result(header: dict[str, Any], payload: bytes) -> ClientResult:
     return ClientResult(adapter=payload, **header)
 
 
-WIRE_DTYPES = ("fp32", "bf16", "fp16")  # federate.wire_dtype: how adapter tensors travel
-
-
 def adapter_to_bytes(adapter: AdapterState, wire_dtype: str = "fp32") -> bytes:
     """Serialize adapter tensors with safetensors (contiguous copies; names sorted by safetensors),
     floating tensors rounded to `wire_dtype` ("fp32", "bf16" or "fp16")."""
