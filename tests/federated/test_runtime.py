@@ -180,8 +180,13 @@ def test_a_killed_worker_is_replaced_and_ctrl_c_leaves_the_last_good_round(tmp_p
     pool = LocalWorkerPool(setup, workers=2, task_timeout_s=300, log=lambda line: None)
     run = server(tmp_path / "local", setup, transport=pool, rounds=2, **plan)
     run.reporter = saboteur = Saboteur(pool)
-    with pytest.raises(KeyboardInterrupt):
-        run.run()
+    # Ctrl-C as a terminal delivers it: a test run started in the background ignores SIGINT.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
     assert len(saboteur.killed) == 1
     assert [(r, retrying) for r, _, _, retrying in saboteur.failures] == [(1, True)]

@@ -38,6 +38,8 @@ CHECKPOINTS = "federate.checkpoints"
 def start(tmp_path: Path, *args) -> subprocess.Popen:
     """The CLI as a process in its own process group (as a shell runs a job), output to files."""
     out, err = (open(tmp_path / name, "w") for name in ("stdout.txt", "stderr.txt"))
+    # SIGINT as a terminal job has it: a test run started in the background (`pytest &` from a
+    # script) ignores SIGINT, and a child inherits an ignored signal, which would hide what Ctrl-C does.
     return subprocess.Popen(
         [sys.executable, "-m", "fedsoda_cli", *map(str, args)],
         cwd=REPO,
@@ -45,6 +47,7 @@ def start(tmp_path: Path, *args) -> subprocess.Popen:
         stdout=out,
         stderr=err,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
