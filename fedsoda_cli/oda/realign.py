@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,35 +59,23 @@ def realign(
     the student trains as the client model of that format (`align.quant_aware`, as in align). With
     `heldout_ids`, KL/NMSE/perplexity (adapter attached) are measured before and after, in bf16 and
     as deployed: metrics "before"/"after" (bf16), "measured" (the four variants), "warnings"."""
-    from fedsoda_cli.models.adapters import attach_lora, load_adapter_state, sub_to_full_adapter
     from fedsoda_cli.models.layers import decoder_layers_path
     from fedsoda_cli.oda.distill import align_partial_layers, measure, partial_layers
 
     partial = partial_layers(config.partial, kept, removed_groups)
     layers_path = decoder_layers_path(student_sub)
-    student = attach_lora(student_sub, lora)
-    try:
-        teacher = attach_lora(teacher_full, lora, layers=kept)
-        try:
-            load_adapter_state(student, adapter_state_sub)
-            load_adapter_state(
-                teacher, sub_to_full_adapter(adapter_state_sub, kept, layers_path=decoder_layers_path(teacher_full))
-            )
+    with adapter_on_both(teacher_full, student_sub, adapter_state_sub, kept, lora) as (teacher, student):
 
-            def measured():
-                if heldout_ids is None:
-                    return None
-                return measure(teacher, student, kept, removed_groups, heldout_ids, config, quant, partial)
+        def measured():
+            if heldout_ids is None:
+                return None
+            return measure(teacher, student, kept, removed_groups, heldout_ids, config, quant, partial)
 
-            before = measured()
-            history = align_partial_layers(
-                teacher, student, kept, removed_groups, config.partial, batches, config, steps, quant=quant, progress=progress
-            )
-            after = measured()
-        finally:
-            teacher.unload()
-    finally:
-        student.unload()
+        before = measured()
+        history = align_partial_layers(
+            teacher, student, kept, removed_groups, config.partial, batches, config, steps, quant=quant, progress=progress
+        )
+        after = measured()
     state = partial_layer_state(student_sub, partial, layers_path)
     metrics = {"steps": len(history), "partial_layers": [kept[k] for k in partial], "history": history}
     if heldout_ids is not None:
@@ -123,11 +112,21 @@ def adapter_drift(
     adapter mapped through `kept`: `evaluate_alignment` (KL, hidden NMSE, perplexities) of the
     student as deployed (its frozen layers in `quant`, see `deployed_view`) on the windows `ids`.
     Both models come back without LoRA and unchanged."""
-    from fedsoda_cli.models.adapters import attach_lora, load_adapter_state, sub_to_full_adapter
-    from fedsoda_cli.models.layers import decoder_layers_path
     from fedsoda_cli.oda.distill import deployed_view, evaluate_alignment, partial_layers
 
     partial = partial_layers(config.partial, kept, removed_groups)
+    with adapter_on_both(teacher_full, student_sub, adapter_state_sub, kept, lora) as (teacher, student):
+        with torch.no_grad(), deployed_view(student, quant, config, partial):
+            return evaluate_alignment(teacher, student, kept, removed_groups, ids, config)
+
+
+@contextmanager
+def adapter_on_both(teacher_full, student_sub, adapter_state_sub: dict[str, torch.Tensor], kept: list[int], lora: LoraSpec):
+    """(teacher, student) with the global adapter attached as frozen LoRA modules, not merged: as
+    is to the student, mapped through `kept` to the teacher. Both come back without LoRA."""
+    from fedsoda_cli.models.adapters import attach_lora, load_adapter_state, sub_to_full_adapter
+    from fedsoda_cli.models.layers import decoder_layers_path
+
     student = attach_lora(student_sub, lora)
     try:
         teacher = attach_lora(teacher_full, lora, layers=kept)
@@ -136,8 +135,7 @@ def adapter_drift(
             load_adapter_state(
                 teacher, sub_to_full_adapter(adapter_state_sub, kept, layers_path=decoder_layers_path(teacher_full))
             )
-            with torch.no_grad(), deployed_view(student, quant, config, partial):
-                return evaluate_alignment(teacher, student, kept, removed_groups, ids, config)
+            yield teacher, student
         finally:
             teacher.unload()
     finally:
