@@ -760,16 +760,10 @@ def _plot_communication(runs: list[RunSummary], path: Path) -> list[Path]:
         if run.communication or run.rounds:
             points = run.cumulative_communication()
             ax.plot([p[0] for p in points], [p[1] / 2**20 for p in points], marker="o", label=f"{run.label} ({run.method})")
-    ax.set_xlabel("round (0 = one-time model download)")
-    ax.set_ylabel("cumulative communication (MiB)")
     ax.set_ylim(bottom=0)
-    ax.set_title("communication per round")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path)
-    return [path]
+    return _save(
+        figure, ax, path, "round (0 = one-time model download)", "cumulative communication (MiB)", "communication per round"
+    )
 
 
 def _plot_accuracy(runs: list[RunSummary], path: Path) -> list[Path]:
@@ -778,14 +772,7 @@ def _plot_accuracy(runs: list[RunSummary], path: Path) -> list[Path]:
     for run in runs:
         for target, points in run.eval_rounds().items():
             ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=f"{run.label} {target}")
-    ax.set_xlabel("round")
-    ax.set_ylabel("accuracy on the validation slice (%)")
-    ax.set_title("accuracy per round")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path)
-    return [path]
+    return _save(figure, ax, path, "round", "accuracy on the validation slice (%)", "accuracy per round")
 
 
 def _plot_accuracy_vs_bytes(runs: list[RunSummary], path: Path) -> list[Path]:
@@ -795,14 +782,14 @@ def _plot_accuracy_vs_bytes(runs: list[RunSummary], path: Path) -> list[Path]:
     for run in runs:
         for target, points in run.eval_rounds().items():
             ax.plot([p[2] / 2**20 for p in points], [100 * p[1] for p in points], marker="o", label=f"{run.label} {target}")
-    ax.set_xlabel("cumulative communication (MiB, model download included)")
-    ax.set_ylabel("accuracy on the validation slice (%)")
-    ax.set_title("accuracy vs communication")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path)
-    return [path]
+    return _save(
+        figure,
+        ax,
+        path,
+        "cumulative communication (MiB, model download included)",
+        "accuracy on the validation slice (%)",
+        "accuracy vs communication",
+    )
 
 
 def _plot_drift(runs: list[RunSummary], path: Path) -> list[Path]:
@@ -819,11 +806,19 @@ def _plot_drift(runs: list[RunSummary], path: Path) -> list[Path]:
         threshold = run.spec.get("federate", {}).get("drift_threshold")
         if threshold:
             ax.axhline(float(threshold), color=line.get_color(), linestyle="--", linewidth=0.8)
-    ax.set_xlabel("round (filled: realigned after it)")
-    ax.set_ylabel("drift (KL / KL after the last alignment)")
-    ax.set_title("drift per round")
+    return _save(
+        figure, ax, path, "round (filled: realigned after it)", "drift (KL / KL after the last alignment)", "drift per round"
+    )
+
+
+def _save(figure, ax, path: Path, xlabel: str, ylabel: str, title: str) -> list[Path]:
+    """Every plot's ending: axis labels, title, grid, a legend when something was drawn, the PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.lines:
+        ax.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path)
     return [path]
