@@ -37,7 +37,10 @@ _SOURCES = ("model", "data")  # every stage that loads the model or data depends
 
 
 PROFILE = Stage("profile", (), (*_SOURCES, "public_data", "profile"), "fedsoda_cli.stages.profile:run")
-PRUNE = Stage("prune", ("profile",), (*_SOURCES, "public_data", "profile", "prune", "plugins"), "fedsoda_cli.stages.prune:run")
+# prune reads quantize: prune.storage_budget chooses its blocks by the client bytes that section predicts
+PRUNE = Stage(
+    "prune", ("profile",), (*_SOURCES, "public_data", "profile", "prune", "quantize", "plugins"), "fedsoda_cli.stages.prune:run"
+)
 ALIGN = Stage("align", ("prune",), (*_SOURCES, "public_data", "align", "quantize", "run.seed"), "fedsoda_cli.stages.align:run")
 QUANTIZE = Stage("quantize", ("align",), (*_SOURCES, "public_data", "quantize"), "fedsoda_cli.stages.quantize:run")
 FEDERATE = Stage(

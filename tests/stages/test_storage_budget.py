@@ -71,6 +71,18 @@ def test_budget_prunes_to_fit_and_quantize_stays_within_it(tmp_path, embeddings)
     assert "storage budget" in done.stdout
 
 
+def test_a_changed_client_precision_makes_the_budgeted_prune_stale(tmp_path):
+    """prune chose its blocks by the bytes the quantize section predicts, so a changed quantize
+    section must send `run` back to prune, not leave a choice made for another precision."""
+    (tmp_path / "spec.toml").write_text(SPEC.format(budget=10**9, embeddings="bf16"))  # bytes: fits whole
+    done = fedsoda("run", "spec.toml", "--to", "prune", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    status = fedsoda("status", "spec.toml", "--set", 'quantize.embeddings="int8"', cwd=tmp_path)
+    assert status.returncode == 0, status.stdout + status.stderr
+    prune_line = next(line for line in status.stdout.splitlines() if "prune" in line)
+    assert "stale" in prune_line
+
+
 def test_a_budget_no_pruning_can_meet_is_one_line(tmp_path):
     (tmp_path / "spec.toml").write_text(SPEC.format(budget=1000, embeddings="bf16"))
     done = fedsoda("run", "spec.toml", "--to", "prune", cwd=tmp_path)
