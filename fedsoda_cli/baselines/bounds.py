@@ -114,7 +114,7 @@ def local_eval(ctx: StageContext) -> StageResult:
         for target in spec.eval.targets:
             if target == "zero-shot":
                 model, tokenizer = eval_stage.build_target(target, spec, folders, ctx.out / eval_stage.PLUGIN_ADAPTER)
-                results[target] = eval_stage.evaluate_target(target, model, tokenizer, examples, spec, bar, lines)
+                results[target], _ = eval_stage.evaluate_target(target, model, tokenizer, examples, spec, bar, lines)
                 del model
                 gc.collect()
                 continue
@@ -128,7 +128,7 @@ def local_eval(ctx: StageContext) -> StageResult:
                 entries.append(
                     eval_stage.evaluate_target(
                         f"{target} {folder.name}", model, tokenizer, examples, spec if i == 0 else per_client_spec, bar, lines
-                    )
+                    )[0]
                 )
                 del model
                 gc.collect()

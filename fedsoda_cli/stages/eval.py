@@ -6,7 +6,10 @@ split (`task.eval_examples` limits it) and `public_data.heldout_sequences` held-
 Out (in the stage folder):
   plugin_adapter/    the global adapter mapped onto the full model: a stock PEFT adapter folder
   results.json       {target: {task, metric, accuracy, correct, count, ci95: [lo, hi],
-                               perplexity, perplexity_nll, perplexity_tokens, seconds}}
+                               perplexity, perplexity_nll, perplexity_tokens, seconds,
+                               vs_zero_shot}}: `vs_zero_shot` (when zero-shot is a target too) is
+                     the paired difference on the same examples (evaluation.stats.paired_difference:
+                     count, both, only_a, only_b, difference, ci95, p_mcnemar)
   predictions.jsonl  one line per target x example: target, id, prediction, gold, correct, and the
                      label-word log-likelihoods (`scores`) or the generated text (`output`)
 """
@@ -37,14 +40,16 @@ def run(ctx: StageContext) -> StageResult:
     folders = run_folders(ctx)
     examples = load_task(spec.task, resolve_data_dir(spec.data, spec_dir(spec)), "eval", spec.run.seed, spec_dir=spec_dir(spec))
     results: dict[str, dict] = {}
+    outcomes: dict[str, list[bool]] = {}
     with open(ctx.out / PREDICTIONS, "w") as lines, terminal.progress(ctx.console) as bar:
         for target in spec.eval.targets:
             started = time.perf_counter()
             model, tokenizer = build_target(target, spec, folders, ctx.out / PLUGIN_ADAPTER)
-            results[target] = evaluate_target(target, model, tokenizer, examples, spec, bar, lines)
+            results[target], outcomes[target] = evaluate_target(target, model, tokenizer, examples, spec, bar, lines)
             results[target]["seconds"] = round(time.perf_counter() - started, 2)
             del model
             gc.collect()  # one target's model at a time in memory
+    add_paired_differences(results, outcomes)
     artifacts.write_json_atomic(ctx.out / RESULTS, results)
     return StageResult(metrics=_metrics(results), summary=_summary(results))
 
@@ -77,8 +82,21 @@ def build_target(target: str, spec, folders: dict[str, Path], plugin_dir: Path):
     return targets.with_adapter(model, plugin_dir), tokenizer
 
 
-def evaluate_target(target: str, model, tokenizer, examples, spec, bar, lines) -> dict:
-    """The results.json entry of one target; its predictions are appended to `lines`."""
+def add_paired_differences(results: dict[str, dict], outcomes: dict[str, list[bool]]) -> None:
+    """Each trained target against zero-shot on the same examples (`vs_zero_shot`): the question
+    a reader asks of a fine-tuning run, answered by the paired test, not by two intervals' overlap."""
+    from fedsoda_cli.evaluation.stats import paired_difference
+
+    if "zero-shot" not in outcomes:
+        return
+    for target in results:
+        if target != "zero-shot":
+            results[target]["vs_zero_shot"] = paired_difference(outcomes[target], outcomes["zero-shot"]).to_json()
+
+
+def evaluate_target(target: str, model, tokenizer, examples, spec, bar, lines) -> tuple[dict, list[bool]]:
+    """The results.json entry of one target and whether each example was answered right (in the
+    order of `examples`); its predictions are appended to `lines`."""
     from fedsoda_cli.evaluation.task import evaluate_task
 
     task = bar.add_task(f"eval {target}", total=len(examples), status=spec.task.name)
@@ -97,7 +115,7 @@ def evaluate_target(target: str, model, tokenizer, examples, spec, bar, lines) -
     entry = score.summary()
     if spec.eval.perplexity:
         entry.update(_perplexity(target, model, tokenizer, spec, bar))
-    return entry
+    return entry, [prediction.correct for prediction in score.predictions]
 
 
 def _perplexity(target: str, model, tokenizer, spec, bar) -> dict:
@@ -137,6 +155,16 @@ def _summary(results: dict[str, dict]) -> list[tuple[str, str]]:
                 f"{100 * r['accuracy']:.1f} %  (95 % CI {100 * lo:.1f}-{100 * hi:.1f}, {r['correct']}/{r['count']})",
             )
         )
+        if "vs_zero_shot" in r:
+            paired = r["vs_zero_shot"]
+            lo, hi = paired["ci95"]
+            rows.append(
+                (
+                    f"{target} - zero-shot",
+                    f"{100 * paired['difference']:+.1f} points  (paired 95 % CI {100 * lo:+.1f} to {100 * hi:+.1f}, "
+                    f"McNemar p {paired['p_mcnemar']:.2g}; {paired['only_a']} won, {paired['only_b']} lost)",
+                )
+            )
         if "perplexity" in r:
             rows.append((f"{target} perplexity", f"{r['perplexity']:.2f}"))
     return rows

@@ -87,7 +87,8 @@ def test_eval_stage_writes_results_and_predictions_for_every_target(tmp_path, da
     spec = _spec()
     workdir = tmp_path / "run"
     _fake_run(workdir, spec)
-    manifest = pipeline.execute(spec, workdir, pipeline.stage_named(spec, "eval"), Console(record=True, width=120))
+    console = Console(record=True, width=160)
+    manifest = pipeline.execute(spec, workdir, pipeline.stage_named(spec, "eval"), console)
     out = workdir / "eval"
 
     results = json.loads((out / RESULTS).read_text())
@@ -101,6 +102,18 @@ def test_eval_stage_writes_results_and_predictions_for_every_target(tmp_path, da
     assert {tuple(sorted(line)) for line in lines} == {("correct", "gold", "id", "prediction", "scores", "target")}
     assert sum(line["correct"] for line in lines if line["target"] == "sub") == results["sub"]["correct"]
     assert manifest.metrics["accuracy"] == {t: r["accuracy"] for t, r in results.items()}
+    # each trained target against zero-shot, paired on the same examples of predictions.jsonl
+    right = {t: {line["id"]: line["correct"] for line in lines if line["target"] == t} for t in results}
+    assert "vs_zero_shot" not in results["zero-shot"]
+    for target in ("plugin", "sub"):
+        paired = results[target]["vs_zero_shot"]
+        won = sum(right[target][i] and not right["zero-shot"][i] for i in right[target])
+        lost = sum(right["zero-shot"][i] and not right[target][i] for i in right[target])
+        assert (paired["count"], paired["only_a"], paired["only_b"]) == (6, won, lost)
+        assert paired["difference"] == pytest.approx(results[target]["accuracy"] - results["zero-shot"]["accuracy"])
+        assert paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
+    shown = console.export_text()
+    assert "plugin - zero-shot" in shown and "sub - zero-shot" in shown and "McNemar p" in shown
 
     # Independent of the stage: stock peft on the written plugin folder, and the bare full model.
     examples = load_task(spec.task, data_dir, "eval", spec.run.seed)
