@@ -361,3 +361,23 @@ def test_bad_run_folders_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArtifactError, match="no finished stage"):
         read_run(tmp_path / "empty")
+
+
+def test_a_damaged_round_line_is_named_with_its_file_line_and_field(tmp_path):
+    """A metrics.jsonl line that is JSON but not a round record (here with a consistent manifest, so
+    the sha256 check lets it through): the error names the file, the line number and the field."""
+    workdir = _run(tmp_path, "soda", _spec("soda", "fedsoda"), rounds=_rounds(10, 20), accuracy={"sub": 0.7})
+    metrics = workdir / "federate" / "metrics.jsonl"
+    first, second = metrics.read_text().splitlines()
+    damaged = json.loads(second)
+    del damaged["bytes_up"]
+    metrics.write_text(first + "\n" + json.dumps(damaged) + "\n")
+    manifest_path = workdir / "federate" / artifacts.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["outputs"]["metrics.jsonl"]["sha256"] = artifacts.sha256_file(metrics)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError) as caught:
+        read_run(workdir)
+    assert str(caught.value) == (
+        f"{metrics}:2: not a round record fedsoda wrote (field 'bytes_up' is missing); rerun `fedsoda federate SPEC --force`"
+    )
