@@ -130,18 +130,18 @@ def federated_run(
     started = time.perf_counter()
     result = FederatedServer(plan, transport, aggregators.create("fedavg", seed=0), "fedavg", store, reporter=clock).run()
     history = result.history
-    busiest = [max(h["train_seconds_by_worker"].values()) for h in history]
+    busiest = [max(h.train_seconds_by_worker.values()) for h in history]
     return {
         "workers": workers,
         "threads": threads,
         "wall_s": time.perf_counter() - started,
         "round_s": statistics.mean(clock.seconds[1:] or clock.seconds),
         "outside_share": statistics.mean(1 - b / s for b, s in zip(busiest[1:] or busiest, clock.seconds[1:] or clock.seconds)),
-        "worker_steps_per_s": CLIENTS * rounds * steps / sum(h["train_seconds"] for h in history),
+        "worker_steps_per_s": CLIENTS * rounds * steps / sum(h.train_seconds for h in history),
         "model_loads": result.transport["model_loads"],
-        "rss_first": history[0]["worker_rss_mb"],
-        "rss_last": history[-1]["worker_rss_mb"],
-        "loss": (history[0]["train_loss"], history[-1]["train_loss"]),
+        "rss_first": history[0].worker_rss_mb,
+        "rss_last": history[-1].worker_rss_mb,
+        "loss": (history[0].train_loss, history[-1].train_loss),
     }
 
 

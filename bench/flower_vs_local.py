@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedsoda_cli import pipeline  # noqa: E402
 from fedsoda_cli.federated.flower.federation import LoopbackFederation, Site  # noqa: E402
 from fedsoda_cli.federated.flower.shards import write_shards  # noqa: E402
+from fedsoda_cli.round_record import RoundRecord  # noqa: E402
 from fedsoda_cli.spec import load_spec  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def run(spec, workdir) -> dict:
     started = time.perf_counter()
     pipeline.execute(spec, workdir, pipeline.stage_named(spec, "federate"), Console(quiet=True))
     out = workdir / "federate"
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [RoundRecord.from_json(json.loads(line)) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"wall": time.perf_counter() - started, "lines": lines, "summary": json.loads((out / "summary.json").read_text())}
 
 
@@ -88,12 +89,12 @@ def main() -> None:
 
 def table(local: dict, flower: dict, args) -> str:
     def later(result):  # rounds after the first (the first holds the sites' model load)
-        seconds = [line["seconds"] for line in result["lines"][1:]]
+        seconds = [line.seconds for line in result["lines"][1:]]
         return statistics.mean(seconds) if seconds else float("nan")
 
     ledger = flower["summary"]["bytes"]
     wire = flower["summary"]["wire_bytes"]
-    same = local["lines"][-1]["global_digest"] == flower["lines"][-1]["global_digest"]
+    same = local["lines"][-1].global_digest == flower["lines"][-1].global_digest
     return "\n".join(
         [
             f"{args.clients} clients x {args.rounds} rounds, tiny random llama (NF4), SST-2",

@@ -3,8 +3,8 @@
 In: run workdirs. From each it reads `spec.json` (the resolved spec, written there by every run),
 every stage's manifest.json (wall time per stage; the quantize/model/ and federate/adapter/ files
 give the client storage), `federate/summary.json` ("bytes": communication by kind),
-`federate/metrics.jsonl` (per round: bytes, step time, worker RSS and, on rounds where the server
-evaluated, "eval") and `eval/results.json` (accuracy of the plugin, sub and zero-shot targets;
+`federate/metrics.jsonl` (round records, read through `RoundRecord.from_json`: bytes, step time,
+worker RSS and, on rounds where the server evaluated, the eval scores) and `eval/results.json` (accuracy of the plugin, sub and zero-shot targets;
 for run.method "local" also the minimum and the accuracy of each client).
 Out (in DIR): report.md (main table, change vs FedPETuning, across seeds, step time and RSS vs the
 fair control, wall time per stage, plots), report.csv (one row per run),
@@ -36,12 +36,12 @@ from typing import Any
 from fedsoda_cli import artifacts
 from fedsoda_cli.errors import ArtifactError
 from fedsoda_cli.evaluation.targets import TARGETS
+from fedsoda_cli.round_record import RoundRecord, RoundRecordError
 from fedsoda_cli.terminal import format_bytes
 
 BASELINE = "fedpetuning"
 KINDS = ("model", "adapter_down", "adapter_up", "realign")  # as in fedsoda_cli.federated.accounting
 STAGE_ORDER = ("profile", "prune", "align", "quantize", "federate", "eval")
-ROUND_KINDS = {"adapter_down": "bytes_down", "adapter_up": "bytes_up", "realign": "bytes_realign"}
 ACCURACY_PNG = "accuracy_per_round.png"
 ACCURACY_BYTES_PNG = "accuracy_vs_communication.png"
 COMMUNICATION_PNG = "communication_per_round.png"
@@ -69,7 +69,7 @@ class RunSummary:
     communication: dict[str, int] = field(default_factory=dict)  # kind -> bytes
     client_storage_bytes: int | None = None
     wall_time_s: dict[str, float] = field(default_factory=dict)  # stage -> seconds
-    rounds: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl lines
+    rounds: list[RoundRecord] = field(default_factory=list)  # metrics.jsonl lines
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name
@@ -86,13 +86,13 @@ class RunSummary:
     @property
     def step_seconds(self) -> float | None:
         """Mean seconds per client optimizer step, over the rounds that measured it."""
-        steps = [float(r["step_seconds"]) for r in self.rounds if r.get("step_seconds") is not None]
+        steps = [r.step_seconds for r in self.rounds if r.step_seconds is not None]
         return statistics.fmean(steps) if steps else None
 
     @property
     def peak_rss_mb(self) -> float | None:
         """The largest worker RSS of any round."""
-        rss = [float(r["worker_rss_mb"]) for r in self.rounds if r.get("worker_rss_mb") is not None]
+        rss = [r.worker_rss_mb for r in self.rounds]
         return max(rss) if rss else None
 
     def eval_rounds(self) -> dict[str, list[tuple[int, float, int]]]:
@@ -100,17 +100,13 @@ class RunSummary:
         cumulative = dict(self.cumulative_communication())
         curves: dict[str, list[tuple[int, float, int]]] = {}
         for record in self.rounds:
-            for target, entry in (record.get("eval") or {}).items():
-                curves.setdefault(target, []).append(
-                    (int(record["round"]), float(entry["accuracy"]), cumulative[int(record["round"])])
-                )
+            for target, entry in (record.eval or {}).items():
+                curves.setdefault(target, []).append((record.round, entry.accuracy, cumulative[record.round]))
         return curves
 
     def drift_rounds(self) -> list[tuple[int, float, bool]]:
         """[(round, drift as a multiple of its reference, realigned after it)] from the rounds that measured drift."""
-        return [
-            (int(r["round"]), float(r["drift"]["ratio"]), bool(r.get("bytes_realign"))) for r in self.rounds if r.get("drift")
-        ]
+        return [(r.round, r.drift.ratio, bool(r.bytes_realign)) for r in self.rounds if r.drift is not None]
 
     @property
     def communication_total(self) -> int | None:
@@ -121,8 +117,8 @@ class RunSummary:
         total = self.communication.get("model", 0)
         points = [(0, total)]
         for record in self.rounds:
-            total += sum(int(record.get(key, 0) or 0) for key in ROUND_KINDS.values())
-            points.append((int(record["round"]), total))
+            total += record.bytes_down + record.bytes_up + record.bytes_realign
+            points.append((record.round, total))
         return points
 
 
@@ -397,37 +393,17 @@ def _read_federate(run: RunSummary, folder: Path) -> None:
             ) from None
 
 
-def _round_record(line: bytes, where: str) -> dict[str, Any]:
-    """One metrics.jsonl line, checked for the fields the report reads, so a damaged line is named
-    here rather than failing later inside a table or a plot."""
+def _round_record(line: bytes, where: str) -> RoundRecord:
+    """One metrics.jsonl line, checked field by field (RoundRecord.from_json), so a damaged line is
+    named here, with its file and line number, rather than failing later inside a table or a plot."""
     try:
-        record = json.loads(line)
+        data = json.loads(line)
     except (ValueError, RecursionError) as exc:
         raise ArtifactError(f"{where}: corrupt metrics line ({type(exc).__name__}); {_FEDERATE_REBUILD}") from None
     try:
-        if not isinstance(record, dict):
-            raise TypeError(f"a JSON {type(record).__name__}, not an object")
-        record["round"] = _integer(record["round"])
-        for key in ("step_seconds", "worker_rss_mb"):
-            if record.get(key) is not None:
-                record[key] = float(record[key])
-        for key in ROUND_KINDS.values():
-            record[key] = _integer(record.get(key, 0) or 0)
-        evals = record.get("eval") or {}
-        record["eval"] = {str(t): {**e, "accuracy": float(e["accuracy"])} for t, e in evals.items()}
-        if record.get("drift") is not None:
-            record["drift"] = {**record["drift"], "ratio": float(record["drift"]["ratio"])}
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise ArtifactError(
-            f"{where}: not a round record fedsoda wrote ({type(exc).__name__}: {str(exc)[:120]}); {_FEDERATE_REBUILD}"
-        ) from None
-    return record
-
-
-def _integer(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise ValueError(f"{value!r} is not a whole number")
-    return int(value)
+        return RoundRecord.from_json(data)
+    except RoundRecordError as exc:
+        raise ArtifactError(f"{where}: not a round record fedsoda wrote ({str(exc)[:160]}); {_FEDERATE_REBUILD}") from None
 
 
 def _per_client(entry: Any) -> dict[str, Any]:

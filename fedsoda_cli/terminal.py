@@ -8,6 +8,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedsoda_cli.artifacts import Manifest
+from fedsoda_cli.round_record import EvalEntry
 
 
 def quiet_third_party() -> None:
@@ -66,13 +67,13 @@ def format_bytes(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
-def format_eval(entry: dict) -> str:
+def format_eval(entry: EvalEntry) -> str:
     """One per-round evaluation entry: accuracy [95 % CI], the predicted-label shares, the eval loss.
     Plain text (label words are user text): escape it before printing it as rich markup."""
-    lo, hi = entry["ci95"]
-    text = f"{100 * entry['accuracy']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
-    if entry.get("label_shares"):
-        text += " (" + ", ".join(f"{label} {100 * share:.0f} %" for label, share in entry["label_shares"].items()) + ")"
-    if entry.get("loss") is not None:
-        text += f", loss {entry['loss']:.3f}"
+    lo, hi = entry.ci95
+    text = f"{100 * entry.accuracy:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
+    if entry.label_shares:
+        text += " (" + ", ".join(f"{label} {100 * share:.0f} %" for label, share in entry.label_shares.items()) + ")"
+    if entry.loss is not None:
+        text += f", loss {entry.loss:.3f}"
     return text

@@ -23,7 +23,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("method libraries and runtime", ("fedsoda_cli.sgp", "fedsoda_cli.oda", "fedsoda_cli.federated", "fedsoda_cli.evaluation")),
     (
         "building blocks",
-        ("fedsoda_cli.models", "fedsoda_cli.data", "fedsoda_cli.plugins", "fedsoda_cli.artifacts", "fedsoda_cli.terminal"),
+        (
+            "fedsoda_cli.models",
+            "fedsoda_cli.data",
+            "fedsoda_cli.plugins",
+            "fedsoda_cli.round_record",
+            "fedsoda_cli.artifacts",
+            "fedsoda_cli.terminal",
+        ),
     ),
     ("leaves", ("fedsoda_cli.spec", "fedsoda_cli.errors", "fedsoda_cli.seeding", "fedsoda_cli")),
 ]

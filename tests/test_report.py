@@ -18,6 +18,7 @@ from fedsoda_cli.compare import baseline_for, change_vs, label_runs, read_run, s
 from fedsoda_cli.errors import ArtifactError, SpecError
 from fedsoda_cli.federated.accounting import Ledger
 from fedsoda_cli.federated.server import RunResult
+from fedsoda_cli.round_record import RoundRecord
 from fedsoda_cli.spec.load import validate
 from fedsoda_cli.stages.federate import summarize
 from tests.stage_folders import write_stage_folder
@@ -36,7 +37,7 @@ def _spec(name, method, seed=0, **sections):
 
 
 def _round(i, down, up, realign=0, *, eval=None, step=0.01, rss=500.0):
-    """One metrics.jsonl line as the federate server writes it."""
+    """The record of one round, from a metrics.jsonl line as the federate server writes it."""
     record = {
         "round": i,
         "clients": [0, 1],
@@ -63,10 +64,11 @@ def _round(i, down, up, realign=0, *, eval=None, step=0.01, rss=500.0):
                 "count": 100,
                 "label_shares": {"positive": 0.5, "negative": 0.5},
                 "loss": 0.7,
+                "seconds": 1.0,
             }
             for target, a in eval.items()
         }
-    return record
+    return RoundRecord.from_json(record)
 
 
 def _rounds(down, up, realign=(0, 0), evals=None, step=0.01, rss=500.0):
@@ -101,9 +103,9 @@ def _run(
     ledger = Ledger()
     ledger.add("model", 0, model_download)
     for r in rounds:
-        ledger.add("adapter_down", 0, r["bytes_down"])
-        ledger.add("adapter_up", 0, r["bytes_up"])
-        ledger.add("realign", 0, r["bytes_realign"])
+        ledger.add("adapter_down", 0, r.bytes_down)
+        ledger.add("adapter_up", 0, r.bytes_up)
+        ledger.add("realign", 0, r.bytes_realign)
     result = RunResult(
         adapter=None, history=list(rounds), ledger=ledger, resumed_after=0, aggregator_state={}, realign_layers=None
     )
@@ -111,7 +113,7 @@ def _run(
     def federate(out):
         (out / "adapter").mkdir()
         (out / "adapter" / "adapter_model.safetensors").write_bytes(b"a" * adapter_bytes)
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rounds))
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in rounds))
         (out / "summary.json").write_text(json.dumps(summarize(spec, result, 10.0)))
 
     def quantize(out):
@@ -359,3 +361,23 @@ def test_bad_run_folders_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArtifactError, match="no finished stage"):
         read_run(tmp_path / "empty")
+
+
+def test_a_damaged_round_line_is_named_with_its_file_line_and_field(tmp_path):
+    """A metrics.jsonl line that is JSON but not a round record (here with a consistent manifest, so
+    the sha256 check lets it through): the error names the file, the line number and the field."""
+    workdir = _run(tmp_path, "soda", _spec("soda", "fedsoda"), rounds=_rounds(10, 20), accuracy={"sub": 0.7})
+    metrics = workdir / "federate" / "metrics.jsonl"
+    first, second = metrics.read_text().splitlines()
+    damaged = json.loads(second)
+    del damaged["bytes_up"]
+    metrics.write_text(first + "\n" + json.dumps(damaged) + "\n")
+    manifest_path = workdir / "federate" / artifacts.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["outputs"]["metrics.jsonl"]["sha256"] = artifacts.sha256_file(metrics)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError) as caught:
+        read_run(workdir)
+    assert str(caught.value) == (
+        f"{metrics}:2: not a round record fedsoda wrote (field 'bytes_up' is missing); rerun `fedsoda federate SPEC --force`"
+    )

@@ -6,7 +6,7 @@ A checkpoint folder `round-NNNN/` holds
   realign/layers.safetensors       the latest realigned partial layers as sent to clients (if any)
   realign/state.safetensors|.json  the realigner's state_dict
   rng.safetensors                  torch's global RNG state
-  state.json                       round, identity (spec hash, input digest), metrics so far,
+  state.json                       round, identity (spec hash, input digest), round records so far,
                                    communication totals, python/numpy RNG states, the sha256 of
                                    every other file and of its own content
 It is written into a temporary folder and swapped into place by `artifacts.replace_folder`, so a
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedsoda_cli.artifacts import recover_folder, replace_folder, sha256_file
 from fedsoda_cli.errors import ArtifactError, PluginError
+from fedsoda_cli.round_record import RoundRecord
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -53,7 +54,7 @@ class Checkpoint:
     aggregator_state: dict[str, Any] = field(default_factory=dict)
     realign_layers: bytes | None = None
     realigner_state: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl lines so far
+    history: list[RoundRecord] = field(default_factory=list)  # the rounds so far
     ledger: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
 
@@ -158,7 +159,7 @@ class CheckpointStore:
         state = {
             "round": checkpoint.round,
             "identity": self.identity,
-            "history": checkpoint.history,
+            "history": [record.to_json() for record in checkpoint.history],  # as metrics.jsonl holds them
             "ledger": checkpoint.ledger,
             "rng": rng,
             "files": _file_hashes(folder),
@@ -305,7 +306,7 @@ def _read(folder: Path, state: dict[str, Any]) -> Checkpoint:
         aggregator_state=read_state(folder, "aggregator"),
         realign_layers=layers.read_bytes() if layers.is_file() else None,
         realigner_state=read_state(folder / "realign", "state") if layers.is_file() else {},
-        history=state["history"],
+        history=[RoundRecord.from_json(record) for record in state["history"]],
         ledger=state["ledger"],
         rng=rng,
     )

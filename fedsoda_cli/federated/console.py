@@ -10,6 +10,7 @@ from rich.table import Table
 
 from fedsoda_cli import terminal
 from fedsoda_cli.federated.server import RoundReporter
+from fedsoda_cli.round_record import RoundRecord
 
 _MAX_ROWS = 20  # a partition table longer than this shows its head and the totals
 
@@ -54,19 +55,20 @@ class ConsoleReporter(RoundReporter):
             f"round {round}: realigned the partial layers, {terminal.format_bytes(nbytes)} to each client", highlight=False
         )
 
-    def round_finished(self, record: dict[str, Any]) -> None:
+    def round_finished(self, record: RoundRecord) -> None:
         self.progress.advance(self._bar)
         fmt = terminal.format_bytes
-        parts = [f"{len(record['updated'])}/{len(record['clients'])} updates"]
-        parts += [f"{len(record[key])} {key}" for key in ("excluded", "failed") if record[key]]
-        parts += [f"loss {record['train_loss']:.4f}", f"down {fmt(record['bytes_down'])}", f"up {fmt(record['bytes_up'])}"]
-        if "drift" in record:
-            parts.append(f"drift {record['drift']['ratio']:.2f}x (threshold {record['drift']['threshold']:.2f}x)")
-        if record["bytes_realign"]:
-            parts.append(f"realign {fmt(record['bytes_realign'])}")
-        for target, entry in record.get("eval", {}).items():
+        parts = [f"{len(record.updated)}/{len(record.clients)} updates"]
+        left_out = {"excluded": record.excluded, "failed": record.failed}
+        parts += [f"{len(problems)} {kind}" for kind, problems in left_out.items() if problems]
+        parts += [f"loss {record.train_loss:.4f}", f"down {fmt(record.bytes_down)}", f"up {fmt(record.bytes_up)}"]
+        if record.drift is not None:
+            parts.append(f"drift {record.drift.ratio:.2f}x (threshold {record.drift.threshold:.2f}x)")
+        if record.bytes_realign:
+            parts.append(f"realign {fmt(record.bytes_realign)}")
+        for target, entry in (record.eval or {}).items():
             parts.append(f"{target} acc {escape(terminal.format_eval(entry))}")
-        self.console.print(f"round {record['round']}: " + ", ".join(parts) + f", {record['seconds']:.1f} s", highlight=False)
+        self.console.print(f"round {record.round}: " + ", ".join(parts) + f", {record.seconds:.1f} s", highlight=False)
 
     def stop(self) -> None:
         self.progress.stop()

@@ -17,7 +17,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedsoda_cli.round_record import EvalEntry
 
 if TYPE_CHECKING:
     from fedsoda_cli.plugins.contracts import AdapterState
@@ -43,7 +45,7 @@ class ServerEvaluator:
         self._full = None  # (full model, tokenizer, layer map)
         self._layers_applied: bytes | None = None
 
-    def evaluate(self, round: int, global_adapter: AdapterState, realign_layers: bytes | None) -> dict[str, Any]:
+    def evaluate(self, round: int, global_adapter: AdapterState, realign_layers: bytes | None) -> dict[str, EvalEntry]:
         import torch
 
         # Loading models draws from torch's global RNG (LoRA init, missing-key init); the server's RNG
@@ -51,12 +53,12 @@ class ServerEvaluator:
         with torch.random.fork_rng(devices=[]):
             return self._evaluate(global_adapter, realign_layers)
 
-    def _evaluate(self, global_adapter: AdapterState, realign_layers: bytes | None) -> dict[str, Any]:
+    def _evaluate(self, global_adapter: AdapterState, realign_layers: bytes | None) -> dict[str, EvalEntry]:
         results = {}
         for target in self.targets:
             started = time.perf_counter()
             score = self._score_sub(global_adapter, realign_layers) if target == "sub" else self._score_plugin(global_adapter)
-            results[target] = {**summarize(score, self.examples), "seconds": round_s(time.perf_counter() - started)}
+            results[target] = summarize(score, self.examples, round_s(time.perf_counter() - started))
         return results
 
     def _score_sub(self, adapter: AdapterState, realign_layers: bytes | None):
@@ -98,17 +100,25 @@ class ServerEvaluator:
         )
 
 
-def summarize(score, examples: list) -> dict[str, Any]:
-    """accuracy, ci95, correct, count, label_shares and loss of a TaskScore over `examples` (its
-    predictions are in example order); label_shares and loss are None for generation tasks."""
-    entry = {k: score.summary()[k] for k in ("accuracy", "ci95", "correct", "count")}
+def summarize(score, examples: list, seconds: float) -> EvalEntry:
+    """The EvalEntry of a TaskScore over `examples` (its predictions are in example order), scored in
+    `seconds`; label_shares and loss are None for generation tasks."""
+    summary = score.summary()
     pairs = [(e, p) for e, p in zip(examples, score.predictions) if p.scores is not None and e.label is not None]
-    if not pairs:
-        return {**entry, "label_shares": None, "loss": None}
-    counts = Counter(p.prediction for _, p in pairs)
-    entry["label_shares"] = {label: counts[label] / len(pairs) for label in sorted(counts)}
-    entry["loss"] = -sum(p.scores[e.label] for e, p in pairs) / len(pairs)
-    return entry
+    shares = loss = None
+    if pairs:
+        counts = Counter(p.prediction for _, p in pairs)
+        shares = {label: counts[label] / len(pairs) for label in sorted(counts)}
+        loss = -sum(p.scores[e.label] for e, p in pairs) / len(pairs)
+    return EvalEntry(
+        accuracy=summary["accuracy"],
+        ci95=summary["ci95"],
+        correct=summary["correct"],
+        count=summary["count"],
+        label_shares=shares,
+        loss=loss,
+        seconds=seconds,
+    )
 
 
 def round_s(seconds: float) -> float:

@@ -30,6 +30,7 @@ from fedsoda_cli.federated.messages import (
 )
 from fedsoda_cli.federated.validation import check_aggregate, check_update
 from fedsoda_cli.plugins.contracts import Aggregator, ClientUpdate
+from fedsoda_cli.round_record import ClientProblem, DriftEntry, EvalEntry, RoundRecord
 from fedsoda_cli.seeding import stable_seed
 
 if TYPE_CHECKING:
@@ -75,9 +76,9 @@ class Realigner(Protocol):
 class Evaluator(Protocol):
     """Server-side per-round evaluation of the global adapter on validation examples."""
 
-    def evaluate(self, round: int, global_adapter: AdapterState, realign_layers: bytes | None) -> dict[str, Any]:
-        """{target: {accuracy, ci95, correct, count, label_shares, loss}} for the adapter as clients hold it
-        (on the client model with `realign_layers`, the latest realigned partial layers, swapped in)."""
+    def evaluate(self, round: int, global_adapter: AdapterState, realign_layers: bytes | None) -> dict[str, EvalEntry]:
+        """{target: EvalEntry} for the adapter as clients hold it (on the client model with
+        `realign_layers`, the latest realigned partial layers, swapped in)."""
 
 
 class RoundReporter:
@@ -95,13 +96,13 @@ class RoundReporter:
 
     def realigned(self, round: int, nbytes: int) -> None: ...
 
-    def round_finished(self, record: dict[str, Any]) -> None: ...
+    def round_finished(self, record: RoundRecord) -> None: ...
 
 
 @dataclass
 class RunResult:
     adapter: AdapterState
-    history: list[dict[str, Any]]
+    history: list[RoundRecord]
     ledger: Ledger
     resumed_after: int  # the checkpoint round a resumed run continued after (0 = fresh run)
     aggregator_state: dict[str, Any]
@@ -112,8 +113,8 @@ class RunResult:
 @dataclass
 class _Collected:
     updates: list[ClientUpdate] = field(default_factory=list)
-    excluded: list[dict[str, Any]] = field(default_factory=list)
-    failed: list[dict[str, Any]] = field(default_factory=list)
+    excluded: list[ClientProblem] = field(default_factory=list)
+    failed: list[ClientProblem] = field(default_factory=list)
     train_seconds: dict[int, float] = field(default_factory=dict)  # worker -> seconds inside local training
     rss_mb: float = 0.0
 
@@ -142,7 +143,7 @@ class FederatedServer:
         # so a realignment ships only the blocks that changed against them.
         self.held_layers = held_layers
         self.global_adapter: AdapterState = {}
-        self.history: list[dict[str, Any]] = []
+        self.history: list[RoundRecord] = []
         self.ledger = Ledger()
         self.realign_layers: bytes | None = None
         self.initial_adapter: AdapterState | None = None
@@ -185,20 +186,17 @@ class FederatedServer:
         self._plugin("on_round_end", round, self.global_adapter, record)
         if self.evaluates(round):
             # before any realignment: the adapter is scored on the client model it was trained on
-            record["eval"] = self.evaluator.evaluate(round, self.global_adapter, self.realign_layers)
+            record.eval = self.evaluator.evaluate(round, self.global_adapter, self.realign_layers)
         if self.measures_drift():
-            record["drift"] = self.measure_drift(round)
+            record.drift = self.measure_drift(round)
         if self.realigns(round):
             self.realign(round)
             if self.measures_drift():  # the new layers under the same adapter: the next reference
-                self.drift_reference = record["drift"]["after_realign"] = self.realigner.drift(round, self.global_adapter)
+                self.drift_reference = record.drift.after_realign = self.realigner.drift(round, self.global_adapter)
         traffic = self.ledger.take_round()
-        record.update(
-            bytes_down=traffic["adapter_down"],
-            bytes_up=traffic["adapter_up"],
-            bytes_realign=traffic["realign"],
-            seconds=round_(time.perf_counter() - started),
-        )
+        record.bytes_down, record.bytes_up = traffic["adapter_down"], traffic["adapter_up"]
+        record.bytes_realign = traffic["realign"]
+        record.seconds = round_(time.perf_counter() - started)
         self.history.append(record)
         self.checkpoint(round)
         self.reporter.round_finished(record)
@@ -219,7 +217,7 @@ class FederatedServer:
     def measures_drift(self) -> bool:
         return self.realigner is not None and self.plan.realign_when == "drift"
 
-    def measure_drift(self, round: int) -> dict[str, Any]:
+    def measure_drift(self, round: int) -> DriftEntry:
         """This round's drift, against the reference (the drift right after the last alignment;
         before round 1: the aligned client model under the initial adapter, whose LoRA B is zero)."""
         if self.drift_reference is None:
@@ -227,12 +225,12 @@ class FederatedServer:
                 0, self.initial_adapter if self.initial_adapter is not None else self.global_adapter
             )
         self.drift_now = self.realigner.drift(round, self.global_adapter)
-        return {
-            "kl": self.drift_now,
-            "reference": self.drift_reference,
-            "ratio": self.drift_now / max(self.drift_reference, 1e-12),
-            "threshold": self.plan.drift_threshold,
-        }
+        return DriftEntry(
+            kl=self.drift_now,
+            reference=self.drift_reference,
+            ratio=self.drift_now / max(self.drift_reference, 1e-12),
+            threshold=self.plan.drift_threshold,
+        )
 
     def evaluates(self, round: int) -> bool:
         """Every `eval_every` rounds, and after the last one."""
@@ -259,9 +257,10 @@ class FederatedServer:
 
             self.held_layers.update(load(checkpoint.realign_layers))
         self.history = list(checkpoint.history)
-        drifts = [h["drift"] for h in self.history if "drift" in h]
+        drifts = [h.drift for h in self.history if h.drift is not None]
         if drifts:  # the reference a drift-triggered run compares against carries over
-            self.drift_reference = drifts[-1].get("after_realign", drifts[-1]["reference"])
+            last = drifts[-1]
+            self.drift_reference = last.after_realign if last.after_realign is not None else last.reference
         self.ledger = Ledger.from_state(checkpoint.ledger)
         restore_rng(checkpoint.rng)
         return checkpoint.round + 1
@@ -286,7 +285,7 @@ class FederatedServer:
                     if retrying:
                         retry.append(self.make_task(round, outcome.client, payload))
                     else:
-                        collected.failed.append({"client": outcome.client, "reason": outcome.reason})
+                        collected.failed.append(ClientProblem(outcome.client, outcome.reason))
                     continue
                 self.accept(round, outcome, digest, collected)
             tasks = retry
@@ -304,7 +303,7 @@ class FederatedServer:
         collected.rss_mb = max(collected.rss_mb, result.rss_mb)
         adapter, reason = self.screen(round, result, global_digest, collected)
         if reason is not None:
-            collected.excluded.append({"client": result.client, "reason": reason})
+            collected.excluded.append(ClientProblem(result.client, reason))
             self.reporter.client_excluded(round, result.client, reason)
             return
         collected.updates.append(ClientUpdate(result.client, adapter, self.weight(result), dict(result.metrics)))
@@ -362,24 +361,24 @@ class FederatedServer:
         self._plugin("after_realign", round)
         self.reporter.realigned(round, sent)
 
-    def record(self, round: int, clients: list[int], collected: _Collected) -> dict[str, Any]:
-        """The round's line of metrics.jsonl (bytes and seconds are added by run_round)."""
+    def record(self, round: int, clients: list[int], collected: _Collected) -> RoundRecord:
+        """The round's record (bytes, seconds, eval and drift are added by run_round)."""
         weights = sum(u.num_samples for u in collected.updates)
         loss = sum(u.metrics.get("train_loss", 0.0) * u.num_samples for u in collected.updates) / weights
         steps = [u.metrics["step_seconds"] for u in collected.updates if "step_seconds" in u.metrics]
-        return {
-            "round": round,
-            "clients": clients,
-            "updated": [u.client for u in collected.updates],
-            "excluded": collected.excluded,
-            "failed": collected.failed,
-            "train_loss": loss,
-            "step_seconds": round_(sum(steps) / len(steps)) if steps else None,
-            "train_seconds": round_(sum(collected.train_seconds.values())),
-            "train_seconds_by_worker": {str(w): round_(t) for w, t in sorted(collected.train_seconds.items())},
-            "worker_rss_mb": round_(collected.rss_mb),
-            "global_digest": adapter_digest(self.global_adapter),
-        }
+        return RoundRecord(
+            round=round,
+            clients=clients,
+            updated=[u.client for u in collected.updates],
+            excluded=collected.excluded,
+            failed=collected.failed,
+            train_loss=loss,
+            step_seconds=round_(sum(steps) / len(steps)) if steps else None,
+            train_seconds=round_(sum(collected.train_seconds.values())),
+            train_seconds_by_worker={str(w): round_(t) for w, t in sorted(collected.train_seconds.items())},
+            worker_rss_mb=round_(collected.rss_mb),
+            global_digest=adapter_digest(self.global_adapter),
+        )
 
     def checkpoint(self, round: int) -> None:
         realigner_state = self.realigner.state_dict() if self.realigner is not None and self.realign_layers is not None else {}
@@ -396,7 +395,7 @@ class FederatedServer:
         self.store.save(checkpoint, self.aggregator_name)
 
     def stop_short(self, round: int, collected: _Collected) -> None:
-        problems = [f"client {p['client']}: {p['reason']}" for p in collected.excluded + collected.failed]
+        problems = [f"client {p.client}: {p.reason}" for p in collected.excluded + collected.failed]
         last = f"round {round - 1}, checkpoint in {self.store.folder}" if round > 1 else "none yet"
         raise FedsodaError(
             f"round {round}: only {len(collected.updates)} valid client update(s), federate.min_clients = "

@@ -2,6 +2,7 @@
 
 from fedsoda_cli.plugins.contracts import Aggregator, ClientUpdate, LayerProfile, Pruner
 from fedsoda_cli.plugins.registry import Registry, load_plugin_files
+from fedsoda_cli.round_record import RoundRecord
 
 # The built-ins live in the submodules `aggregators` and `pruners`, which share their names with the
 # registries below. Importing a submodule binds it as an attribute of this package, which would
@@ -30,4 +31,14 @@ pruners: Registry = Registry(
     },
 )
 
-__all__ = ["Aggregator", "ClientUpdate", "LayerProfile", "Pruner", "Registry", "aggregators", "load_plugin_files", "pruners"]
+__all__ = [
+    "Aggregator",
+    "ClientUpdate",
+    "LayerProfile",
+    "Pruner",
+    "Registry",
+    "RoundRecord",
+    "aggregators",
+    "load_plugin_files",
+    "pruners",
+]

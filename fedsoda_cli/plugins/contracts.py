@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from fedsoda_cli.round_record import RoundRecord
     from fedsoda_cli.spec.schema import PruneSpec
 
 AdapterState = dict[str, "torch.Tensor"]  # PEFT adapter tensors by name (e.g. "...layers.3.self_attn.q_proj.lora_A.weight")
@@ -56,7 +57,10 @@ class Aggregator(ABC):
     # Lifecycle hooks, called by the round loop; override what you need.
     def on_round_start(self, round: int, clients: list[int]) -> None: ...
 
-    def on_round_end(self, round: int, global_adapter: AdapterState, metrics: dict[str, Any]) -> None: ...
+    def on_round_end(self, round: int, global_adapter: AdapterState, record: RoundRecord) -> None:
+        """After aggregation. `record` is the round's `RoundRecord` so far (clients, updated, excluded,
+        failed, train_loss, timings, global_digest); the server fills in its bytes, seconds, eval and
+        drift after this hook. Read it, do not change it: it becomes the round's metrics.jsonl line."""
 
     def before_realign(self, round: int) -> None: ...
 

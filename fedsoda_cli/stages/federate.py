@@ -35,6 +35,7 @@ from fedsoda_cli.federated.server import FederatedServer, RoundPlan, RunResult
 from fedsoda_cli.federated.worker import WorkerSetup
 from fedsoda_cli.models.layer_map import LAYER_MAP, LayerMap, read_layer_map
 from fedsoda_cli.plugins import aggregators
+from fedsoda_cli.round_record import EvalEntry
 from fedsoda_cli.seeding import stable_seed
 from fedsoda_cli.spec import Spec, sections_hash, spec_dir
 from fedsoda_cli.stages.contract import StageContext, StageResult
@@ -276,7 +277,7 @@ def write_outputs(
 ) -> dict[str, Any]:
     """adapter/, metrics.jsonl, summary.json, aggregator state, the last checkpoint; returns the summary."""
     write_peft_adapter(out / "adapter", result.adapter, peft_config)
-    (out / "metrics.jsonl").write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in result.history))
+    (out / "metrics.jsonl").write_text("".join(json.dumps(record.to_json(), sort_keys=True) + "\n" for record in result.history))
     write_state(out, "aggregator", result.aggregator_state, f"aggregator '{ctx.spec.federate.aggregator}' state_dict()")
     if result.realign_layers is not None:
         (out / "realigned_layers.safetensors").write_bytes(result.realign_layers)
@@ -290,19 +291,20 @@ def write_outputs(
 def summarize(spec: Spec, result: RunResult, wall_s: float) -> dict[str, Any]:
     history = result.history
     ledger = result.ledger.state()
+    final_eval = next((h.eval for h in reversed(history) if h.eval is not None), None)
     return {
         "rounds": len(history),
         "resumed_after": result.resumed_after,
         "aggregator": spec.federate.aggregator,
         "weighting": spec.federate.weighting,
         "eval_every": spec.federate.eval_every,
-        "final_eval": next((h["eval"] for h in reversed(history) if "eval" in h), None),
-        "final_train_loss": history[-1]["train_loss"] if history else None,
+        "final_eval": None if final_eval is None else {target: entry.to_json() for target, entry in final_eval.items()},
+        "final_train_loss": history[-1].train_loss if history else None,
         "bytes": {**ledger["totals"], "total": ledger["total"]},
         "bytes_per_client": ledger["per_client"],
-        "excluded_updates": sum(len(h["excluded"]) for h in history),
-        "failed_tasks": sum(len(h["failed"]) for h in history),
-        "rounds_seconds": round(sum(h["seconds"] for h in history), 3),
+        "excluded_updates": sum(len(h.excluded) for h in history),
+        "failed_tasks": sum(len(h.failed) for h in history),
+        "rounds_seconds": round(sum(h.seconds for h in history), 3),
         "wall_time_s": round(wall_s, 3),
         "model_loads_per_worker": {str(k): v for k, v in sorted(result.transport.get("model_loads", {}).items())},
         "worker_processes_started": result.transport.get("processes_started", 0),
@@ -321,7 +323,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("final train loss", f"{loss:.4f}" if loss is not None else "-"),
         ("aggregation weights", summary["weighting"]),
         *(
-            (f"validation accuracy ({target})", terminal.format_eval(entry))
+            (f"validation accuracy ({target})", terminal.format_eval(EvalEntry.from_json(entry, f"final_eval.{target}")))
             for target, entry in (summary["final_eval"] or {}).items()
         ),
         ("model download (all clients)", fmt(bytes_["model"])),

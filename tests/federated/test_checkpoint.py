@@ -8,6 +8,7 @@ import torch
 from fedsoda_cli.errors import FedsodaError
 from fedsoda_cli.federated.checkpoint import Checkpoint, CheckpointStore, capture_rng, restore_rng
 from fedsoda_cli.federated.client import lora_config
+from fedsoda_cli.round_record import RoundRecord
 from fedsoda_cli.spec.schema import LoraSpec
 
 IDENTITY = {"spec_hash": "abc", "quantize": "q1"}
@@ -20,13 +21,29 @@ def checkpoint(round: int) -> Checkpoint:
         aggregator_state={"steps": round, "m.x": torch.ones(3) * round},
         realign_layers=b"layers-bytes" if round > 1 else None,
         realigner_state={"model.layers.2.mlp.up_proj.weight": torch.zeros(2, 2)} if round > 1 else {},
-        history=[{"round": r, "train_loss": 1.0 / r} for r in range(1, round + 1)],
+        history=[record(r) for r in range(1, round + 1)],
         ledger={
             "totals": {"model": 10, "adapter_down": 2 * round, "adapter_up": 2 * round, "realign": 0},
             "total": 10 + 4 * round,
             "per_client": {"0": {"model": 10, "adapter_down": 2, "adapter_up": 2, "realign": 0}},
         },
         rng=capture_rng(),
+    )
+
+
+def record(round: int) -> RoundRecord:
+    return RoundRecord(
+        round=round,
+        clients=[0],
+        updated=[0],
+        excluded=[],
+        failed=[],
+        train_loss=1.0 / round,
+        step_seconds=None,
+        train_seconds=0.5,
+        train_seconds_by_worker={"0": 0.5},
+        worker_rss_mb=300.0,
+        global_digest=f"d{round}",
     )
 
 

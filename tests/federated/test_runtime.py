@@ -21,6 +21,7 @@ from fedsoda_cli.federated.client import adapter_state
 from fedsoda_cli.federated.local import LocalWorkerPool
 from fedsoda_cli.federated.messages import adapter_digest, adapter_to_bytes
 from fedsoda_cli.federated.server import RoundReporter, sample_clients
+from fedsoda_cli.round_record import RoundRecord
 from fedsoda_cli.spec import load_spec
 
 from .conftest import REPO, prepare_run, worker_setup
@@ -81,6 +82,24 @@ def test_end_to_end_with_two_worker_processes(reference, sub_llm):
     assert manifest.metrics["rounds"] == 4
     assert (out / "checkpoints" / "round-0004" / "realign" / "layers.safetensors").is_file()
     assert (out / "aggregator.json").is_file()
+
+
+def test_every_metrics_line_is_a_round_record_and_reads_back_to_the_same_bytes(reference):
+    """The real run's metrics.jsonl through RoundRecord: each line parses, writes back byte for byte,
+    equals the history the last checkpoint holds (what --resume continues from), and sums to summary.json."""
+    _, workdir, _, _ = reference
+    out = workdir / "federate"
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    records = [RoundRecord.from_json(json.loads(line)) for line in lines]
+    assert [json.dumps(r.to_json(), sort_keys=True) + "\n" for r in records] == lines
+    assert [r.round for r in records] == [1, 2, 3, 4] and records[1].bytes_realign > 0
+    assert all(r.eval is None and r.drift is None for r in records)  # this spec neither evaluates nor measures drift
+    state = json.loads((out / "checkpoints" / "round-0004" / "state.json").read_text())
+    assert [RoundRecord.from_json(h) for h in state["history"]] == records
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_train_loss"] == records[-1].train_loss
+    assert summary["rounds_seconds"] == round(sum(r.seconds for r in records), 3)
+    assert summary["excluded_updates"] == sum(len(r.excluded) for r in records) == 0
 
 
 def _worker_children(pid: int) -> list[psutil.Process]:
@@ -192,7 +211,7 @@ def test_a_killed_worker_is_replaced_and_ctrl_c_leaves_the_last_good_round(tmp_p
     assert [(r, retrying) for r, _, _, retrying in saboteur.failures] == [(1, True)]
     assert f"(pid {saboteur.killed[0]}) died (killed by SIGKILL) while training client" in saboteur.failures[0][2]
     round_1 = run.history[0]
-    assert round_1["updated"] == [0, 1, 2, 3] and not round_1["failed"]
+    assert round_1.updated == [0, 1, 2, 3] and not round_1.failed
     assert pool.stats()["processes_started"] == 3
     # The retry changed nothing: round 1 equals clients trained in this process, without faults.
     checkpoint = run.store.latest()

@@ -3,6 +3,8 @@ updates, state-leak detection, plugin errors, stopping short, and realign + resu
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from rich.console import Console
@@ -15,6 +17,7 @@ from fedsoda_cli.federated.inline import InlineTransport
 from fedsoda_cli.federated.messages import adapter_digest, adapter_from_bytes, adapter_to_bytes
 from fedsoda_cli.federated.server import FederatedServer, RoundPlan
 from fedsoda_cli.plugins import Aggregator, aggregators
+from fedsoda_cli.round_record import RoundRecord
 from fedsoda_cli.spec.schema import LoraSpec
 
 from .conftest import LAYER_MAP, worker_setup
@@ -88,8 +91,8 @@ def test_poisoned_updates_are_excluded_with_the_client_named(tmp_path, setup):
     transport = Tampering(setup, POISON)
     result = server(tmp_path, setup, transport=transport, console=console).run()
     record = result.history[0]
-    assert record["updated"] == [0]
-    reasons = {e["client"]: e["reason"] for e in record["excluded"]}
+    assert record.updated == [0]
+    reasons = {e.client: e.reason for e in record.excluded}
     assert "contains NaN or Inf" in reasons[1]
     assert "has shape (3, 3)" in reasons[2]
     assert "exceeds federate.max_update_norm" in reasons[3]
@@ -107,8 +110,8 @@ def test_poisoned_updates_are_excluded_with_the_client_named(tmp_path, setup):
 def test_a_client_that_did_not_start_from_the_global_adapter_is_excluded(tmp_path, setup):
     leak = {2: lambda result: setattr(result, "start_digest", "0123456789abcdef")}
     record = server(tmp_path, setup, transport=Tampering(setup, leak), clients=3, clients_per_round=3).run().history[0]
-    assert [e["client"] for e in record["excluded"]] == [2]
-    assert "client state leaked" in record["excluded"][0]["reason"]
+    assert [e.client for e in record.excluded] == [2]
+    assert "client state leaked" in record.excluded[0].reason
 
 
 def test_too_few_valid_updates_stop_the_run_at_the_last_good_round(tmp_path, setup):
@@ -202,8 +205,8 @@ def test_realign_broadcasts_layers_and_a_resumed_run_repeats_it_exactly(tmp_path
     assert resumed.resumed_after == 1
     assert adapter_digest(resumed.adapter) == adapter_digest(whole.adapter)
     assert resumed.realign_layers == whole.realign_layers  # the master copy carried over exactly
-    assert [h["global_digest"] for h in resumed.history] == [h["global_digest"] for h in whole.history]
-    realign_bytes = [h["bytes_realign"] for h in whole.history]
+    assert [h.global_digest for h in resumed.history] == [h.global_digest for h in whole.history]
+    realign_bytes = [h.bytes_realign for h in whole.history]
     assert realign_bytes[0] > 0 and realign_bytes[0] % 4 == 0  # every one of the K = 4 clients downloads it
     assert realign_bytes[1] == 4 * len(whole.realign_layers)
     assert realign_bytes[2] == 0  # no round follows the last: realigning then would only cost bytes
@@ -216,8 +219,8 @@ def test_realign_broadcasts_layers_and_a_resumed_run_repeats_it_exactly(tmp_path
     )  # sub layer 3 = original 4, after the gap
     assert not any(k.startswith("model.layers.1.") for k in sent)  # only the partial layers travel
     # Clients trained on the realigned layers from round 2 on: the runs part ways exactly there.
-    assert plain.history[0]["global_digest"] == whole.history[0]["global_digest"]
-    assert plain.history[1]["global_digest"] != whole.history[1]["global_digest"]
+    assert plain.history[0].global_digest == whole.history[0].global_digest
+    assert plain.history[1].global_digest != whole.history[1].global_digest
 
 
 @pytest.mark.parametrize("weighting, expected", [("examples", [8, 8]), ("shard", [3, 30]), ("uniform", [1, 1])])
@@ -235,7 +238,7 @@ def test_workers_report_the_examples_they_trained_on_and_their_shard(tmp_path, s
     seen = []
     transport = Tampering(setup, {c: seen.append for c in (0, 1)})
     record = server(tmp_path, setup, transport=transport, clients=2, clients_per_round=2).run().history[0]
-    assert record["step_seconds"] > 0
+    assert record.step_seconds > 0
     assert [r.num_samples for r in seen] == [2 * 4, 2 * 4]  # local_steps x batch_size, not the shard's 8
     assert [r.metrics["shard_size"] for r in seen] == [8, 8]
 
@@ -255,7 +258,7 @@ def test_a_narrow_wire_halves_adapter_bytes_and_keeps_an_fp32_master(tmp_path, s
             tmp_path / dtype, narrow, transport=transport, clients=2, clients_per_round=2, wire_dtype=dtype
         ).run()
     wide, thin = results["fp32"], results[wire]
-    assert thin.history[0]["updated"] == [0, 1] and not thin.history[0]["excluded"]  # clients start from the rounded global
+    assert thin.history[0].updated == [0, 1] and not thin.history[0].excluded  # clients start from the rounded global
     expected = {"bf16": torch.bfloat16, "fp16": torch.float16}[wire]
     assert all(t.dtype == expected for blob in uploads[wire] for t in load(blob).values())
     assert all(t.dtype == torch.float32 for t in thin.adapter.values())  # the master stays fp32
@@ -302,11 +305,11 @@ def test_a_client_that_applies_the_realign_delta_ends_bit_identical_to_a_redownl
         runs[wire] = (loop.run(), transport.kept)
     (full, _), (delta, delta_client) = runs["full"], runs["delta"]
     # The same training on the same layers: every round's global adapter is bit-identical.
-    assert [h["global_digest"] for h in delta.history] == [h["global_digest"] for h in full.history]
+    assert [h.global_digest for h in delta.history] == [h.global_digest for h in full.history]
     assert delta.realign_layers == full.realign_layers
     # Cheaper: only the changed chunks travel (the first realign changes more than the second).
-    assert 0 < delta.history[0]["bytes_realign"] < full.history[0]["bytes_realign"]
-    assert 0 < delta.history[1]["bytes_realign"] < full.history[1]["bytes_realign"]
+    assert 0 < delta.history[0].bytes_realign < full.history[0].bytes_realign
+    assert 0 < delta.history[1].bytes_realign < full.history[1].bytes_realign
     # The client that applied two deltas holds, tensor for tensor and bit for bit, the layers of a
     # fresh client model that downloaded the latest whole layers.
     fresh = ClientRuntime(setup)
@@ -360,20 +363,19 @@ def test_drift_triggered_realignment_realigns_exactly_when_drift_passes_the_thre
         ).run()
 
     result = run("drift", "drift", ServerRealigner(_drift_spec(threshold), sub_llm["float"], LAYER_MAP))
-    drifts = [h["drift"] for h in result.history]
-    assert all(
-        d["kl"] > 0 and d["ratio"] == pytest.approx(d["kl"] / d["reference"]) and d["threshold"] == threshold for d in drifts
-    )
-    realigned = [h["round"] for h in result.history if h["bytes_realign"]]
-    assert realigned == [h["round"] for h, d in zip(result.history, drifts) if d["ratio"] > threshold and h["round"] < 4]
+    drifts = [h.drift for h in result.history]
+    assert all(d.kl > 0 and d.ratio == pytest.approx(d.kl / d.reference) and d.threshold == threshold for d in drifts)
+    realigned = [h.round for h in result.history if h.bytes_realign]
+    assert realigned == [h.round for h, d in zip(result.history, drifts) if d.ratio > threshold and h.round < 4]
     for h, d in zip(result.history, drifts):  # after a realignment, the reference is the drift under the new layers
-        assert ("after_realign" in d) == (h["round"] in realigned)
-    later = [(d, nxt) for d, nxt in zip(drifts, drifts[1:]) if "after_realign" in d]
-    assert all(nxt["reference"] == d["after_realign"] for d, nxt in later)
+        assert (d.after_realign is not None) == (h.round in realigned)
+    later = [(d, nxt) for d, nxt in zip(drifts, drifts[1:]) if d.after_realign is not None]
+    assert all(nxt.reference == d.after_realign for d, nxt in later)
+    assert [RoundRecord.from_json(json.loads(json.dumps(h.to_json()))) for h in result.history] == result.history
     if threshold > 1e6:
         # Never realigned: measuring drift changed nothing about training.
         plain = run("plain", "every", None)
-        assert realigned == [] and [h["global_digest"] for h in result.history] == [h["global_digest"] for h in plain.history]
+        assert realigned == [] and [h.global_digest for h in result.history] == [h.global_digest for h in plain.history]
     else:
         assert realigned  # the adapter trains away from the aligned layers, so drift grows past 1x
 
