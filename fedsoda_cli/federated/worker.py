@@ -90,14 +90,14 @@ class ClientRuntime:
         apply_partial_layers(self.model, tensors)
         self.held.update(tensors)
 
-    def handle(self, task: ClientTask, worker: int) -> ClientResult:
+    def handle(self, task: ClientTask, worker: int) -> ClientResult[bytes]:
         """Train `task.client` from the global adapter in `task.adapter`; the result as bytes."""
         from fedsoda_cli.federated.client import train_client
-        from fedsoda_cli.federated.messages import adapter_from_bytes, adapter_to_bytes
+        from fedsoda_cli.federated.messages import adapter_from_bytes
 
         if task.client not in self.shards:
             raise ValueError(f"this worker holds no shard for client {task.client}")
-        local = train_client(
+        trained = train_client(
             self.model,
             self.tokenizer,
             adapter_from_bytes(task.adapter),
@@ -105,17 +105,10 @@ class ClientRuntime:
             self.training,
             task.seed,
             self.slots,
-        )
-        result = ClientResult(
             round=task.round,
             client=task.client,
-            adapter=adapter_to_bytes(local.adapter, self.wire_dtype),
-            num_samples=local.num_samples,
-            metrics=local.metrics,
-            start_digest=local.start_digest,
-            worker=worker,
-            train_seconds=local.train_seconds,
         )
+        result = trained.encoded(self.wire_dtype, worker=worker)
         _release_memory()
         result.rss_mb = resident_mb()
         return result
