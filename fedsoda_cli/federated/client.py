@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
     from fedsoda_cli.federated.messages import ClientResult
+    from fedsoda_cli.models.adapters import LoraShape
     from fedsoda_cli.plugins.contracts import AdapterState
     from fedsoda_cli.spec.schema import LoraSpec
 
@@ -37,7 +38,7 @@ class LocalTraining:
     train_eos: bool = True  # data.tasks.trains_eos: loss on the eos after the answer too
 
 
-def lora_config(lora: LoraSpec, layers: list[int] | None = None, layers_pattern: str = "layers") -> LoraConfig:
+def lora_config(lora: LoraSpec | LoraShape, layers: list[int] | None = None, layers_pattern: str = "layers") -> LoraConfig:
     """The PEFT LoRA config of a [lora] section, the one adapters are attached and saved with.
     `layers`: the client model's layer indices that get LoRA (None = all); `layers_pattern` names
     its decoder-layer list (the last part of `models.layers.decoder_layers_path`)."""
@@ -46,7 +47,7 @@ def lora_config(lora: LoraSpec, layers: list[int] | None = None, layers_pattern:
     return adapters_lora_config(lora, layers, layers_pattern=layers_pattern if layers is not None else None)
 
 
-def load_client(model_dir: Path, lora: LoraSpec, seed: int, layers: list[int] | None = None):
+def load_client(model_dir: Path, lora: LoraSpec | LoraShape, seed: int, layers: Sequence[int] | None = None):
     """The client model of the quantize stage with LoRA attached (on `layers`, client-model
     indices, or on every layer): (peft model, tokenizer).
 
