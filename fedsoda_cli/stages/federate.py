@@ -267,9 +267,13 @@ def realigner_for(ctx: StageContext, layer_map: LayerMap):
     if not realigns(ctx.spec):
         return None
     from fedsoda_cli.federated.realigner import ServerRealigner
+    from fedsoda_cli.oda.realign import RealignConfig
 
     return ServerRealigner(
-        ctx.spec, artifacts.stage_dir(ctx.workdir, "align") / "model", layer_map, log_path=ctx.out / "realign.jsonl"
+        RealignConfig.from_spec(ctx.spec),
+        artifacts.stage_dir(ctx.workdir, "align") / "model",
+        layer_map,
+        log_path=ctx.out / "realign.jsonl",
     )
 
 
