@@ -2,7 +2,7 @@
 
 `ClientRuntime` is what a worker does (load the model once, swap adapters per task, swap in
 realigned layers); `serve` is the worker process's main loop around it, speaking framed byte
-messages (see messages.py) over a pipe: setup comes from a JSON file, then
+messages (see messages.py) over a pipe: setup comes from a JSON file (`WorkerSetup.to_json`), then
   server -> worker: init | task | layers | stop
   worker -> server: ready | adapter | result | error | fatal
 """
