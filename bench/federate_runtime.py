@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 
 from fedsoda_cli.federated.checkpoint import CheckpointStore
-from fedsoda_cli.federated.client import batch_order, lora_config
+from fedsoda_cli.federated.client import LocalTraining, batch_order, lora_config
 from fedsoda_cli.federated.local import LocalWorkerPool
 from fedsoda_cli.federated.server import FederatedServer, RoundPlan, RoundReporter
 from fedsoda_cli.federated.worker import WorkerSetup
+from fedsoda_cli.models.adapters import LoraShape
 from fedsoda_cli.plugins import aggregators
 from fedsoda_cli.spec.schema import LoraSpec
 
@@ -117,11 +118,11 @@ def federated_run(
     max_len: int,
     folder: Path,
 ) -> dict:
-    training = dict(
+    training = LocalTraining(
         local_steps=steps, batch_size=batch_size, lr=1e-3, optimizer="adamw", max_grad_norm=1.0, proximal_mu=0.01, max_len=max_len
     )
     setup = WorkerSetup(
-        model_dir=str(model_dir), lora=lora.model_dump(), lora_seed=1, threads=threads, training=training, shards=shards
+        model_dir=str(model_dir), lora=LoraShape.from_spec(lora), lora_seed=1, threads=threads, training=training, shards=shards
     )
     plan = RoundPlan(seed=0, clients=CLIENTS, clients_per_round=CLIENTS, rounds=rounds)
     store = CheckpointStore(folder / f"ckpt-{workers}", {"bench": "1"}, lora_config(lora))

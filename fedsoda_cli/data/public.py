@@ -21,12 +21,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from fedsoda_cli.data.paths import data_file
 from fedsoda_cli.errors import DataError
+
+if TYPE_CHECKING:
+    from fedsoda_cli.spec.schema import PublicDataSpec
 
 Split = Literal["valid", "test"]
 
@@ -46,8 +49,13 @@ def public_windows(spec, part: Literal["train", "held-out"], tokenizer) -> torch
     from fedsoda_cli.data.paths import resolve_data_dir
     from fedsoda_cli.spec import spec_dir
 
-    public = spec.public_data
-    data_dir = resolve_data_dir(spec.data, spec_dir(spec))
+    return public_windows_in(spec.public_data, resolve_data_dir(spec.data, spec_dir(spec)), part, tokenizer)
+
+
+def public_windows_in(
+    public: PublicDataSpec, data_dir: Path | None, part: Literal["train", "held-out"], tokenizer
+) -> torch.Tensor:
+    """`public_windows` for a [public_data] section and a resolved data folder (None = the hub)."""
     if part == "train":
         return public_sequences(data_dir, public.split, tokenizer, public.sequences, public.seq_len)
     if part == "held-out":

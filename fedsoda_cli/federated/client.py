@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import torch
     from peft import LoraConfig
 
+    from fedsoda_cli.federated.messages import ClientResult
+    from fedsoda_cli.models.adapters import LoraShape
     from fedsoda_cli.plugins.contracts import AdapterState
     from fedsoda_cli.spec.schema import LoraSpec
 
@@ -36,18 +38,7 @@ class LocalTraining:
     train_eos: bool = True  # data.tasks.trains_eos: loss on the eos after the answer too
 
 
-@dataclass
-class LocalResult:
-    """A client's trained adapter, its FedAvg weight and its loss."""
-
-    adapter: AdapterState
-    num_samples: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    start_digest: str = ""
-    train_seconds: float = 0.0
-
-
-def lora_config(lora: LoraSpec, layers: list[int] | None = None, layers_pattern: str = "layers") -> LoraConfig:
+def lora_config(lora: LoraSpec | LoraShape, layers: list[int] | None = None, layers_pattern: str = "layers") -> LoraConfig:
     """The PEFT LoRA config of a [lora] section, the one adapters are attached and saved with.
     `layers`: the client model's layer indices that get LoRA (None = all); `layers_pattern` names
     its decoder-layer list (the last part of `models.layers.decoder_layers_path`)."""
@@ -56,7 +47,7 @@ def lora_config(lora: LoraSpec, layers: list[int] | None = None, layers_pattern:
     return adapters_lora_config(lora, layers, layers_pattern=layers_pattern if layers is not None else None)
 
 
-def load_client(model_dir: Path, lora: LoraSpec, seed: int, layers: list[int] | None = None):
+def load_client(model_dir: Path, lora: LoraSpec | LoraShape, seed: int, layers: Sequence[int] | None = None):
     """The client model of the quantize stage with LoRA attached (on `layers`, client-model
     indices, or on every layer): (peft model, tokenizer).
 
@@ -104,8 +95,12 @@ def train_client(
     config: LocalTraining,
     seed: int,
     slots: dict[str, Any] | None = None,
-) -> LocalResult:
-    """Train the global adapter on one client's shard; return the trained adapter.
+    *,
+    round: int = -1,
+    client: int = -1,
+) -> ClientResult[AdapterState]:
+    """Train the global adapter on one client's shard; the result (for task `round`, `client`;
+    -1 = outside a federated task) with the trained adapter as tensors, to be `encoded` for the wire.
 
     Objective per step: SFT cross-entropy on answer tokens (labels from `sft_batch`) plus the
     FedProx proximal term (mu/2) * ||theta - theta_global||^2 over the LoRA tensors. `seed` fixes
@@ -120,7 +115,7 @@ def train_client(
     import torch
 
     from fedsoda_cli.data.sft import sft_batch
-    from fedsoda_cli.federated.messages import adapter_digest
+    from fedsoda_cli.federated.messages import ClientResult, adapter_digest
 
     slots = slots if slots is not None else lora_slots(model)
     _load_into(slots, global_adapter)
@@ -157,7 +152,15 @@ def train_client(
         "step_seconds": seconds / config.local_steps,
     }
     trained = {name: p.detach().clone() for name, p in slots.items()}
-    return LocalResult(trained, len(order), metrics, start_digest, seconds)
+    return ClientResult(
+        round=round,
+        client=client,
+        adapter=trained,
+        num_samples=len(order),
+        metrics=metrics,
+        start_digest=start_digest,
+        train_seconds=seconds,
+    )
 
 
 def _load_into(slots: dict[str, Any], adapter: AdapterState) -> None:

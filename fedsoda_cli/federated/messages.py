@@ -5,6 +5,10 @@ on the server by sending a crafted update); everything else is a small JSON head
 length of a serialized adapter is exactly what communication accounting counts.
 
 A framed message is `len(header) (4 bytes, big endian) + header JSON + payload bytes`.
+
+`ClientResult` is the one record of a client's round, from training to the server: `train_client`
+returns it with the adapter as tensors, `encoded` turns those into the wire bytes (the worker's one
+step), and pack_result/unpack_result, the transports and the server only ever see the bytes form.
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from fedsoda_cli.plugins.contracts import AdapterState
 
 _HEADER_LEN = struct.Struct(">I")
+
+A = TypeVar("A")  # a result's adapter: AdapterState (tensors) where it trained, bytes on the wire
 
 
 @dataclass
@@ -32,18 +38,25 @@ class ClientTask:
 
 
 @dataclass
-class ClientResult:
-    """What a client sends back: its trained adapter (serialized) and what it saw."""
+class ClientResult(Generic[A]):
+    """What a client sends back: its trained adapter and what it saw. `adapter` is tensors
+    (`ClientResult[AdapterState]`, as `train_client` returns it) until `encoded` for the wire
+    (`ClientResult[bytes]`: what is framed, transported and aggregated)."""
 
     round: int
     client: int
-    adapter: bytes
+    adapter: A
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
     start_digest: str = ""  # digest of the LoRA weights the client started from (state-isolation check)
     worker: int = -1
     train_seconds: float = 0.0  # time inside the local training loop only
     rss_mb: float = 0.0  # the worker's resident memory after the task
+
+    def encoded(self, wire_dtype: str = "fp32", **fields: Any) -> ClientResult[bytes]:
+        """This result with its adapter tensors serialized (`adapter_to_bytes` in `wire_dtype`) and
+        `fields` (e.g. worker) set; every other field as it is."""
+        return replace(self, adapter=adapter_to_bytes(self.adapter, wire_dtype), **fields)
 
 
 @dataclass
@@ -77,12 +90,14 @@ def unpack_task(header: dict[str, Any], payload: bytes) -> ClientTask:
     return ClientTask(round=int(header["round"]), client=int(header["client"]), seed=int(header["seed"]), adapter=payload)
 
 
-def pack_result(result: ClientResult) -> bytes:
+def pack_result(result: ClientResult[bytes]) -> bytes:
+    if not isinstance(result.adapter, bytes):
+        raise TypeError("pack_result: the result's adapter is tensors; send result.encoded(wire_dtype)")
     header = {k: v for k, v in asdict(result).items() if k != "adapter"}
     return pack("result", header, result.adapter)
 
 
-def unpack_result(header: dict[str, Any], payload: bytes) -> ClientResult:
+def unpack_result(header: dict[str, Any], payload: bytes) -> ClientResult[bytes]:
     return ClientResult(adapter=payload, **header)
 
 

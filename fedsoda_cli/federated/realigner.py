@@ -25,19 +25,20 @@ from fedsoda_cli.seeding import stable_seed
 
 if TYPE_CHECKING:
     from fedsoda_cli.models.layer_map import LayerMap
+    from fedsoda_cli.oda.realign import RealignConfig
     from fedsoda_cli.plugins.contracts import AdapterState
-    from fedsoda_cli.spec import Spec
 
 
 class ServerRealigner:
-    """Realigns with the full LLM of `spec.model` and the float sub-LLM in `align_model_dir`."""
+    """Realigns with the full LLM of `config.model` and the float sub-LLM in `align_model_dir`;
+    `config` = `RealignConfig.from_spec(spec)`, the spec keys it reads."""
 
-    def __init__(self, spec: Spec, align_model_dir: Path, layer_map: LayerMap, log_path: Path | None = None):
+    def __init__(self, config: RealignConfig, align_model_dir: Path, layer_map: LayerMap, log_path: Path | None = None):
         if not (Path(align_model_dir) / "config.json").is_file():
             raise ArtifactError(
                 f"{align_model_dir}: realignment needs the align stage's float sub-LLM; rerun `fedsoda align SPEC`"
             )
-        self.spec, self.align_model_dir = spec, Path(align_model_dir)
+        self.config, self.align_model_dir = config, Path(align_model_dir)
         self.kept, self.removed_groups = layer_map.kept, layer_map.removed_groups
         self.teacher = self.student = self.public_ids = self.heldout_ids = None
         self.log_path = Path(log_path) if log_path is not None else None
@@ -45,7 +46,7 @@ class ServerRealigner:
         self.history: list[dict[str, Any]] = []
 
     def realign(self, round: int, global_adapter: AdapterState) -> bytes:
-        """Realign the master copy for `spec.realign.steps` steps; the partial layers as client bytes.
+        """Realign the master copy for `config.steps` (realign.steps) steps; the partial layers as client bytes.
         Batches and dropout derive from (run.seed, round), so a resumed run realigns identically."""
         import torch
         from safetensors.torch import save
@@ -54,8 +55,8 @@ class ServerRealigner:
         from fedsoda_cli.oda.realign import broadcast_format, partial_layer_artifact, realign
 
         self._load()
-        seed = stable_seed(self.spec.run.seed, "realign", round)
-        batches = seeded_batches(self.public_ids, self.spec.align.batch_size, seed)
+        seed = stable_seed(self.config.seed, "realign", round)
+        batches = seeded_batches(self.public_ids, self.config.align.batch_size, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             result = realign(
@@ -65,18 +66,18 @@ class ServerRealigner:
                 self.kept,
                 self.removed_groups,
                 batches,
-                config=self.spec.align,
-                lora=self.spec.lora,
-                steps=self.spec.realign.steps,
+                config=self.config.align,
+                lora=self.config.lora,
+                steps=self.config.steps,
                 heldout_ids=self.heldout_ids,
-                quant=self.spec.quantize,
+                quant=self.config.quantize,
             )
         self.partial_state = result.partial_layer_state
         entry = {"round": round, **{k: result.metrics[k] for k in ("steps", "partial_layers", "measured", "warnings")}}
         self.history.append(entry)
         self._log(entry)
         # No metadata: safetensors writes it in hash order, and the same layers must be the same bytes.
-        return save(partial_layer_artifact(self.partial_state, broadcast_format(self.spec.align, self.spec.quantize)))
+        return save(partial_layer_artifact(self.partial_state, broadcast_format(self.config.align, self.config.quantize)))
 
     def drift(self, round: int, global_adapter: AdapterState) -> float:
         """The deployed client model's KL to the full LLM, both with the global adapter, on the
@@ -87,7 +88,7 @@ class ServerRealigner:
         from fedsoda_cli.oda.realign import adapter_drift
 
         self._load()
-        ids = self.public_ids[: self.spec.federate.drift_sequences]
+        ids = self.public_ids[: self.config.drift_sequences]
         with torch.random.fork_rng(devices=[]):  # attaching LoRA draws an init: leave the run's RNG as it was
             measured = adapter_drift(
                 self.teacher,
@@ -96,9 +97,9 @@ class ServerRealigner:
                 self.kept,
                 self.removed_groups,
                 ids,
-                config=self.spec.align,
-                lora=self.spec.lora,
-                quant=self.spec.quantize,
+                config=self.config.align,
+                lora=self.config.lora,
+                quant=self.config.quantize,
             )
         return float(measured["kl"])
 
@@ -133,12 +134,12 @@ class ServerRealigner:
             return
         import torch
 
-        from fedsoda_cli.data.public import public_windows
+        from fedsoda_cli.data.public import public_windows_in
         from fedsoda_cli.models.load import load_causal_lm, load_checkpoint
 
-        self.teacher, tokenizer = load_causal_lm(self.spec.model)
+        self.teacher, tokenizer = load_causal_lm(self.config.model)
         self.student, _ = load_checkpoint(self.align_model_dir, dtype=torch.float32)
         self.public_ids, self.heldout_ids = (
-            public_windows(self.spec, "train", tokenizer),
-            public_windows(self.spec, "held-out", tokenizer),
+            public_windows_in(self.config.public_data, self.config.data_dir, "train", tokenizer),
+            public_windows_in(self.config.public_data, self.config.data_dir, "held-out", tokenizer),
         )

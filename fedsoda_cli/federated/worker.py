@@ -2,7 +2,7 @@
 
 `ClientRuntime` is what a worker does (load the model once, swap adapters per task, swap in
 realigned layers); `serve` is the worker process's main loop around it, speaking framed byte
-messages (see messages.py) over a pipe: setup comes from a JSON file, then
+messages (see messages.py) over a pipe: setup comes from a JSON file (`WorkerSetup.to_json`), then
   server -> worker: init | task | layers | stop
   worker -> server: ready | adapter | result | error | fatal
 """
@@ -14,36 +14,61 @@ import json
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from fedsoda_cli.federated.client import LocalTraining
 from fedsoda_cli.federated.messages import ClientResult, ClientTask, pack, pack_result, unpack, unpack_task
+from fedsoda_cli.models.adapters import LoraShape
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerSetup:
-    """Everything a worker needs once: the client model, LoRA, training config and all shards."""
+    """Everything a model holder needs once, in typed frozen parts: the client model, LoRA, training
+    config and the shards it serves. `to_json`/`from_json` are its one serialized form: the local
+    pool's setup file and, without the server's own folder and shards (`shared`), what the server
+    sends every Flower site."""
 
     model_dir: str
-    lora: dict[str, Any]  # a [lora] section as a dict
+    lora: LoraShape
     lora_seed: int
     threads: int
-    training: dict[str, Any]  # LocalTraining as a dict
+    training: LocalTraining
     shards: dict[int, list[tuple[str, str]]]  # client -> [(prompt, answer), ...]
-    lora_layers: list[int] | None = None  # client-model layer indices with LoRA (None = all)
+    lora_layers: tuple[int, ...] | None = None  # client-model layer indices with LoRA (None = all)
     wire_dtype: str = "fp32"  # how the trained adapter travels back (federate.wire_dtype)
 
+    def __post_init__(self) -> None:
+        if self.lora_layers is not None:
+            object.__setattr__(self, "lora_layers", tuple(self.lora_layers))
+
+    def shared(self) -> WorkerSetup:
+        """What every site of a run shares: this setup without the server's model folder, threads
+        and shards (a site has its own, and fills them in)."""
+        return replace(self, model_dir="", threads=0, shards={})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSetup:
+        data = json.loads(text)
+        return cls(
+            **{
+                **data,
+                "lora": LoraShape(**data["lora"]),
+                "training": LocalTraining(**data["training"]),
+                "shards": {int(client): [tuple(pair) for pair in pairs] for client, pairs in data["shards"].items()},
+            }
+        )
+
     def write(self, path: Path) -> Path:
-        path.write_text(json.dumps(asdict(self)))
+        path.write_text(self.to_json())
         return path
 
     @classmethod
     def read(cls, path: Path) -> WorkerSetup:
-        data = json.loads(Path(path).read_text())
-        data["shards"] = {int(client): [tuple(pair) for pair in pairs] for client, pairs in data["shards"].items()}
-        return cls(**data)
+        return cls.from_json(Path(path).read_text())
 
 
 class ClientRuntime:
@@ -52,16 +77,13 @@ class ClientRuntime:
     def __init__(self, setup: WorkerSetup):
         from fedsoda_cli.data.tasks import Example
         from fedsoda_cli.federated.client import load_client, lora_slots
-        from fedsoda_cli.spec.schema import LoraSpec
 
         started = time.perf_counter()
-        self.model, self.tokenizer = load_client(
-            Path(setup.model_dir), LoraSpec(**setup.lora), setup.lora_seed, setup.lora_layers
-        )
+        self.model, self.tokenizer = load_client(Path(setup.model_dir), setup.lora, setup.lora_seed, setup.lora_layers)
         self.load_seconds = time.perf_counter() - started
         self.model_loads = 1
         self.slots = lora_slots(self.model)
-        self.training = LocalTraining(**setup.training)
+        self.training = setup.training
         self.wire_dtype = setup.wire_dtype
         from fedsoda_cli.federated.layer_delta import HeldLayers
         from fedsoda_cli.models.quantized import WEIGHTS
@@ -90,14 +112,14 @@ class ClientRuntime:
         apply_partial_layers(self.model, tensors)
         self.held.update(tensors)
 
-    def handle(self, task: ClientTask, worker: int) -> ClientResult:
+    def handle(self, task: ClientTask, worker: int) -> ClientResult[bytes]:
         """Train `task.client` from the global adapter in `task.adapter`; the result as bytes."""
         from fedsoda_cli.federated.client import train_client
-        from fedsoda_cli.federated.messages import adapter_from_bytes, adapter_to_bytes
+        from fedsoda_cli.federated.messages import adapter_from_bytes
 
         if task.client not in self.shards:
             raise ValueError(f"this worker holds no shard for client {task.client}")
-        local = train_client(
+        trained = train_client(
             self.model,
             self.tokenizer,
             adapter_from_bytes(task.adapter),
@@ -105,17 +127,10 @@ class ClientRuntime:
             self.training,
             task.seed,
             self.slots,
-        )
-        result = ClientResult(
             round=task.round,
             client=task.client,
-            adapter=adapter_to_bytes(local.adapter, self.wire_dtype),
-            num_samples=local.num_samples,
-            metrics=local.metrics,
-            start_digest=local.start_digest,
-            worker=worker,
-            train_seconds=local.train_seconds,
         )
+        result = trained.encoded(self.wire_dtype, worker=worker)
         _release_memory()
         result.rss_mb = resident_mb()
         return result

@@ -15,15 +15,37 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fedsoda_cli.errors import ArtifactError, ModelError
 from fedsoda_cli.spec.schema import LoraSpec
 
+if TYPE_CHECKING:
+    import torch  # imported where used: a client worker reads LoraShape before it sets its torch threads
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class LoraShape:
+    """The [lora] keys that shape the LoRA modules (what `lora_config` and `attach_lora` read): the
+    frozen form a client worker and the realigner get, in place of the whole section. Which layers
+    get LoRA is the caller's `layers` argument (client-model or original indices)."""
+
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))  # a JSON list comes back as a tuple
+
+    @classmethod
+    def from_spec(cls, lora: LoraSpec) -> LoraShape:
+        return cls(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules))
 
 
 def sub_to_full_adapter(
@@ -39,6 +61,8 @@ def sub_to_full_adapter(
     have then means the adapter and the layer map come from different runs (ArtifactError); without
     `num_layers` the adapter belongs to another sub-LLM (ModelError).
     """
+    import torch
+
     pattern = _index_pattern(layers_path)
     mapped: dict[str, torch.Tensor] = {}
     templates: dict[tuple[str, str], torch.Tensor] = {}  # (prefix, suffix) around the index -> one tensor with that role
@@ -79,7 +103,7 @@ def _index_pattern(layers_path: str | None) -> re.Pattern:
     return re.compile(r"(^|\.)(\d+)(?=\.)")
 
 
-def lora_config(lora: LoraSpec, layers: list[int] | None = None, *, layers_pattern: str | None = None):
+def lora_config(lora: LoraSpec | LoraShape, layers: list[int] | None = None, *, layers_pattern: str | None = None):
     """A peft LoraConfig from the [lora] section; `layers` limits LoRA to those layer indices."""
     from peft import LoraConfig
 
@@ -94,7 +118,7 @@ def lora_config(lora: LoraSpec, layers: list[int] | None = None, *, layers_patte
     )
 
 
-def attach_lora(model, lora: LoraSpec, layers: list[int] | None = None):
+def attach_lora(model, lora: LoraSpec | LoraShape, layers: list[int] | None = None):
     """Wrap `model` (in place, as peft does) with fresh LoRA modules on `lora.target_modules` of
     the decoder layers `layers` (all when None); returns the PeftModel."""
     from peft import get_peft_model

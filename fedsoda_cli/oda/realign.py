@@ -18,14 +18,51 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedsoda_cli.spec.schema import AlignSpec, LoraSpec, QuantizeSpec
+from fedsoda_cli.models.adapters import LoraShape
+from fedsoda_cli.spec.schema import AlignSpec, LoraSpec, ModelSpec, PublicDataSpec, QuantizeSpec
+
+if TYPE_CHECKING:
+    from fedsoda_cli.spec import Spec
 
 PARTIAL_LAYERS = "partial_layers.safetensors"
 PARTIAL_LAYERS_FLOAT = "partial_layers.float.safetensors"
+
+
+@dataclass(frozen=True)
+class RealignConfig:
+    """What the federated runtime's realignment (`federated/realigner.ServerRealigner`) reads of a
+    spec, and nothing more; `from_spec` is the one place it is built."""
+
+    model: ModelSpec  # the full LLM: the teacher
+    align: AlignSpec  # the ODA loss, partial layers, batch size, quant_aware
+    lora: LoraShape
+    quantize: QuantizeSpec  # how the client model stores the realigned layers
+    public_data: PublicDataSpec  # the public-text windows realignment trains and measures on
+    data_dir: Path | None  # where that text is (None = the Hugging Face hub)
+    steps: int  # realign.steps
+    seed: int  # run.seed: each realignment's batches and dropout derive from (seed, round)
+    drift_sequences: int  # federate.drift_sequences
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> RealignConfig:
+        from fedsoda_cli.data.paths import resolve_data_dir
+        from fedsoda_cli.spec import spec_dir
+
+        return cls(
+            model=spec.model,
+            align=spec.align,
+            lora=LoraShape.from_spec(spec.lora),
+            quantize=spec.quantize,
+            public_data=spec.public_data,
+            data_dir=resolve_data_dir(spec.data, spec_dir(spec)),
+            steps=spec.realign.steps,
+            seed=spec.run.seed,
+            drift_sequences=spec.federate.drift_sequences,
+        )
 
 
 @dataclass
@@ -46,7 +83,7 @@ def realign(
     batches: Iterable[dict[str, torch.Tensor]],
     *,
     config: AlignSpec,
-    lora: LoraSpec,
+    lora: LoraSpec | LoraShape,
     steps: int,
     heldout_ids: torch.Tensor | None = None,
     quant: QuantizeSpec | None = None,
@@ -105,7 +142,7 @@ def adapter_drift(
     ids: torch.Tensor,
     *,
     config: AlignSpec,
-    lora: LoraSpec,
+    lora: LoraSpec | LoraShape,
     quant: QuantizeSpec,
 ) -> dict[str, Any]:
     """How far the client model with the global adapter has drifted from the full LLM with the
@@ -121,7 +158,9 @@ def adapter_drift(
 
 
 @contextmanager
-def adapter_on_both(teacher_full, student_sub, adapter_state_sub: dict[str, torch.Tensor], kept: list[int], lora: LoraSpec):
+def adapter_on_both(
+    teacher_full, student_sub, adapter_state_sub: dict[str, torch.Tensor], kept: list[int], lora: LoraSpec | LoraShape
+):
     """(teacher, student) with the global adapter attached as frozen LoRA modules, not merged: as
     is to the student, mapped through `kept` to the teacher. Both come back without LoRA."""
     from fedsoda_cli.models.adapters import attach_lora, load_adapter_state, sub_to_full_adapter

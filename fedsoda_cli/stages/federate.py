@@ -205,7 +205,9 @@ def plan_of(spec: Spec) -> RoundPlan:
 def worker_setup(
     spec: Spec, model_dir: Path, shards: dict[int, list[tuple[str, str]]], lora_layers: list[int] | None
 ) -> WorkerSetup:
+    """The one place the spec becomes the workers' setup (the local pool's and every Flower site's)."""
     from fedsoda_cli.data.tasks import trains_eos
+    from fedsoda_cli.models.adapters import LoraShape
 
     fed = spec.federate
     training = LocalTraining(
@@ -220,10 +222,10 @@ def worker_setup(
     )
     return WorkerSetup(
         model_dir=str(model_dir),
-        lora=spec.lora.model_dump(),
+        lora=LoraShape.from_spec(spec.lora),
         lora_seed=stable_seed(spec.run.seed, "lora-init"),
         threads=worker_threads(spec),
-        training=training.__dict__,
+        training=training,
         shards=shards,
         lora_layers=lora_layers,
         wire_dtype=spec.federate.wire_dtype,
@@ -266,9 +268,13 @@ def realigner_for(ctx: StageContext, layer_map: LayerMap):
     if not realigns(ctx.spec):
         return None
     from fedsoda_cli.federated.realigner import ServerRealigner
+    from fedsoda_cli.oda.realign import RealignConfig
 
     return ServerRealigner(
-        ctx.spec, artifacts.stage_dir(ctx.workdir, "align") / "model", layer_map, log_path=ctx.out / "realign.jsonl"
+        RealignConfig.from_spec(ctx.spec),
+        artifacts.stage_dir(ctx.workdir, "align") / "model",
+        layer_map,
+        log_path=ctx.out / "realign.jsonl",
     )
 
 

@@ -140,14 +140,16 @@ TRAINING = dict(local_steps=2, batch_size=4, lr=0.01, optimizer="adamw", max_gra
 
 def worker_setup(client_model: Path, shards, threads: int = 1, **training):
     """The WorkerSetup the stage would build, for the tiny client model and `shards`."""
+    from fedsoda_cli.federated.client import LocalTraining
     from fedsoda_cli.federated.worker import WorkerSetup
+    from fedsoda_cli.models.adapters import LoraShape
     from fedsoda_cli.spec.schema import LoraSpec
 
     return WorkerSetup(
         model_dir=str(client_model),
-        lora=LoraSpec(r=4, alpha=8).model_dump(),
+        lora=LoraShape.from_spec(LoraSpec(r=4, alpha=8)),
         lora_seed=11,
         threads=threads,
-        training={**TRAINING, **training},
+        training=LocalTraining(**{**TRAINING, **training}),
         shards=shards,
     )

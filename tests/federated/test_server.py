@@ -179,8 +179,9 @@ def _realign_spec():
 def _run(tmp_path, setup, sub_llm, rounds, *, realign=True, resume=False, stop_in=None):
     """A realigning run; `stop_in` = a round whose every upload is poisoned, so the run stops after the one before."""
     from fedsoda_cli.federated.realigner import ServerRealigner
+    from fedsoda_cli.oda.realign import RealignConfig
 
-    realigner = ServerRealigner(_realign_spec(), sub_llm["float"], LAYER_MAP) if realign else None
+    realigner = ServerRealigner(RealignConfig.from_spec(_realign_spec()), sub_llm["float"], LAYER_MAP) if realign else None
     poison = {c: (lambda result: POISON[1](result) if result.round == stop_in else None) for c in range(4)}
     run = server(
         tmp_path,
@@ -285,6 +286,7 @@ def test_a_client_that_applies_the_realign_delta_ends_bit_identical_to_a_redownl
     from fedsoda_cli.federated.realigner import ServerRealigner
     from fedsoda_cli.federated.worker import ClientRuntime
     from fedsoda_cli.models.quantized import WEIGHTS, client_state_dict
+    from fedsoda_cli.oda.realign import RealignConfig
 
     runs = {}
     for wire in ("full", "delta"):
@@ -299,7 +301,7 @@ def test_a_client_that_applies_the_realign_delta_ends_bit_identical_to_a_redownl
             "fedavg",
             store,
             model_bytes=1000,
-            realigner=ServerRealigner(_realign_spec(), sub_llm["float"], LAYER_MAP),
+            realigner=ServerRealigner(RealignConfig.from_spec(_realign_spec()), sub_llm["float"], LAYER_MAP),
             held_layers=held,
         )
         runs[wire] = (loop.run(), transport.kept)
@@ -346,6 +348,7 @@ def _drift_spec(threshold: float):
 @pytest.mark.parametrize("threshold", [1.0 + 1e-9, 1e9])
 def test_drift_triggered_realignment_realigns_exactly_when_drift_passes_the_threshold(tmp_path, setup, sub_llm, threshold):
     from fedsoda_cli.federated.realigner import ServerRealigner
+    from fedsoda_cli.oda.realign import RealignConfig
 
     def run(folder, when, realigner):
         plan = RoundPlan(
@@ -362,7 +365,7 @@ def test_drift_triggered_realignment_realigns_exactly_when_drift_passes_the_thre
             model_bytes=1000,
         ).run()
 
-    result = run("drift", "drift", ServerRealigner(_drift_spec(threshold), sub_llm["float"], LAYER_MAP))
+    result = run("drift", "drift", ServerRealigner(RealignConfig.from_spec(_drift_spec(threshold)), sub_llm["float"], LAYER_MAP))
     drifts = [h.drift for h in result.history]
     assert all(d.kl > 0 and d.ratio == pytest.approx(d.kl / d.reference) and d.threshold == threshold for d in drifts)
     realigned = [h.round for h in result.history if h.bytes_realign]
@@ -383,6 +386,7 @@ def test_drift_triggered_realignment_realigns_exactly_when_drift_passes_the_thre
 def test_report_plots_the_drift_the_server_wrote(tmp_path, setup, sub_llm):
     from fedsoda_cli.compare import DRIFT_PNG, read_run, write_report
     from fedsoda_cli.federated.realigner import ServerRealigner
+    from fedsoda_cli.oda.realign import RealignConfig
     from tests.test_report import _run as report_run
     from tests.test_report import _spec as report_spec
 
@@ -396,7 +400,7 @@ def test_report_plots_the_drift_the_server_wrote(tmp_path, setup, sub_llm):
             "fedavg",
             store,
             model_bytes=1000,
-            realigner=ServerRealigner(_drift_spec(1.5), sub_llm["float"], LAYER_MAP),
+            realigner=ServerRealigner(RealignConfig.from_spec(_drift_spec(1.5)), sub_llm["float"], LAYER_MAP),
         )
         .run()
         .history

@@ -8,9 +8,9 @@ Requests and replies are `messages.pack` frames:
   prepare {setup, layers_digest} + realigned layers (or b"")  ->  ready {client, pid, model_loads, model_digest}
   init                                                        ->  adapter (the seeded initial LoRA adapter)
   task    {round, client, seed} + global adapter              ->  result | error
-`setup` is the server's [lora] / training config; the site's own data shard and model folder come
-from its node config. The worker exits when the Flower process it watches (the SuperNode's
-SuperExec) is gone, so a stopped SuperNode leaves nothing behind.
+`setup` is the server's `WorkerSetup.shared().to_json()` (its [lora] / training config); the site's
+own data shard and model folder come from its node config. The worker exits when the Flower process
+it watches (the SuperNode's SuperExec) is gone, so a stopped SuperNode leaves nothing behind.
 
     python -m fedsoda_cli.federated.flower.site --socket PATH --client K --model-dir DIR --shard FILE [--threads N] [--watch-pid PID]
 """
@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +92,13 @@ class SiteWorker:
         must be undone) and swap in the realigned partial layers the server expects."""
         from fedsoda_cli.federated.worker import ClientRuntime, WorkerSetup
 
-        setup, wanted = header["setup"], header["layers_digest"]
-        key = json.dumps(setup, sort_keys=True)
+        key, wanted = header["setup"], header["layers_digest"]  # key: the server's WorkerSetup.shared().to_json()
         if self.runtime is None or key != self.setup_key or (self.layers_digest and not wanted):
             self.runtime = None  # free the old model before loading the new one
-            self.runtime = ClientRuntime(
-                WorkerSetup(model_dir=str(self.model_dir), threads=self.threads, shards={self.client: self.pairs}, **setup)
+            setup = replace(
+                WorkerSetup.from_json(key), model_dir=str(self.model_dir), threads=self.threads, shards={self.client: self.pairs}
             )
+            self.runtime = ClientRuntime(setup)
             self.setup_key, self.layers_digest = key, ""
             self.model_loads += 1
         if wanted and wanted != self.layers_digest:

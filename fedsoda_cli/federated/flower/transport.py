@@ -26,13 +26,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedsoda_cli.errors import FedsodaError
 from fedsoda_cli.federated.flower.bundle import offline_env, write_app, write_cli_home
 from fedsoda_cli.federated.flower.framing import recv_frame, send_frame
 from fedsoda_cli.federated.messages import ClientTask, TaskFailure, pack, pack_task, unpack, unpack_result
 from fedsoda_cli.federated.transport import TaskOutcome
+
+if TYPE_CHECKING:
+    from fedsoda_cli.federated.worker import WorkerSetup
 
 _HELLO_TIMEOUT_S = 60.0  # a hello is answered by the ClientApp alone (no model): a process start
 
@@ -73,9 +76,9 @@ class FlowerTransport:
     """A `ClientTransport` whose model holders are the site workers of a Flower deployment."""
 
     def __init__(
-        self, setup: dict[str, Any], clients: int, model_digest: str, settings: FlowerSettings, log: Callable[[str], None] = print
+        self, setup: WorkerSetup, clients: int, model_digest: str, settings: FlowerSettings, log: Callable[[str], None] = print
     ):
-        """`setup` = the WorkerSetup fields every site shares (lora, lora_seed, lora_layers, training, wire_dtype)."""
+        """`setup` = what every site shares (`WorkerSetup.shared()`: lora, lora_seed, lora_layers, training, wire_dtype)."""
         self.setup, self.clients, self.model_digest, self.settings, self.log = setup, clients, model_digest, settings, log
         self._layers: bytes | None = None
         self._layers_digest = ""
@@ -307,7 +310,7 @@ class FlowerTransport:
         return [reason for _, reason in self._prepare_failures(nodes)]
 
     def _prepare_failures(self, nodes: list[_Node]) -> list[tuple[int, str]]:
-        header = {"setup": self.setup, "layers_digest": self._layers_digest}
+        header = {"setup": self.setup.to_json(), "layers_digest": self._layers_digest}
         request = pack("prepare", header, self._layers or b"")
         failures = []
         for outcome in self._exchange([(n, "query", request) for n in nodes], self.settings.round_timeout_s):
@@ -355,7 +358,7 @@ class FlowerTransport:
         self._layers_digest = hashlib.sha256(payload).hexdigest()[:16]
 
 
-def flower_transport(setup, spec, log: Callable[[str], None] = print) -> FlowerTransport:
+def flower_transport(setup: WorkerSetup, spec, log: Callable[[str], None] = print) -> FlowerTransport:
     """A FlowerTransport for the federate stage: `setup` is the local backend's WorkerSetup (its
     shards stay on the server: each site reads its own); refuses plain HTTP beyond loopback."""
     import importlib.util
@@ -379,12 +382,5 @@ def flower_transport(setup, spec, log: Callable[[str], None] = print) -> FlowerT
             f"federate.flower_root_certificates: the SuperLink {fed.flower_superlink} is not on this machine, so its "
             "traffic must be encrypted; give the CA certificate of its TLS (docs/flower.md, 'A real deployment')"
         )
-    shared = {
-        "lora": setup.lora,
-        "lora_seed": setup.lora_seed,
-        "lora_layers": setup.lora_layers,
-        "training": setup.training,
-        "wire_dtype": setup.wire_dtype,
-    }
     settings = FlowerSettings(fed.flower_superlink, certificates, fed.flower_round_timeout_s, fed.flower_connect_timeout_s)
-    return FlowerTransport(shared, fed.clients, model_digest(Path(setup.model_dir)), settings, log)
+    return FlowerTransport(setup.shared(), fed.clients, model_digest(Path(setup.model_dir)), settings, log)
