@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from fedsoda_cli.errors import SpecError
 from fedsoda_cli.spec.schema import SECTIONS, Spec
@@ -117,7 +118,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _describe(error: dict[str, Any], raw: dict[str, Any], path: Path, text: str, overridden: dict[tuple[str, ...], str]) -> str:
+def _describe(error: ErrorDetails, raw: dict[str, Any], path: Path, text: str, overridden: dict[tuple[str, ...], str]) -> str:
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc)
     override = next((o for keys, o in overridden.items() if tuple(loc[: len(keys)]) == keys), None)
