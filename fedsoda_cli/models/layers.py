@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 from fedsoda_cli.errors import ModelError
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig, PreTrainedModel
 
 # Config fields that are lists but never per-layer, even when their length happens to match.
 _NOT_PER_LAYER = {"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "eos_token_id"}
@@ -54,10 +54,10 @@ def _module_list(model: nn.Module, path: str) -> nn.ModuleList:
     return layers
 
 
-def unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> PreTrainedModel:
     """The transformers model inside a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    return cast("PreTrainedModel", get_base() if callable(get_base) else model)
 
 
 def drop_layers(model: nn.Module, remove: Sequence[int]) -> list[int]:
