@@ -9,13 +9,15 @@ import re
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
-from pydantic_core import ErrorDetails
 
 from fedsoda_cli.errors import SpecError
 from fedsoda_cli.spec.schema import SECTIONS, Spec
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails  # pydantic's own dependency; only its type is needed
 
 
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
