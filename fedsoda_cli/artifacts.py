@@ -251,6 +251,15 @@ def recover(workdir: Path, stage: str) -> None:
     recover_folder(workdir / stage, retired_in=workdir / _RETIRED, complete=lambda folder: (folder / MANIFEST).is_file())
 
 
+def require_manifest(workdir: Path, stage: str) -> Manifest:
+    """The manifest of a stage that has run (its status says so, or it was just written); an
+    ArtifactError if it is gone all the same."""
+    manifest = read_manifest(workdir, stage)
+    if manifest is None:
+        raise ArtifactError(f"{stage_dir(workdir, stage)}: no {MANIFEST}; run the '{stage}' stage (fedsoda {stage} SPEC)")
+    return manifest
+
+
 def read_manifest(workdir: Path, stage: str) -> Manifest | None:
     """The manifest of a stage's current output, or None when the stage has not run."""
     recover(workdir, stage)

@@ -41,7 +41,7 @@ def export_merged(spec, workdir: Path, out_dir: Path, *, dtype: str = "float32")
         "workdir": str(workdir.resolve()),
         "method": spec.run.method,
         "run": spec.run.name,
-        "federate_digest": artifacts.read_manifest(workdir, "federate").digest(),
+        "federate_digest": artifacts.require_manifest(workdir, "federate").digest(),
         "dtype": dtype,
     }
     _make_parent(out)
@@ -126,5 +126,5 @@ def _current_stage(spec, workdir: Path, name: str) -> Path:
         raise ArtifactError(f"{workdir / name}: '{name}' has not run; run `fedsoda run SPEC` before exporting")
     if state.state != "done":
         raise ArtifactError(f"{workdir / name}: '{name}' is stale ({state.reason}); rerun `fedsoda run SPEC` before exporting")
-    artifacts.verify(workdir, artifacts.read_manifest(workdir, name))
+    artifacts.verify(workdir, artifacts.require_manifest(workdir, name))
     return artifacts.stage_dir(workdir, name)

@@ -188,7 +188,7 @@ def execute(spec: Spec, workdir: Path, stage: Stage, console: Console, **options
             result = stage.function()(ctx)
             writer.manifest.metrics = result.metrics
         record_spec(spec, workdir)  # only once the stage succeeded: a failed attempt must not relabel the run
-        manifest = artifacts.read_manifest(workdir, stage.name)
+        manifest = artifacts.require_manifest(workdir, stage.name)
     terminal.stage_summary(console, stage.name, result.summary, manifest)
     return manifest
 

@@ -111,7 +111,7 @@ def _bad_path(exc: BaseException) -> str | None:
     return None
 
 
-def _disk_failure(exc: BaseException) -> tuple[int, str | None] | None:
+def _disk_failure(exc: BaseException | None) -> tuple[int, str | None] | None:
     """(errno, filename) when `exc`, or an exception it was raised from, is a failed write to disk.
 
     Besides OSError, this recognises the errors of Rust-backed libraries (safetensors, tokenizers),

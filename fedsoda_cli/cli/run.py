@@ -70,6 +70,7 @@ def run(
             )  # `set` is the --set option here
         first = first or folder
     for seed, reused in reused_by_seed.items():
+        assert first is not None  # seeds after the first reuse from it
         console.print(f"seed {seed}: reused from {escape(first.name)}: {', '.join(reused) or 'nothing'}", highlight=False)
     console.print("compare the seeds: fedsoda report " + " ".join(escape(str(f)) for f in folders), highlight=False)
 
@@ -104,7 +105,7 @@ def reuse_seed_free_stages(spec, source: Path, target: Path, stages, force: bool
             continue
         if not force and _state(spec, target, stage.name) == "done":
             continue
-        artifacts.verify(source, artifacts.read_manifest(source, stage.name))  # never spread a damaged output
+        artifacts.verify(source, artifacts.require_manifest(source, stage.name))  # never spread a damaged output
         _copy_stage(source, target, stage.name)
         if _state(spec, target, stage.name) != "done":
             raise ArtifactError(
@@ -126,7 +127,7 @@ def _copy_stage(source: Path, target: Path, stage: str) -> None:
     """Copy a stage folder through the artifact store's own writer (scratch folder, one rename), with
     the source manifest's spec hash, inputs and metrics: the outputs are the same bytes, so the digest
     is the same and the copied stages after it stay done. Its wall time is the copy's, what it cost here."""
-    manifest = artifacts.read_manifest(source, stage)
+    manifest = artifacts.require_manifest(source, stage)
     folder = artifacts.stage_dir(source, stage)
     with artifacts.write_stage(target, stage, manifest.spec_hash, dict(manifest.inputs)) as writer:
         shutil.copytree(
@@ -135,7 +136,9 @@ def _copy_stage(source: Path, target: Path, stage: str) -> None:
         writer.manifest.metrics = manifest.metrics
 
 
-def _run_stages(loaded, folder: Path, from_stage, to_stage, force: bool, resume: bool, reused: set[str] = frozenset()) -> None:
+def _run_stages(
+    loaded, folder: Path, from_stage, to_stage, force: bool, resume: bool, reused: frozenset[str] = frozenset()
+) -> None:
     stages = _select(pipeline.stages_for(loaded), from_stage, to_stage)
     console.print(
         f"[bold]fedsoda run[/] {escape(loaded.run.name)} ({loaded.run.method}, seed {loaded.run.seed}) -> {escape(str(folder))}",
@@ -161,7 +164,7 @@ def _damage(workdir, stage: str) -> str | None:
     """Why a done stage's files no longer match its manifest (a file changed, truncated or gone), or None.
     Status compares only hashes of specs and inputs; before skipping a stage, its outputs are hashed too."""
     try:
-        artifacts.verify(workdir, artifacts.read_manifest(workdir, stage))
+        artifacts.verify(workdir, artifacts.require_manifest(workdir, stage))
     except ArtifactError as exc:
         return str(exc).split(";")[0]
     return None

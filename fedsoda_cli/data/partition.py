@@ -150,8 +150,8 @@ def client_shards(spec, out: Path) -> tuple[dict[int, list[tuple[str, str]]], li
     folder = spec_dir(spec)
     examples = load_task(spec.task, resolve_data_dir(spec.data, folder), "train", spec.run.seed, spec_dir=folder)
     parts = partition_examples(examples, spec.federate, stable_seed(spec.run.seed, "partition"))
-    labels = [e.label for e in examples]
-    stats = partition_stats(parts, None if any(label is None for label in labels) else labels)
+    labels = [e.label for e in examples if e.label is not None]
+    stats = partition_stats(parts, labels if len(labels) == len(examples) else None)
     record = {
         "scheme": spec.federate.partition,
         "clients": len(parts),

@@ -129,7 +129,7 @@ def load_task(task: TaskSpec, data_dir: Path | None, split: Split, seed: int, *,
     """
     if split not in ("train", "val", "eval"):
         raise ValueError(f"split must be 'train', 'val' or 'eval', got {split!r}")
-    source_split = "eval" if split == "eval" else "train"
+    source_split: Split = "eval" if split == "eval" else "train"
     if task.name == "jsonl":
         records, source = _user_records(task, source_split, spec_dir)
         examples = _user_examples(task, records, source)
@@ -318,11 +318,13 @@ def _target(name: str, rec: Record) -> tuple[int | None, str]:
         label = rec.fields["label"]
         if isinstance(label, bool) or label not in (0, 1):
             raise DataError(f"{rec.where}: 'label' is {label!r}; SST-2 labels must be 0 (negative) or 1 (positive)")
+        assert choices is not None  # a classification task
         return int(label), choices[int(label)]
     if name == "boolq":
         answer = rec.fields["answer"]
         if not isinstance(answer, bool):
             raise DataError(f"{rec.where}: 'answer' is {answer!r}; BoolQ answers must be true or false")
+        assert choices is not None  # a classification task
         return int(answer), choices[int(answer)]
     solution = rec.fields["answer"]
     if not isinstance(solution, str) or not solution.strip():

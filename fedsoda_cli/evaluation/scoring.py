@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -65,7 +66,7 @@ def label_word_logprobs(
                 scores[row.example][choice] = score
         if tick:
             tick(len(batch))
-    return scores  # type: ignore[return-value]  (every choice belongs to exactly one row)
+    return cast(list[list[float]], scores)  # no None is left: every choice belongs to exactly one row
 
 
 def choice_contexts(tokenizer, examples: Sequence, max_len: int) -> list[tuple[list[int], list[list[int]]]]:

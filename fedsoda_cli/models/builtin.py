@@ -113,9 +113,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     # GGUF-loaded weights are already plain float32 tensors, but transformers keeps a GGUF quantizer
     # marker on the model and config and then refuses save_pretrained; drop the marker. float32
     # is kept because the dequantized values are not all exact in bf16/fp16.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
+    # (transformers sets these three without declaring them on PreTrainedModel)
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
+    model.is_quantized = False  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
+    model.quantization_method = None  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)

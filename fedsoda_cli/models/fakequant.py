@@ -78,7 +78,7 @@ def deployed(
     base = unwrap(model)
     trainable, bf16 = set(trainable), set(bf16)
     originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-    patched: list[torch.nn.Module] = []
+    patched: list[torch.nn.Linear] = []
     keep_float = {id(m.weight) for k, _, m in decoder_linears(base, sorted(trainable))}
     if trainable:
         from fedsoda_cli.models.layers import decoder_layers
@@ -108,7 +108,8 @@ def deployed(
                 swap(param, param.data.to(torch.bfloat16))
         if ste:
             for _, _, module in decoder_linears(base, sorted(trainable)):
-                module.forward = types.MethodType(_ste_forward(quant), module)
+                # an instance attribute shadowing Linear.forward until `del` below restores the class's
+                module.forward = types.MethodType(_ste_forward(quant), module)  # type: ignore[method-assign]
                 patched.append(module)
         yield
     finally:

@@ -27,11 +27,11 @@ LAYER_MAP = "layer_map.json"
 _STAGE_COMMANDS = ("profile", "prune", "align", "quantize")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class LayerMap:
     kept: list[int]
     num_layers: int
-    removed_groups: list[list[int]] | None = None  # None: each run of consecutive removed layers is one group
+    removed_groups: list[list[int]]
     strategy: str | None = None
     iterative: bool | None = None
     storage_budget: dict[str, Any] | None = None
@@ -39,14 +39,39 @@ class LayerMap:
     bf16_layers: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, written back as they came
 
-    def __post_init__(self) -> None:
-        kept = [int(k) for k in self.kept]
-        object.__setattr__(self, "kept", kept)
-        object.__setattr__(self, "num_layers", int(self.num_layers))
-        if self.removed_groups is None:
-            object.__setattr__(self, "removed_groups", _runs(sorted(set(range(self.num_layers)) - set(kept))))
+    # An own __init__ (not dataclass's + __post_init__) so that removed_groups may be left out while
+    # the field itself is never None.
+    def __init__(
+        self,
+        kept: list[int],
+        num_layers: int,
+        removed_groups: list[list[int]] | None = None,  # None: each run of consecutive removed layers is one group
+        strategy: str | None = None,
+        iterative: bool | None = None,
+        storage_budget: dict[str, Any] | None = None,
+        partial_layers: list[int] | None = None,
+        bf16_layers: list[int] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        kept = [int(k) for k in kept]
+        num_layers = int(num_layers)
+        if removed_groups is None:
+            removed_groups = _runs(sorted(set(range(num_layers)) - set(kept)))
         else:
-            object.__setattr__(self, "removed_groups", [[int(layer) for layer in group] for group in self.removed_groups])
+            removed_groups = [[int(layer) for layer in group] for group in removed_groups]
+        values = {
+            "kept": kept,
+            "num_layers": num_layers,
+            "removed_groups": removed_groups,
+            "strategy": strategy,
+            "iterative": iterative,
+            "storage_budget": storage_budget,
+            "partial_layers": partial_layers,
+            "bf16_layers": bf16_layers,
+            "extra": {} if extra is None else extra,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerMap:

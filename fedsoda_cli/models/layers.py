@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from fedsoda_cli.errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 # Config fields that are lists but never per-layer, even when their length happens to match.
 _NOT_PER_LAYER = {"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "eos_token_id"}
@@ -20,7 +24,8 @@ _NOT_PER_LAYER = {"architectures", "bad_words_ids", "suppress_tokens", "begin_su
 
 def text_config(model: nn.Module):
     """The config that owns `num_hidden_layers` (the model's own, or its text sub-config)."""
-    return model.config.get_text_config()
+    config: PretrainedConfig = model.config  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
+    return config.get_text_config()
 
 
 def decoder_layers_path(model: nn.Module) -> str:
@@ -40,13 +45,19 @@ def decoder_layers_path(model: nn.Module) -> str:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder blocks, in order."""
-    return model.get_submodule(decoder_layers_path(model))
+    return _module_list(model, decoder_layers_path(model))
 
 
-def unwrap(model: nn.Module) -> nn.Module:
+def _module_list(model: nn.Module, path: str) -> nn.ModuleList:
+    layers = model.get_submodule(path)
+    assert isinstance(layers, nn.ModuleList)  # decoder_layers_path found it as one
+    return layers
+
+
+def unwrap(model: nn.Module) -> PreTrainedModel:
     """The transformers model inside a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    return cast("PreTrainedModel", get_base() if callable(get_base) else model)
 
 
 def drop_layers(model: nn.Module, remove: Sequence[int]) -> list[int]:
@@ -54,7 +65,7 @@ def drop_layers(model: nn.Module, remove: Sequence[int]) -> list[int]:
     index of each remaining layer in ascending order. Fixes config.num_hidden_layers, every
     per-layer config list (layer_types, ...) and every `layer_idx`, so KV-cache generation works."""
     path = decoder_layers_path(model)
-    layers = model.get_submodule(path)
+    layers = _module_list(model, path)
     n = len(layers)
     drop = set(remove)
     bad = sorted(i for i in drop if not 0 <= i < n)
@@ -71,11 +82,13 @@ def drop_layers(model: nn.Module, remove: Sequence[int]) -> list[int]:
     for new_idx, layer in enumerate(new_layers):
         for sub in layer.modules():
             if hasattr(sub, "layer_idx"):
-                sub.layer_idx = new_idx
+                sub.layer_idx = new_idx  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
     _slice_config(text_config(model), n, kept)
     # Models cache a flag derived from layer_types at init (qwen2, mistral: has_sliding_layers).
-    if hasattr(parent, "has_sliding_layers") and getattr(parent.config, "layer_types", None) is not None:
-        parent.has_sliding_layers = "sliding_attention" in parent.config.layer_types
+    if hasattr(parent, "has_sliding_layers"):
+        layer_types = getattr(parent.config, "layer_types", None)
+        if layer_types is not None:
+            parent.has_sliding_layers = "sliding_attention" in layer_types  # type: ignore[assignment]  # as layer_idx above
     return kept
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -132,7 +133,9 @@ def _load_folder(path: Path, key: str, dtype) -> tuple[PreTrainedModel, PreTrain
     except Exception as e:
         raise ModelError(f"{where}: cannot load its tokenizer ({_short(e)}); save the tokenizer into the folder too") from e
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        # with output_loading_info=True it returns (model, info); transformers types it as the model alone
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        model, info = cast(tuple[PreTrainedModel, dict[str, Any]], loaded)
     except Exception as e:
         raise ModelError(f"{where}: cannot load the weights ({_short(e)}); re-save or re-download the checkpoint") from e
     # transformers only warns about missing weights and leaves them random; for us that is corrupt.

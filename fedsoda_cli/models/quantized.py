@@ -30,8 +30,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -39,6 +40,9 @@ from fedsoda_cli.artifacts import replace_folder
 from fedsoda_cli.errors import ModelError
 from fedsoda_cli.models.layers import unwrap
 from fedsoda_cli.spec.schema import QuantizeSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 WEIGHTS = "model.safetensors"
 EMBEDDINGS_INT8 = "embeddings.int8.safetensors"
@@ -80,7 +84,11 @@ def bnb_config(quant: QuantizeSpec, skip: list[str], compute_dtype: torch.dtype 
 
 
 def quantize_checkpoint(
-    float_dir: str | os.PathLike, quant: QuantizeSpec, *, compute_dtype: torch.dtype = torch.float32, bf16_layers: list[int] = ()
+    float_dir: str | os.PathLike,
+    quant: QuantizeSpec,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    bf16_layers: Sequence[int] = (),
 ):
     """Load the float checkpoint `float_dir` with its decoder layers' linear weights quantized to
     `quant.quant_type`, except the decoder layers `bf16_layers` (sub-LLM indices: partial layers
@@ -107,7 +115,7 @@ def quantize_checkpoint(
             param.data = (q.float() * scale[:, None]).to(compute_dtype)
         else:
             param.data = param.data.to(torch.bfloat16).to(compute_dtype)
-    model.fedsoda_quantize = quant.model_dump()
+    model.fedsoda_quantize = quant.model_dump()  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
     return model.eval()
 
 
@@ -252,7 +260,9 @@ def load_client_model(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # int8 embeddings are "missing" from model.safetensors by design
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, device_map="cpu", output_loading_info=True)
+        # with output_loading_info=True it returns (model, info); transformers types it as the model alone
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, device_map="cpu", output_loading_info=True)
+        model, info = cast("tuple[PreTrainedModel, dict[str, Any]]", loaded)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise ModelError(
@@ -279,8 +289,8 @@ def load_client_model(
         param.data = param.data.to(compute_dtype)
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):  # a bnb Linear4bit
-            module.compute_dtype = compute_dtype
-    model.fedsoda_quantize = {k: v for k, v in meta.items() if k != "embedding_keys"}
+            module.compute_dtype = compute_dtype  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
+    model.fedsoda_quantize = {k: v for k, v in meta.items() if k != "embedding_keys"}  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
     if prepare_for_training:
         from peft import prepare_model_for_kbit_training
 
@@ -401,7 +411,7 @@ def _fp32_path(model) -> None:
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
             weight = getattr(module, "weight", None)
-            if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            if weight is not None and getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
                 weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 

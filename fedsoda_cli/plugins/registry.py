@@ -49,8 +49,7 @@ class Registry(Generic[T]):
         if name in self._classes:
             return self._classes[name]
         if name in self._lazy:
-            cls = _import_attr(self._lazy[name], f"{self.kind} '{name}'")
-            self._check(name, cls)
+            cls = self._check(name, _import_attr(self._lazy[name], f"{self.kind} '{name}'"))
             self._classes[name] = cls
             return cls
         raise PluginError(f"unknown {self.kind} '{name}'{self._suggestion(name)}; registered: {', '.join(self.names())}")
@@ -73,11 +72,12 @@ class Registry(Generic[T]):
         close = difflib.get_close_matches(name, self.names(), n=2, cutoff=0.5)
         return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
-    def _check(self, name: str, cls: object) -> None:
+    def _check(self, name: str, cls: object) -> type:
         if not (isinstance(cls, type) and issubclass(cls, self.base)):
             raise PluginError(
                 f"{self.kind} '{name}' must be a subclass of {self.base.__module__}.{self.base.__name__}, got {cls!r}"
             )
+        return cls
 
     def _load_entry_points(self) -> None:
         if self._entry_points_loaded:
@@ -128,6 +128,8 @@ def load_plugin_files(paths: list[str], base_dir: Path) -> None:
         if module_name in sys.modules:
             continue
         spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:  # not a suffix Python imports (.py, ...)
+            raise PluginError(f"plugin file {path} is not a Python module (spec key 'plugins'); give a .py file")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         try:

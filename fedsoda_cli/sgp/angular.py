@@ -84,7 +84,9 @@ class AngularDistanceAccumulator:
         if index > 0:
             # BI always uses every non-pad token; in "all" mode the previous boundary's vectors
             # are the ones already kept for span 1, so only "last" mode keeps a second copy.
-            cos = _cosine(self._recent[-1] if self.tokens == "all" else self._previous_all, every)
+            previous = self._recent[-1] if self.tokens == "all" else self._previous_all
+            assert previous is not None  # boundary index - 1 of this batch set it (boundaries come in order)
+            cos = _cosine(previous, every)
             self.cos_sums[index - 1] += cos.sum().cpu()
             self.cos_counts[index - 1] += cos.numel()
         self._recent.append(measured)

@@ -9,12 +9,15 @@ import re
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
 from fedsoda_cli.errors import SpecError
 from fedsoda_cli.spec.schema import SECTIONS, Spec
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails  # pydantic's own dependency; only its type is needed
 
 
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
@@ -117,7 +120,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _describe(error: dict[str, Any], raw: dict[str, Any], path: Path, text: str, overridden: dict[tuple[str, ...], str]) -> str:
+def _describe(error: ErrorDetails, raw: dict[str, Any], path: Path, text: str, overridden: dict[tuple[str, ...], str]) -> str:
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc)
     override = next((o for keys, o in overridden.items() if tuple(loc[: len(keys)]) == keys), None)

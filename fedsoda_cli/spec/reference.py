@@ -47,7 +47,7 @@ def _type(info: FieldInfo) -> str:
 
 
 def _default(info: FieldInfo) -> str:
-    value: Any = info.default_factory() if info.default_factory else info.default
+    value: Any = info.get_default(call_default_factory=True)
     return f"`{json.dumps(value)}`".replace("|", "\\|")
 
 

@@ -261,6 +261,13 @@ class _AnyField(dict):
         return _Text("text")
 
 
+RoundTarget = Literal["sub", "plugin"]
+
+
+def _default_round_targets() -> list[RoundTarget]:
+    return ["sub"]
+
+
 class FederateSpec(Section):
     backend: Literal["local", "flower"] = Field(
         "local",
@@ -327,8 +334,8 @@ class FederateSpec(Section):
         ge=0,
         description="The server evaluates the global adapter on task.val_examples validation examples every k rounds and after the last (0 = only at the end, in eval); results go into metrics.jsonl.",
     )
-    eval_targets: list[Literal["sub", "plugin"]] = Field(
-        default_factory=lambda: ["sub"],
+    eval_targets: list[RoundTarget] = Field(
+        default_factory=_default_round_targets,
         min_length=1,
         description="What per-round evaluation scores: sub (the client model the adapter trains on) and/or plugin (the full LLM with the mapped adapter).",
     )
@@ -378,9 +385,16 @@ class FedotSpec(Section):
     drop_ratio: float = Field(0.3, gt=0, lt=1, description="Share of the middle layers the emulator drops (uniform stride).")
 
 
+EvalTarget = Literal["plugin", "sub", "zero-shot"]
+
+
+def _default_eval_targets() -> list[EvalTarget]:
+    return ["plugin", "sub", "zero-shot"]
+
+
 class EvalSpec(Section):
-    targets: list[Literal["plugin", "sub", "zero-shot"]] = Field(
-        default_factory=lambda: ["plugin", "sub", "zero-shot"],
+    targets: list[EvalTarget] = Field(
+        default_factory=_default_eval_targets,
         min_length=1,
         description="What is evaluated: plugin (full LLM + mapped adapter), sub (quantized sub-LLM + adapter), zero-shot (full LLM alone); at least one.",
     )

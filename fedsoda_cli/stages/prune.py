@@ -141,6 +141,7 @@ def _select_to_budget(
     from fedsoda_cli.plugins.pruners import budget_blocks
 
     spec, config = ctx.spec, ctx.spec.prune
+    assert config.storage_budget is not None  # run() chooses this path only with a budget
     budget = storage.budget_bytes(config.storage_budget, params_full * 2)
     prediction = storage.predict_client_bytes(model, tokenizer, spec.quantize, ctx.out)
     L = profile.num_layers
@@ -277,6 +278,7 @@ def _select_iteratively(ctx: StageContext, pruner: Pruner, profile: LayerProfile
         )
         for step in range(config.groups):
             if step > 0:
+                assert input_ids is not None  # read above, as config.groups > 1
                 profile = measure(
                     model,
                     input_ids,

@@ -217,6 +217,12 @@ def test_unknown_strategy_suggests_the_closest():
     assert "registered: " in message and "block-influence" in message and "uniform" in message
 
 
+def test_a_plugin_file_python_cannot_import_is_named(tmp_path):
+    (tmp_path / "plugin.txt").write_text("x = 1\n")
+    with pytest.raises(PluginError, match="plugin.txt is not a Python module .*give a .py file"):
+        load_plugin_files(["plugin.txt"], tmp_path)
+
+
 def test_example_plugin_loads_from_the_spec_and_beats_greedy(tmp_path):
     spec_file = tmp_path / "spec.toml"
     spec_file.write_text(f'plugins = ["{EXAMPLE_PLUGIN}"]\n[prune]\nstrategy = "sgp-optimal"\ngroup_size = 2\ngroups = 2\n')

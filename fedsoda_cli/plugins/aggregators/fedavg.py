@@ -8,6 +8,8 @@ client), so the result is the same bits wherever and whenever the round runs.
 
 from __future__ import annotations
 
+import torch
+
 from fedsoda_cli.plugins.contracts import AdapterState, Aggregator, ClientUpdate
 
 
@@ -26,5 +28,6 @@ def weighted_mean(global_adapter: AdapterState, updates: list[ClientUpdate]) -> 
     new = {}
     for name, reference in global_adapter.items():
         acc = sum(w * u.adapter[name].double() for w, u in zip(weights, updates))
+        assert isinstance(acc, torch.Tensor)  # not sum()'s start 0: updates is never empty (Aggregator.aggregate)
         new[name] = acc.to(reference.dtype)
     return new
