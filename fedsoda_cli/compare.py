@@ -66,6 +66,7 @@ class RunSummary:
     min_accuracy: dict[str, float] = field(default_factory=dict)  # local: target -> worst client
     per_client: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # local: target -> [{client, accuracy, ci95}]
     perplexity: dict[str, float] = field(default_factory=dict)
+    vs_zero_shot: dict[str, dict[str, Any]] = field(default_factory=dict)  # target -> eval's paired difference
     communication: dict[str, int] = field(default_factory=dict)  # kind -> bytes
     client_storage_bytes: int | None = None
     wall_time_s: dict[str, float] = field(default_factory=dict)  # stage -> seconds
@@ -369,6 +370,15 @@ def _read_results(run: RunSummary, results: dict) -> None:
                 run.per_client[target] = [_per_client(c) for c in entry["per_client"]]
             if entry.get("perplexity") is not None:
                 run.perplexity[target] = float(entry["perplexity"])
+            if entry.get("vs_zero_shot") is not None:
+                paired = entry["vs_zero_shot"]
+                run.vs_zero_shot[target] = {
+                    "difference": float(paired["difference"]),
+                    "ci95": [float(x) for x in paired["ci95"]],
+                    "p_mcnemar": float(paired["p_mcnemar"]),
+                    "only_a": int(paired["only_a"]),
+                    "only_b": int(paired["only_b"]),
+                }
             if run.task == "?":
                 run.task = str(entry.get("task", "?"))
 
@@ -555,6 +565,7 @@ def render_markdown(runs: list[RunSummary], plots: list[str]) -> str:
         )
     else:
         lines.append("No `fedpetuning` run of the same model and task was given, so no change is computed.")
+    lines += _against_zero_shot(runs)
     lines += _across_seeds(runs)
     lines += _step_time(runs)
     lines += [
@@ -589,6 +600,34 @@ def render_markdown(runs: list[RunSummary], plots: list[str]) -> str:
         for name in plots:  # a paragraph each, so every image sits on its own line
             lines += ["", _image(name)]
     return "\n".join(lines) + "\n"
+
+
+def _against_zero_shot(runs: list[RunSummary]) -> list[str]:
+    """Each trained target minus zero-shot on the same examples (eval's paired difference): two
+    targets scored on one eval set are correlated, so their separate intervals' overlap says little."""
+    rows = [
+        [
+            r.label,
+            target,
+            f"{100 * p['difference']:+.1f}",
+            f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]",
+            f"{p['p_mcnemar']:.2g}",
+            f"{p['only_a']} / {p['only_b']}",
+        ]
+        for r in runs
+        for target, p in r.vs_zero_shot.items()
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "## Against zero-shot, paired on the same examples",
+        "",
+        "Points of accuracy over the untrained full model on the same eval examples: Newcombe's interval for paired "
+        "proportions and the exact McNemar test (won / lost: examples only this target / only zero-shot got right).",
+        "",
+        _table(["run", "target", "gain (points)", "paired 95 % CI", "McNemar p", "won / lost"], rows),
+    ]
 
 
 def _image(file_name: str) -> str:

@@ -182,6 +182,27 @@ def test_changes_against_the_fedpetuning_run(two_runs):
     assert base.eval_rounds() == {} and base.step_seconds == pytest.approx(0.02) and base.peak_rss_mb == 1000.0
 
 
+def test_the_paired_gain_over_zero_shot_is_reported_as_eval_wrote_it(tmp_path):
+    from fedsoda_cli.evaluation.stats import paired_difference
+
+    paired = paired_difference(
+        [True] * 12 + [False] * 2 + [True] * 70 + [False] * 16, [False] * 12 + [True] * 2 + [True] * 70 + [False] * 16
+    )
+    run = _run(
+        tmp_path,
+        "soda",
+        _spec("soda", "fedsoda"),
+        rounds=_rounds(50, 50),
+        accuracy={"plugin": 0.82, "zero-shot": 0.72},
+        results_extra={"plugin": {"vs_zero_shot": paired.to_json()}},
+    )
+    assert read_run(run).vs_zero_shot["plugin"]["only_a"] == 12
+    write_report([run], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    lo, hi = paired.ci95
+    assert f"| soda | plugin | +10.0 | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {paired.p_mcnemar:.2g} | 12 / 2 |" in md
+
+
 def test_report_files(two_runs, tmp_path):
     files = write_report(list(two_runs), tmp_path / "report")
     names = sorted(f.name for f in files)
