@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--designs", default=DESIGNS, help="comma-separated quant_aware values, each optionally @lr")
     parser.add_argument("--partial", default="after_gap")
     parser.add_argument("--hidden-at", default="output", choices=["output", "gap"])
+    parser.add_argument("--hidden-norm", default="token", choices=["token", "pooled"], help="align.hidden_norm")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -130,6 +131,7 @@ def main(args) -> None:
         config = AlignSpec(
             partial=args.partial,
             hidden_at=args.hidden_at,
+            hidden_norm=args.hidden_norm,
             quant_aware=quant_aware,
             steps=args.steps,
             batch_size=args.batch_size,
@@ -177,7 +179,7 @@ def main(args) -> None:
 
     print(
         f"\n{args.model}, removed {args.groups} ({len(kept)} of {len(kept) + sum(map(len, groups))} layers kept), partial "
-        f"{args.partial} = layers {[kept[k] for k in partial]}, hidden at {args.hidden_at}, {args.steps} steps of "
+        f"{args.partial} = layers {[kept[k] for k in partial]}, hidden at {args.hidden_at} ({args.hidden_norm} NMSE), {args.steps} steps of "
         f"{args.batch_size} x {args.seq_len} tokens, {args.train} train / {args.heldout} held-out windows, NF4 + double quant, "
         f"{args.threads} thread(s); full LLM ppl {results[0]['after']['bf16']['ppl_teacher']:.2f}\n"
     )

@@ -12,8 +12,10 @@ every trained layer has a hidden-state signal of its own. With "gap" (the older 
 over the gaps: h(g) is the input of the first kept layer after the gap (teacher: original layer
 kept[k]); a gap at the very end compares the last layer's output before the final norm. That
 comparison point lies before the layer after the gap, so with `partial = "after_gap"` the first
-gap's term cannot train. Norms run over all non-pad tokens of the batch. Groups that touch each
-other share one gap and count once.
+gap's term cannot train. With `align.hidden_norm = "token"` (default) each non-pad token's error is
+normalised by its own norm and the ratios are averaged; "pooled" sums errors and norms over the
+batch first, which lets the first token (the attention sink, ~99 % of the pooled norm in SmolLM2)
+decide the term alone. Groups that touch each other share one gap and count once.
 
 Measurements (`evaluate_alignment`) report the hidden NMSE per gap: at the output of the first kept
 layer after it ("output") or at its input ("gap").
@@ -172,8 +174,8 @@ class LossParts:
     loss: torch.Tensor
     kl_sum: float
     tokens: int
-    hidden_err: list[float]  # per gap: sum ||h_T - h_S||^2
-    hidden_norm: list[float]  # per gap: sum ||h_T||^2
+    hidden_err: list[float]  # per point: sum ||h_T - h_S||^2 ("pooled"), or sum of per-token NMSEs ("token")
+    hidden_norm: list[float]  # per point: sum ||h_T||^2 ("pooled"), or the token count ("token")
     ce_student_sum: float
     ce_teacher_sum: float
     predicted: int
@@ -193,8 +195,7 @@ def oda_loss(
 
     err, norm, hidden_term = [], [], s_final.new_zeros(())
     for g in plan:
-        ht, hs = t_hidden[g.teacher_boundary][mask], s_hidden[g.student_boundary][mask]
-        e, n = (ht - hs).pow(2).sum(), ht.pow(2).sum()
+        e, n = hidden_error(t_hidden[g.teacher_boundary][mask], s_hidden[g.student_boundary][mask], config.hidden_norm)
         err.append(float(e.detach()))
         norm.append(float(n))
         hidden_term = hidden_term + e / n.clamp_min(1e-12)
@@ -212,6 +213,18 @@ def oda_loss(
         + config.gamma * ce_s / max(predicted, 1)
     )
     return LossParts(loss, float(kl_sum.detach()), tokens, err, norm, float(ce_s.detach()), float(ce_t.detach()), predicted)
+
+
+def hidden_error(ht: torch.Tensor, hs: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(numerator, denominator) of the hidden NMSE of teacher states `ht` and student states `hs`
+    ([tokens, d]); sums, so batches pool by adding them. "pooled": sum ||h_T - h_S||^2 over
+    sum ||h_T||^2, which the tokens with the largest norm dominate (SmolLM2's first token holds
+    ~99 % of it); "token": the sum of each token's own ||h_T - h_S||^2 / ||h_T||^2 over the token
+    count, so every token counts once."""
+    squared_error, squared_norm = (ht - hs).pow(2).sum(-1), ht.pow(2).sum(-1)
+    if mode == "pooled":
+        return squared_error.sum(), squared_norm.sum()
+    return (squared_error / squared_norm.clamp_min(1e-12)).sum(), squared_error.new_tensor(float(ht.shape[0]))
 
 
 def run_trunk(

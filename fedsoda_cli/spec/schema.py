@@ -147,6 +147,10 @@ class AlignSpec(Section):
         "output",
         description="Where the hidden-state term compares residual streams: output (the output of every trained layer against the teacher's at the same original depth) or gap (the input of the first kept layer after each gap; that layer cannot change its own input).",
     )
+    hidden_norm: Literal["token", "pooled"] = Field(
+        "token",
+        description="How the hidden-state error is normalised, in the loss and in every hidden NMSE reported: token (each token's squared error over its own squared norm, averaged over tokens) or pooled (sums over all tokens, then one ratio). Default token: in SmolLM2 the first token's residual stream (the attention sink) holds ~99 % of the pooled squared norm, so a pooled NMSE measures and trains that one token (BENCHMARKS.md).",
+    )
     quant_aware: Literal["ste", "frozen_rest", "bf16_partial", "off"] = Field(
         "off",
         description="Align the client model as deployed: the frozen layers in [quantize]'s format, and the partial layers fake-quantized with a straight-through gradient (ste), trained in float and re-quantized by quantize (frozen_rest), or trained in float and kept in bf16 on the client (bf16_partial, their bytes count in storage); off = align in float. Default off: on the SST-2 headline, 3 paired seeds, off gave the higher plugin accuracy (80.8 vs 79.0 %) at the same deployed KL; ste keeps the deployed perplexity closer to bf16 (BENCHMARKS.md).",

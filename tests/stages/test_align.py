@@ -122,6 +122,24 @@ def test_kl_and_hidden_error_are_positive_for_a_pruned_student(tiny_teacher):
     assert result["ppl_student"] > 1 and result["ppl_teacher"] > 1
 
 
+def test_token_nmse_counts_every_token_once_where_the_pooled_one_sees_only_the_largest():
+    from fedsoda_cli.oda.distill import hidden_error
+
+    torch.manual_seed(0)
+    teacher = torch.randn(5, 8)
+    teacher[0] *= 100  # an attention-sink-like token with a massive norm, reproduced exactly
+    student = teacher.clone()
+    student[1:] = torch.randn(4, 8)  # every other token is wrong
+    e, n = hidden_error(teacher, student, "pooled")
+    assert float(e / n) < 1e-3  # pooled: the sink's norm hides the other tokens' error
+    e, n = hidden_error(teacher, student, "token")
+    per_token = ((teacher - student).pow(2).sum(-1) / teacher.pow(2).sum(-1)).mean()
+    assert float(n) == 5 and float(e / n) == pytest.approx(float(per_token)) and float(e / n) > 1
+    # sums pool over batches: two halves give the numbers of the whole
+    halves = [hidden_error(teacher[i:j], student[i:j], "token") for i, j in ((0, 2), (2, 5))]
+    assert float(sum(h[0] for h in halves) / sum(h[1] for h in halves)) == pytest.approx(float(e / n))
+
+
 def test_padding_is_ignored(tiny_teacher):
     teacher, _ = tiny_teacher
     student, kept = pruned(teacher)
