@@ -36,12 +36,13 @@ from typing import Any
 from fedsoda_cli import artifacts
 from fedsoda_cli.errors import ArtifactError
 from fedsoda_cli.evaluation.targets import TARGETS
+from fedsoda_cli.federated.accounting import KINDS
+from fedsoda_cli.pipeline import PIPELINES
 from fedsoda_cli.round_record import RoundRecord, RoundRecordError
 from fedsoda_cli.terminal import format_bytes
 
 BASELINE = "fedpetuning"
-KINDS = ("model", "adapter_down", "adapter_up", "realign")  # as in fedsoda_cli.federated.accounting
-STAGE_ORDER = ("profile", "prune", "align", "quantize", "federate", "eval")
+STAGE_ORDER = tuple(stage.name for stage in PIPELINES["fedsoda"])  # the wall-time columns, in pipeline order
 ACCURACY_PNG = "accuracy_per_round.png"
 ACCURACY_BYTES_PNG = "accuracy_vs_communication.png"
 COMMUNICATION_PNG = "communication_per_round.png"
