@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make quickstart   install, then run specs/quickstart.toml end to end on the embedded SmolLM2
 #   make test         install, then run the test suite
-#   make lint         ruff check and ruff format --check (configured in pyproject.toml)
+#   make lint         ruff check, ruff format --check and mypy fedsoda_cli (configured in pyproject.toml)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -35,3 +35,4 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy fedsoda_cli

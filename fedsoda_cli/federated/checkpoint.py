@@ -226,7 +226,7 @@ def write_peft_adapter(folder: Path, adapter: AdapterState, lora: LoraConfig) ->
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in adapter.items()}, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    lora.save_pretrained(folder)
+    lora.save_pretrained(str(folder))
     return folder
 
 
@@ -272,10 +272,10 @@ def capture_rng() -> dict[str, Any]:
     import torch
 
     version, internal, gauss = random.getstate()
-    legacy = np.random.get_state()
+    legacy = np.random.get_state()  # the legacy tuple; numpy's stub types this no-argument call as the dict form
     return {
         "python": [version, list(internal), gauss],
-        "numpy": [legacy[0], legacy[1].tolist(), *legacy[2:]],
+        "numpy": [legacy[0], legacy[1].tolist(), *legacy[2:]],  # type: ignore[index]  # numpy stub gap, see get_state above
         "torch": torch.get_rng_state(),
     }
 

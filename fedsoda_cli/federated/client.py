@@ -9,7 +9,7 @@ previous client, so clients that share a worker process cannot leak weights into
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,7 +38,7 @@ class LocalTraining:
     train_eos: bool = True  # data.tasks.trains_eos: loss on the eos after the answer too
 
 
-def lora_config(lora: LoraSpec | LoraShape, layers: list[int] | None = None, layers_pattern: str = "layers") -> LoraConfig:
+def lora_config(lora: LoraSpec | LoraShape, layers: Sequence[int] | None = None, layers_pattern: str = "layers") -> LoraConfig:
     """The PEFT LoRA config of a [lora] section, the one adapters are attached and saved with.
     `layers`: the client model's layer indices that get LoRA (None = all); `layers_pattern` names
     its decoder-layer list (the last part of `models.layers.decoder_layers_path`)."""
@@ -80,11 +80,11 @@ def lora_slots(model) -> dict[str, torch.nn.Parameter]:
     from peft import get_peft_model_state_dict
 
     by_storage = {p.data_ptr(): p for p in model.parameters() if p.requires_grad}
-    slots = {name: by_storage.get(tensor.data_ptr()) for name, tensor in get_peft_model_state_dict(model).items()}
-    missing = [name for name, param in slots.items() if param is None]
-    if missing or len(slots) != len(by_storage):
+    found = {name: by_storage.get(tensor.data_ptr()) for name, tensor in get_peft_model_state_dict(model).items()}
+    missing = [name for name, param in found.items() if param is None]
+    if missing or len(found) != len(by_storage):
         raise ValueError(f"LoRA tensors and trainable parameters do not match one to one (e.g. {missing[:1]})")
-    return slots
+    return {name: param for name, param in found.items() if param is not None}  # all of them: none is missing
 
 
 def train_client(
@@ -94,7 +94,7 @@ def train_client(
     shard: Sequence[Any],
     config: LocalTraining,
     seed: int,
-    slots: dict[str, Any] | None = None,
+    slots: Mapping[str, torch.nn.Parameter] | None = None,
     *,
     round: int = -1,
     client: int = -1,
@@ -163,7 +163,7 @@ def train_client(
     )
 
 
-def _load_into(slots: dict[str, Any], adapter: AdapterState) -> None:
+def _load_into(slots: Mapping[str, torch.Tensor], adapter: AdapterState) -> None:
     """Overwrite every LoRA parameter with the adapter's tensor of the same name (all must exist)."""
     import torch
 
@@ -175,13 +175,13 @@ def _load_into(slots: dict[str, Any], adapter: AdapterState) -> None:
             param.copy_(adapter[name])
 
 
-def _proximal_term(params: dict[str, torch.Tensor], anchors: dict[str, torch.Tensor], mu: float):
+def _proximal_term(params: Mapping[str, torch.Tensor], anchors: Mapping[str, torch.Tensor], mu: float):
     if mu == 0:
         return 0.0
     return (mu / 2) * sum(((p - anchors[name]) ** 2).sum() for name, p in params.items())
 
 
-def _optimizer(config: LocalTraining, params: list[torch.Tensor]):
+def _optimizer(config: LocalTraining, params: Sequence[torch.Tensor]):
     import torch
 
     if config.optimizer == "sgd":

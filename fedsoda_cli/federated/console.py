@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import TaskID
 from rich.table import Table
 
 from fedsoda_cli import terminal
@@ -21,11 +22,11 @@ class ConsoleReporter(RoundReporter):
     def __init__(self, console: Console):
         self.console = console
         self.progress = terminal.progress(console)
-        self._bar = None
+        self._bar: TaskID | None = None  # set by run_started, which the round loop reports first
         self._round = 0
         self._done = 0
         self._clients = 0
-        self._loss = None
+        self._loss: float | None = None
 
     def run_started(self, first_round: int, rounds: int) -> None:
         self.progress.start()
@@ -56,6 +57,7 @@ class ConsoleReporter(RoundReporter):
         )
 
     def round_finished(self, record: RoundRecord) -> None:
+        assert self._bar is not None  # run_started came first
         self.progress.advance(self._bar)
         fmt = terminal.format_bytes
         parts = [f"{len(record.updated)}/{len(record.clients)} updates"]
@@ -75,6 +77,7 @@ class ConsoleReporter(RoundReporter):
 
     def _status(self) -> None:
         loss = f", loss {self._loss:.4f}" if self._loss is not None else ""
+        assert self._bar is not None  # run_started came first
         self.progress.update(self._bar, status=f"round {self._round}: clients {self._done}/{self._clients}{loss}")
 
 

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedsoda_cli.round_record import EvalEntry
 
 if TYPE_CHECKING:
+    import torch
+
+    from fedsoda_cli.models.layer_map import LayerMap
     from fedsoda_cli.plugins.contracts import AdapterState
     from fedsoda_cli.spec import Spec
 
@@ -33,16 +37,16 @@ class ServerEvaluator:
         client_model_dir: Path,
         layer_map_path: Path,
         peft_config,
-        lora_layers: list[int] | None,
+        lora_layers: Sequence[int] | None,
         examples: list,
-        targets: list[str],
+        targets: Sequence[str],
     ):
         if not examples:
             raise ValueError("no validation examples")
         self.spec, self.client_model_dir, self.layer_map_path = spec, client_model_dir, layer_map_path
         self.peft_config, self.lora_layers, self.examples, self.targets = peft_config, lora_layers, examples, list(targets)
-        self._sub = None  # (peft model, tokenizer, LoRA slots)
-        self._full = None  # (full model, tokenizer, layer map)
+        self._sub: tuple[Any, Any, dict[str, torch.nn.Parameter]] | None = None  # (peft model, tokenizer, LoRA slots)
+        self._full: tuple[Any, Any, LayerMap] | None = None  # (full model, tokenizer, layer map)
         self._layers_applied: bytes | None = None
 
     def evaluate(self, round: int, global_adapter: AdapterState, realign_layers: bytes | None) -> dict[str, EvalEntry]:

@@ -30,19 +30,24 @@ class InlineTransport:
         if layers is not None:
             self.runtime.apply_layers(layers)
 
+    def _started(self) -> ClientRuntime:
+        """The runtime: the round loop starts the transport before anything else."""
+        assert self.runtime is not None, "InlineTransport used before start()"
+        return self.runtime
+
     def initial_adapter(self) -> bytes:
-        return self.runtime.initial_adapter()
+        return self._started().initial_adapter()
 
     def run_tasks(self, tasks: list[ClientTask]) -> Iterator[TaskOutcome]:
         for task in tasks:
             try:
-                yield self.runtime.handle(task, worker=0)
+                yield self._started().handle(task, worker=0)
             except Exception as exc:  # a client failing must not take the server down
                 yield TaskFailure(task.round, task.client, f"{type(exc).__name__}: {exc}", worker=0)
 
     def broadcast_layers(self, layers: bytes, delta: bytes | None = None) -> int:
         sent = delta if delta is not None else layers
-        self.runtime.apply_layers(sent)
+        self._started().apply_layers(sent)
         return len(sent)
 
     def stats(self) -> dict[str, Any]:

@@ -52,8 +52,7 @@ def make_delta(base: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]
     for key in sorted(new):
         after = _raw(new[key])
         old = base.get(key)
-        same_layout = old is not None and old.dtype == new[key].dtype and tuple(old.shape) == tuple(new[key].shape)
-        if same_layout:
+        if old is not None and old.dtype == new[key].dtype and tuple(old.shape) == tuple(new[key].shape):  # same layout
             before = _raw(old)
             n = after.numel()
             pad = (-n) % CHUNK

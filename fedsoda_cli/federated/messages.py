@@ -16,10 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
+    import torch
+
     from fedsoda_cli.plugins.contracts import AdapterState
 
 _HEADER_LEN = struct.Struct(">I")
@@ -53,10 +56,11 @@ class ClientResult(Generic[A]):
     train_seconds: float = 0.0  # time inside the local training loop only
     rss_mb: float = 0.0  # the worker's resident memory after the task
 
-    def encoded(self, wire_dtype: str = "fp32", **fields: Any) -> ClientResult[bytes]:
+    def encoded(self: ClientResult[AdapterState], wire_dtype: str = "fp32", **fields: Any) -> ClientResult[bytes]:
         """This result with its adapter tensors serialized (`adapter_to_bytes` in `wire_dtype`) and
         `fields` (e.g. worker) set; every other field as it is."""
-        return replace(self, adapter=adapter_to_bytes(self.adapter, wire_dtype), **fields)
+        result: ClientResult[Any] = self  # replace() keeps the type parameter; here the adapter's type changes
+        return replace(result, adapter=adapter_to_bytes(self.adapter, wire_dtype), **fields)
 
 
 @dataclass
@@ -129,7 +133,7 @@ def adapter_from_bytes(blob: bytes) -> AdapterState:
     return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
 
 
-def adapter_digest(adapter: AdapterState) -> str:
+def adapter_digest(adapter: Mapping[str, torch.Tensor]) -> str:
     """A digest of names, dtypes, shapes and values: equal digests mean bit-identical adapters."""
     import torch
 

@@ -17,6 +17,7 @@ each; a number that got worse is listed under "warnings" there and logged as a w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +25,23 @@ from fedsoda_cli.errors import ArtifactError
 from fedsoda_cli.seeding import stable_seed
 
 if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
     from fedsoda_cli.models.layer_map import LayerMap
     from fedsoda_cli.oda.realign import RealignConfig
     from fedsoda_cli.plugins.contracts import AdapterState
+
+
+@dataclass
+class _Loaded:
+    """What realignment works with, loaded on first use: the full LLM, the float sub-LLM master
+    copy, and the public text's training and held-out windows."""
+
+    teacher: PreTrainedModel
+    student: PreTrainedModel
+    public_ids: torch.Tensor
+    heldout_ids: torch.Tensor
 
 
 class ServerRealigner:
@@ -40,7 +55,7 @@ class ServerRealigner:
             )
         self.config, self.align_model_dir = config, Path(align_model_dir)
         self.kept, self.removed_groups = layer_map.kept, layer_map.removed_groups
-        self.teacher = self.student = self.public_ids = self.heldout_ids = None
+        self.loaded: _Loaded | None = None
         self.log_path = Path(log_path) if log_path is not None else None
         self.partial_state: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
@@ -54,14 +69,14 @@ class ServerRealigner:
         from fedsoda_cli.oda.distill import seeded_batches
         from fedsoda_cli.oda.realign import broadcast_format, partial_layer_artifact, realign
 
-        self._load()
+        loaded = self._load()
         seed = stable_seed(self.config.seed, "realign", round)
-        batches = seeded_batches(self.public_ids, self.config.align.batch_size, seed)
+        batches = seeded_batches(loaded.public_ids, self.config.align.batch_size, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             result = realign(
-                self.teacher,
-                self.student,
+                loaded.teacher,
+                loaded.student,
                 global_adapter,
                 self.kept,
                 self.removed_groups,
@@ -69,7 +84,7 @@ class ServerRealigner:
                 config=self.config.align,
                 lora=self.config.lora,
                 steps=self.config.steps,
-                heldout_ids=self.heldout_ids,
+                heldout_ids=loaded.heldout_ids,
                 quant=self.config.quantize,
             )
         self.partial_state = result.partial_layer_state
@@ -87,12 +102,12 @@ class ServerRealigner:
 
         from fedsoda_cli.oda.realign import adapter_drift
 
-        self._load()
-        ids = self.public_ids[: self.config.drift_sequences]
+        loaded = self._load()
+        ids = loaded.public_ids[: self.config.drift_sequences]
         with torch.random.fork_rng(devices=[]):  # attaching LoRA draws an init: leave the run's RNG as it was
             measured = adapter_drift(
-                self.teacher,
-                self.student,
+                loaded.teacher,
+                loaded.student,
                 global_adapter,
                 self.kept,
                 self.removed_groups,
@@ -121,25 +136,27 @@ class ServerRealigner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Put the checkpointed partial layers back into the master copy."""
-        self._load()
-        result = self.student.load_state_dict(state, strict=False)
+        result = self._load().student.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ArtifactError(
                 f"checkpoint realign state has tensors the sub-LLM lacks (e.g. {result.unexpected_keys[0]}); rerun without --resume"
             )
         self.partial_state = dict(state)
 
-    def _load(self) -> None:
-        if self.teacher is not None:
-            return
+    def _load(self) -> _Loaded:
+        if self.loaded is not None:
+            return self.loaded
         import torch
 
         from fedsoda_cli.data.public import public_windows_in
         from fedsoda_cli.models.load import load_causal_lm, load_checkpoint
 
-        self.teacher, tokenizer = load_causal_lm(self.config.model)
-        self.student, _ = load_checkpoint(self.align_model_dir, dtype=torch.float32)
-        self.public_ids, self.heldout_ids = (
+        teacher, tokenizer = load_causal_lm(self.config.model)
+        student, _ = load_checkpoint(self.align_model_dir, dtype=torch.float32)
+        self.loaded = _Loaded(
+            teacher,
+            student,
             public_windows_in(self.config.public_data, self.config.data_dir, "train", tokenizer),
             public_windows_in(self.config.public_data, self.config.data_dir, "held-out", tokenizer),
         )
+        return self.loaded

@@ -185,6 +185,7 @@ class FederatedServer:
         record = self.record(round, clients, collected)
         self._plugin("on_round_end", round, self.global_adapter, record)
         if self.evaluates(round):
+            assert self.evaluator is not None  # evaluates() is False without one
             # before any realignment: the adapter is scored on the client model it was trained on
             record.eval = self.evaluator.evaluate(round, self.global_adapter, self.realign_layers)
         if self.measures_drift():
@@ -192,6 +193,7 @@ class FederatedServer:
         if self.realigns(round):
             self.realign(round)
             if self.measures_drift():  # the new layers under the same adapter: the next reference
+                assert self.realigner is not None and record.drift is not None  # measures_drift(): both set above
                 self.drift_reference = record.drift.after_realign = self.realigner.drift(round, self.global_adapter)
         traffic = self.ledger.take_round()
         record.bytes_down, record.bytes_up = traffic["adapter_down"], traffic["adapter_up"]
@@ -211,7 +213,12 @@ class FederatedServer:
         if self.realigner is None or round >= self.plan.rounds or not every or round % every:
             return False
         if self.plan.realign_when == "drift":  # a scheduled realignment happens only if drift passed the threshold
-            return self.drift_now is not None and self.drift_now > self.plan.drift_threshold * self.drift_reference
+            # measure_drift() (this round, before realigns()) sets the reference along with drift_now
+            return (
+                self.drift_now is not None
+                and self.drift_reference is not None
+                and self.drift_now > self.plan.drift_threshold * self.drift_reference
+            )
         return True
 
     def measures_drift(self) -> bool:
@@ -220,6 +227,7 @@ class FederatedServer:
     def measure_drift(self, round: int) -> DriftEntry:
         """This round's drift, against the reference (the drift right after the last alignment;
         before round 1: the aligned client model under the initial adapter, whose LoRA B is zero)."""
+        assert self.realigner is not None  # called only when measures_drift(), which needs one
         if self.drift_reference is None:
             self.drift_reference = self.realigner.drift(
                 0, self.initial_adapter if self.initial_adapter is not None else self.global_adapter
@@ -306,6 +314,7 @@ class FederatedServer:
             collected.excluded.append(ClientProblem(result.client, reason))
             self.reporter.client_excluded(round, result.client, reason)
             return
+        assert adapter is not None  # screen(): no reason, so the upload was read
         collected.updates.append(ClientUpdate(result.client, adapter, self.weight(result), dict(result.metrics)))
         self.reporter.client_finished(round, result.client, result.metrics.get("train_loss"))
 
@@ -344,6 +353,7 @@ class FederatedServer:
 
     def realign(self, round: int) -> None:
         """Realign on the server; every client (all K hold the model) downloads the new layers."""
+        assert self.realigner is not None  # called only when realigns(), which needs one
         self._plugin("before_realign", round)
         self.realign_layers = self.realigner.realign(round, self.global_adapter)
         delta = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,7 +104,7 @@ def _index_pattern(layers_path: str | None) -> re.Pattern:
     return re.compile(r"(^|\.)(\d+)(?=\.)")
 
 
-def lora_config(lora: LoraSpec | LoraShape, layers: list[int] | None = None, *, layers_pattern: str | None = None):
+def lora_config(lora: LoraSpec | LoraShape, layers: Sequence[int] | None = None, *, layers_pattern: str | None = None):
     """A peft LoraConfig from the [lora] section; `layers` limits LoRA to those layer indices."""
     from peft import LoraConfig
 
@@ -118,7 +119,7 @@ def lora_config(lora: LoraSpec | LoraShape, layers: list[int] | None = None, *, 
     )
 
 
-def attach_lora(model, lora: LoraSpec | LoraShape, layers: list[int] | None = None):
+def attach_lora(model, lora: LoraSpec | LoraShape, layers: Sequence[int] | None = None):
     """Wrap `model` (in place, as peft does) with fresh LoRA modules on `lora.target_modules` of
     the decoder layers `layers` (all when None); returns the PeftModel."""
     from peft import get_peft_model

@@ -227,7 +227,7 @@ def worker_setup(
         threads=worker_threads(spec),
         training=training,
         shards=shards,
-        lora_layers=lora_layers,
+        lora_layers=tuple(lora_layers) if lora_layers is not None else None,
         wire_dtype=spec.federate.wire_dtype,
     )
 

@@ -47,7 +47,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _forward(msg: Message, context: Context) -> Message:
-    request = bytes(msg.content[RECORD]["request"])
+    request = bytes(msg.content[RECORD]["request"])  # type: ignore[arg-type]  # Flower types a record value as its whole value union; this one is bytes
     kind, _, _ = unpack(request)
     config = context.node_config
     if kind == "hello":  # answered here: which client this node is, without touching the model

@@ -26,10 +26,13 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedsoda_cli.federated.flower.framing import recv_frame, send_frame
 from fedsoda_cli.federated.messages import pack, pack_result, unpack, unpack_task
+
+if TYPE_CHECKING:
+    from fedsoda_cli.federated.worker import ClientRuntime  # imported where used: it brings torch
 
 
 def model_digest(model_dir: Path) -> str:
@@ -66,7 +69,7 @@ class SiteWorker:
         self.client, self.model_dir, self.threads = client, Path(model_dir), threads
         self.pairs = read_shard(shard)
         self.digest = model_digest(self.model_dir)
-        self.runtime = None
+        self.runtime: ClientRuntime | None = None  # loaded by prepare()
         self.setup_key = ""
         self.layers_digest = ""  # "" = the quantized partial layers as loaded
         self.model_loads = 0
@@ -115,7 +118,7 @@ class SiteWorker:
             },
         )
 
-    def _runtime(self):
+    def _runtime(self) -> ClientRuntime:
         if self.runtime is None:
             raise RuntimeError("the site worker was not prepared (no model loaded yet)")
         return self.runtime

@@ -207,6 +207,7 @@ class FlowerTransport:
 
     def _flwr(self, *args: str, check: bool = True) -> str:
         """Run the `flwr` CLI against this run's SuperLink connection; its stdout."""
+        assert self._folder is not None  # made by _launch, before the first flwr call; close() stops the run before removing it
         env = offline_env(self._folder / "flwr-home")
         done = subprocess.run(["flwr", *args], env=env, capture_output=True, text=True, timeout=120)
         if check and done.returncode != 0:
@@ -229,10 +230,11 @@ class FlowerTransport:
         if not items:
             return
         send_frame(
-            self._link, pack("exchange", {"timeout_s": timeout_s, "items": [{"node": n.node_id, "type": t} for n, t, _ in items]})
+            self._relay(),
+            pack("exchange", {"timeout_s": timeout_s, "items": [{"node": n.node_id, "type": t} for n, t, _ in items]}),
         )
         for _, _, request in items:
-            send_frame(self._link, request)
+            send_frame(self._relay(), request)
         while True:
             kind, header, payload = unpack(self._recv_relay())
             if kind == "done":
@@ -243,9 +245,15 @@ class FlowerTransport:
             else:
                 yield _Exchanged(header["index"], reason=header["reason"], timed_out=header["timed_out"])
 
+    def _relay(self) -> socket.socket:
+        """The ServerApp's relay connection: start() (_launch) opens it before any exchange."""
+        assert self._link is not None, "FlowerTransport used before start()"
+        return self._link
+
     def _recv_relay(self) -> bytes:
+        link = self._relay()
         try:
-            return recv_frame(self._link)
+            return recv_frame(link)
         except (EOFError, OSError):
             self._link = None
             raise FedsodaError(
@@ -265,7 +273,7 @@ class FlowerTransport:
         """Learn which client each new node serves; with `wait`, until every client has a node."""
         deadline = time.monotonic() + self.settings.connect_timeout_s
         while True:
-            send_frame(self._link, pack("nodes"))
+            send_frame(self._relay(), pack("nodes"))
             ids = unpack(self._recv_relay())[1]["ids"]
             unknown = [node_id for node_id in ids if node_id not in self._nodes]
             if unknown:
