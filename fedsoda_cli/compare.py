@@ -782,12 +782,63 @@ def _plot_communication(runs: list[RunSummary], path: Path) -> list[Path]:
     )
 
 
+@dataclass
+class Curve:
+    """One seed group's per-round validation accuracy of one target: the mean over its seeds, and
+    the lowest and highest seed (a band a reader can trust with 3 seeds, which a std is not)."""
+
+    label: str
+    target: str
+    seeds: int
+    rounds: list[int]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+    mean_bytes: list[float]  # cumulative communication at each round, mean over the seeds
+
+
+def accuracy_curves(runs: list[RunSummary]) -> list[Curve]:
+    """Per seed group and evaluated target, on the rounds every seed of the group evaluated."""
+    curves = []
+    for group in seed_groups(runs):
+        per_run = [run.eval_rounds() for run in group.runs]
+        for target in dict.fromkeys(t for rounds in per_run for t in rounds):
+            if not all(target in rounds for rounds in per_run):
+                continue
+            tables = [{p[0]: (p[1], p[2]) for p in rounds[target]} for rounds in per_run]
+            common = sorted(set.intersection(*(set(table) for table in tables)))
+            accuracy = [[table[r][0] for table in tables] for r in common]
+            curves.append(
+                Curve(
+                    group.label,
+                    target,
+                    len(tables),
+                    common,
+                    [statistics.fmean(values) for values in accuracy],
+                    [min(values) for values in accuracy],
+                    [max(values) for values in accuracy],
+                    [statistics.fmean(table[r][1] for table in tables) for r in common],
+                )
+            )
+    return curves
+
+
+def _plot_curves(ax, curves: list[Curve], x_of) -> None:
+    for i, curve in enumerate(curves):
+        x = x_of(curve)
+        style = "-" if i < 10 else "--"  # matplotlib's colour cycle has ten colours
+        label = f"{curve.label} {curve.target}" + (
+            f" (mean of {curve.seeds} seeds, band: lowest-highest)" if curve.seeds > 1 else ""
+        )
+        (line,) = ax.plot(x, [100 * v for v in curve.mean], marker="o", linestyle=style, label=label)
+        if curve.seeds > 1:
+            ax.fill_between(x, [100 * v for v in curve.low], [100 * v for v in curve.high], color=line.get_color(), alpha=0.15)
+
+
 def _plot_accuracy(runs: list[RunSummary], path: Path) -> list[Path]:
-    """One line per run and evaluated target, e.g. "quickstart seed 1 sub"."""
+    """One line per seed group and evaluated target, e.g. "quickstart sub (mean of 3 seeds)"."""
     figure, ax = _figure()
-    for run in runs:
-        for target, points in run.eval_rounds().items():
-            ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=f"{run.label} {target}")
+    _plot_curves(ax, accuracy_curves(runs), lambda c: c.rounds)
     return _save(figure, ax, path, "round", "accuracy on the validation slice (%)", "accuracy per round")
 
 
@@ -795,9 +846,7 @@ def _plot_accuracy_vs_bytes(runs: list[RunSummary], path: Path) -> list[Path]:
     """Accuracy against the bytes spent to reach it: the model download plus every round so far."""
     figure, ax = _figure()
     ax.xaxis.set_major_locator(_auto_locator())
-    for run in runs:
-        for target, points in run.eval_rounds().items():
-            ax.plot([p[2] / 2**20 for p in points], [100 * p[1] for p in points], marker="o", label=f"{run.label} {target}")
+    _plot_curves(ax, accuracy_curves(runs), lambda c: [b / 2**20 for b in c.mean_bytes])
     return _save(
         figure,
         ax,
@@ -833,10 +882,11 @@ def _save(figure, ax, path: Path, xlabel: str, ylabel: str, title: str) -> list[
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if ax.lines:
+    if len(ax.lines) > 6:  # beside the axes, so that no line hides behind it
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    elif ax.lines:
         ax.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, bbox_inches="tight")
     return [path]
 
 

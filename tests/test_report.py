@@ -313,6 +313,25 @@ def test_across_seeds_mean_and_sample_std(tmp_path):
     assert "| petuning | fedpetuning | 0 | 1 | 79.0 (n=1) | - | - |" in table
 
 
+def test_accuracy_curves_average_the_seeds_of_one_spec_round_by_round(tmp_path):
+    from fedsoda_cli.compare import accuracy_curves
+
+    evals = [[{"sub": 0.6}, {"sub": 0.8}], [{"sub": 0.7}, {"sub": 0.9}], [{"sub": 0.5}, {"sub": 0.85}]]
+    workdirs = [
+        _run(tmp_path, f"soda-seed{k}", _spec("soda", "fedsoda", seed=k), rounds=_rounds(50, 50, evals=evals[k]))
+        for k in range(3)
+    ]
+    workdirs.append(_run(tmp_path, "petuning", _spec("petuning", "fedpetuning"), rounds=_rounds(100, 100, evals=evals[0])))
+    runs = [read_run(w) for w in workdirs]
+    label_runs(runs)
+    soda, petuning = accuracy_curves(runs)
+    assert (soda.target, soda.seeds, soda.rounds) == ("sub", 3, [1, 2])
+    assert soda.mean == pytest.approx([0.6, 0.85]) and soda.low == [0.5, 0.8] and soda.high == [0.7, 0.9]
+    cumulative = dict(runs[0].cumulative_communication())  # the seeds spend the same bytes per round
+    assert soda.mean_bytes == pytest.approx([cumulative[1], cumulative[2]])
+    assert (petuning.seeds, petuning.mean, petuning.low) == (1, [0.6, 0.8], [0.6, 0.8])
+
+
 def test_local_runs_report_the_worst_client(tmp_path):
     def local(k, mean, worst):
         per_client = [
