@@ -221,9 +221,9 @@ def hidden_error(ht: torch.Tensor, hs: torch.Tensor, mode: str) -> tuple[torch.T
     sum ||h_T||^2, which the tokens with the largest norm dominate (SmolLM2's first token holds
     ~99 % of it); "token": the sum of each token's own ||h_T - h_S||^2 / ||h_T||^2 over the token
     count, so every token counts once."""
+    if mode == "pooled":  # one sum over every element, in the order fedsoda always summed it
+        return (ht - hs).pow(2).sum(), ht.pow(2).sum()
     squared_error, squared_norm = (ht - hs).pow(2).sum(-1), ht.pow(2).sum(-1)
-    if mode == "pooled":
-        return squared_error.sum(), squared_norm.sum()
     return (squared_error / squared_norm.clamp_min(1e-12)).sum(), squared_error.new_tensor(float(ht.shape[0]))
 
 
