@@ -445,7 +445,8 @@ def evaluate_alignment(
     advance: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """On held-out token windows [N, T] (no padding): {"kl": mean tau-scaled KL(p_T || p_S) per
-    token, "hidden_nmse": {gap label: ||h_T - h_S||^2 / ||h_T||^2 pooled over tokens},
+    token, "hidden_nmse": {gap label: ||h_T - h_S||^2 / ||h_T||^2, per token or pooled as
+    `config.hidden_norm` says (`hidden_error`)},
     "ppl_student", "ppl_teacher": exp of mean next-token NLL}."""
     from fedsoda_cli.models.layers import decoder_layers
 
