@@ -1,4 +1,5 @@
-"""Public proxy text (WikiText-2 raw) cut into fixed-length token windows for profile and align.
+"""Public proxy text (`public_data.source`: WikiText-2 raw, the one corpus shipped) cut into
+fixed-length token windows for profile and align.
 
 Text layout: the line-oriented WikiText file is grouped into articles (an article starts at a
 ` = Title = ` line). Inside an article, non-blank lines (headings and paragraphs) are stripped and
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -33,9 +35,28 @@ if TYPE_CHECKING:
 
 Split = Literal["valid", "test"]
 
-WIKITEXT_FILES: dict[str, str] = {"valid": "wikitext2/wiki.valid.raw", "test": "wikitext2/wiki.test.raw"}
-HUB_ID, HUB_CONFIG = "Salesforce/wikitext", "wikitext-2-raw-v1"
-HUB_SPLITS: dict[str, str] = {"valid": "validation", "test": "test"}
+Source = Literal["wikitext2"]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Where one public corpus lives: its files under the data folder, and its hub copy."""
+
+    files: dict[str, str]  # split -> path under data.dir
+    hub_id: str
+    hub_config: str
+    hub_splits: dict[str, str]  # split -> the hub's split name
+
+
+# public_data.source names one of these; WikiText-2 raw is the only one the data folder ships.
+CORPORA: dict[str, Corpus] = {
+    "wikitext2": Corpus(
+        files={"valid": "wikitext2/wiki.valid.raw", "test": "wikitext2/wiki.test.raw"},
+        hub_id="Salesforce/wikitext",
+        hub_config="wikitext-2-raw-v1",
+        hub_splits={"valid": "validation", "test": "test"},
+    ),
+}
 
 # An article title is a level-1 heading: "= Title =" (a section is "= = Section = =").
 _TITLE = re.compile(r"^= (?!=).*(?<!=) =$")
@@ -57,20 +78,27 @@ def public_windows_in(
 ) -> torch.Tensor:
     """`public_windows` for a [public_data] section and a resolved data folder (None = the hub)."""
     if part == "train":
-        return public_sequences(data_dir, public.split, tokenizer, public.sequences, public.seq_len)
+        return public_sequences(data_dir, public.split, tokenizer, public.sequences, public.seq_len, public.source)
     if part == "held-out":
-        return public_sequences(data_dir, public.heldout_split, tokenizer, public.heldout_sequences, public.seq_len)
+        return public_sequences(
+            data_dir, public.heldout_split, tokenizer, public.heldout_sequences, public.seq_len, public.source
+        )
     raise ValueError(f"public_windows: part must be 'train' or 'held-out', not {part!r}")
 
 
-def public_sequences(data_dir: Path | None, split: Split, tokenizer, n: int, seq_len: int) -> torch.Tensor:
-    """The first `n` windows of `seq_len` tokens of WikiText-2 `split`, each starting with the
-    tokenizer's leading special ids: a LongTensor [n, seq_len].
+def public_sequences(
+    data_dir: Path | None, split: Split, tokenizer, n: int, seq_len: int, source: Source = "wikitext2"
+) -> torch.Tensor:
+    """The first `n` windows of `seq_len` tokens of the corpus `source`'s `split`, each starting with
+    the tokenizer's leading special ids: a LongTensor [n, seq_len].
 
     `data_dir` None loads the split from the Hugging Face hub. Deterministic: no sampling.
     Raises DataError when the split has fewer than n windows (the message says how many it has).
     """
-    if split not in WIKITEXT_FILES:
+    corpus = CORPORA.get(source)
+    if corpus is None:
+        raise DataError(f"unknown public_data.source {source!r}: use one of {', '.join(CORPORA)}")
+    if split not in corpus.files:
         raise DataError(f"unknown public text split {split!r}: use 'valid' or 'test' in [public_data]")
     if n < 1 or seq_len < 1:
         raise ValueError(f"n and seq_len must be positive, got n={n}, seq_len={seq_len}")
@@ -82,12 +110,12 @@ def public_sequences(data_dir: Path | None, split: Split, tokenizer, n: int, seq
         raise DataError(
             f"public_data.seq_len = {seq_len} leaves no room for text after the tokenizer's {len(lead)} leading special tokens: raise seq_len"
         )
-    lines, source = _load_lines(data_dir, split)
+    lines, where = _load_lines(corpus, data_dir, split)
     ids = _token_stream(wikitext_articles(lines), tokenizer, needed=n * body)
     available = len(ids) // body
     if available < n:
         raise DataError(
-            f"{source} has only {available} windows of {seq_len} tokens, {n} were asked for: "
+            f"{where} has only {available} windows of {seq_len} tokens, {n} were asked for: "
             f"lower sequences / heldout_sequences or seq_len in [public_data]"
         )
     text = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
@@ -112,10 +140,10 @@ def hub_rows_to_lines(rows: Iterable[dict]) -> list[str]:
     return [row["text"].rstrip("\n") for row in rows]
 
 
-def _load_lines(data_dir: Path | None, split: Split) -> tuple[list[str], str]:
+def _load_lines(corpus: Corpus, data_dir: Path | None, split: Split) -> tuple[list[str], str]:
     """The split's lines and a name for it in messages: local file, else the hub."""
     if data_dir is not None:
-        path = data_file(data_dir, WIKITEXT_FILES[split])
+        path = data_file(data_dir, corpus.files[split])
         raw = path.read_bytes()
         try:
             text = raw.decode("utf-8")
@@ -126,18 +154,20 @@ def _load_lines(data_dir: Path | None, split: Split) -> tuple[list[str], str]:
                 "WikiText-2 raw is UTF-8: replace the file with the original"
             ) from None
         return text.split("\n"), str(path)
-    return hub_rows_to_lines(_hub_rows(split)), f"hub {HUB_ID}/{HUB_CONFIG}[{HUB_SPLITS[split]}]"
+    hub_split = corpus.hub_splits[split]
+    return hub_rows_to_lines(_hub_rows(corpus, hub_split)), f"hub {corpus.hub_id}/{corpus.hub_config}[{hub_split}]"
 
 
-def _hub_rows(split: Split):
+def _hub_rows(corpus: Corpus, hub_split: str):
     import datasets  # imported lazily: slow, and only needed without a local data folder
 
     try:
-        return datasets.load_dataset(HUB_ID, HUB_CONFIG, split=HUB_SPLITS[split])
+        return datasets.load_dataset(corpus.hub_id, corpus.hub_config, split=hub_split)
     except Exception as exc:  # network, auth or hub layout problems all get the same fix
+        folder = Path(next(iter(corpus.files.values()))).parent
         raise DataError(
-            f"could not load {HUB_ID}/{HUB_CONFIG} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
-            f"set data.dir or $FEDSODA_DATA to a folder with wikitext2/"
+            f"could not load {corpus.hub_id}/{corpus.hub_config} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
+            f"set data.dir or $FEDSODA_DATA to a folder with {folder}/"
         ) from None
 
 

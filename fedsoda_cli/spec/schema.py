@@ -81,7 +81,10 @@ class DataSpec(Section):
 
 
 class PublicDataSpec(Section):
-    source: Literal["wikitext2"] = Field("wikitext2", description="Public proxy corpus for profile and align.")
+    source: Literal["wikitext2"] = Field(
+        "wikitext2",
+        description="Public proxy corpus for profile, align, realign and perplexity: wikitext2 (WikiText-2 raw, wikitext2/wiki.{valid,test}.raw under data.dir), the one corpus the data folder ships.",
+    )
     split: Literal["valid", "test"] = Field(
         "valid", description="Split used for profiling and alignment (never the one perplexity is reported on)."
     )

@@ -103,3 +103,15 @@ def test_every_window_starts_with_the_leading_special_ids(data_dir, tokenizer):
 def test_no_room_for_text_after_the_lead_is_an_error(data_dir, tokenizer):
     with pytest.raises(DataError, match="seq_len = 1 leaves no room"):
         public_sequences(data_dir, "valid", _with_bos(tokenizer), n=1, seq_len=1)
+
+
+def test_the_corpus_is_the_one_public_data_source_names(data_dir, tokenizer):
+    # The windows come from the files of the corpus the spec names; an unknown name is refused,
+    # naming the key, before any file is read.
+    from fedsoda_cli.data.public import CORPORA
+
+    assert set(CORPORA) == {"wikitext2"}
+    named = public_sequences(data_dir, "valid", tokenizer, n=2, seq_len=16, source="wikitext2")
+    assert torch.equal(named, public_sequences(data_dir, "valid", tokenizer, n=2, seq_len=16))
+    with pytest.raises(DataError, match=r"public_data\.source 'ptb'"):
+        public_sequences(data_dir, "valid", tokenizer, n=2, seq_len=16, source="ptb")  # type: ignore[arg-type]
