@@ -28,15 +28,18 @@ run traffic-bf16 --set federate.wire_dtype=bf16
 reuse traffic-fp32 traffic-bf16-drift
 run traffic-bf16-drift --set federate.wire_dtype=bf16 --set federate.realign_when=drift --set federate.realign_every=1
 
-python3 - "$control" traffic-fp32 traffic-bf16 traffic-bf16-drift <<'EOF'
+"${PYTHON:-.venv/bin/python}" - "$control" traffic-fp32 traffic-bf16 traffic-bf16-drift <<'EOF'
 import json, sys
 from pathlib import Path
+
+from fedsoda_cli.round_record import RoundRecord  # the one reader of metrics.jsonl lines: names as written
 
 def load(folder):
     folder = Path(folder if "/" in folder else f"runs/{folder}")
     summary = json.loads((folder / "federate" / "summary.json").read_text())
     results = json.loads((folder / "eval" / "results.json").read_text())
-    rounds = [json.loads(l) for l in (folder / "federate" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    lines = (folder / "federate" / "metrics.jsonl").read_text().splitlines()
+    rounds = [RoundRecord.from_json(json.loads(line)) for line in lines if line.strip()]
     return folder.name, summary["bytes"], results, rounds
 
 control = load(sys.argv[1])
@@ -47,11 +50,11 @@ print("| run | plugin | sub | adapters (MiB) | realign (MiB) | realignments | re
 print("|---|---|---|---|---|---|---|---|")
 for folder in sys.argv[2:]:
     name, b, results, rounds = load(folder)
-    n = sum(1 for r in rounds if r.get("bytes_realign"))
+    n = sum(1 for r in rounds if r.bytes_realign)
     print(f"| {name} | {100 * results['plugin']['accuracy']:.1f} | {100 * results['sub']['accuracy']:.1f} | "
           f"{(b['adapter_down'] + b['adapter_up']) / 2**20:.2f} | {b['realign'] / 2**20:.2f} | {n} | "
           f"{recurring(b) / c_rec:.3f}x | {b['total'] / c_tot:.3f}x |")
-    drift = [r["drift"]["ratio"] for r in rounds if r.get("drift")]
+    drift = [r.drift.ratio for r in rounds if r.drift is not None]
     if drift:
         print(f"|  drift per round (x reference) | {', '.join(f'{d:.2f}' for d in drift)} | | | | | | |")
 EOF
