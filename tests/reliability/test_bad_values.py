@@ -9,6 +9,8 @@ import os
 import shutil
 import signal
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -173,11 +175,26 @@ def _damage(data, original: bytes) -> bytes:
     return json.dumps(parsed).encode()
 
 
+@contextmanager
+def scratch_copy(template, tmp_path_factory, name: str) -> Iterator[Path]:
+    """A private copy of the template run for one hypothesis example, removed after it: 30 examples
+    x 2 tests of a 43 MB run would otherwise stay on disk until the session ends."""
+    folder = tmp_path_factory.mktemp(name)
+    try:
+        shutil.copytree(template, folder / "run", symlinks=True)
+        yield folder / "run"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=FIXTURES)
 @given(data=st.data())
 def test_a_damaged_manifest_is_an_artifact_error(spec_path, template, tmp_path_factory, data):
-    workdir = tmp_path_factory.mktemp("manifest") / "run"
-    shutil.copytree(template, workdir, symlinks=True)
+    with scratch_copy(template, tmp_path_factory, "manifest") as workdir:
+        _damaged_manifest(spec_path, workdir, data)
+
+
+def _damaged_manifest(spec_path, workdir, data):
     stage = data.draw(st.sampled_from(["profile", "prune", "federate", "eval"]))
     path = workdir / stage / artifacts.MANIFEST
     path.write_bytes(_damage(data, path.read_bytes()))
@@ -199,8 +216,11 @@ REPORT_FILES = {
 @settings(max_examples=30, deadline=None, suppress_health_check=FIXTURES)
 @given(data=st.data())
 def test_report_on_a_damaged_file_is_an_artifact_error(template, tmp_path_factory, data):
-    workdir = tmp_path_factory.mktemp("report") / "run"
-    shutil.copytree(template, workdir, symlinks=True)
+    with scratch_copy(template, tmp_path_factory, "report") as workdir:
+        _damaged_report_file(workdir, data)
+
+
+def _damaged_report_file(workdir, data):
     rel = data.draw(st.sampled_from(sorted(REPORT_FILES)))
     path = workdir / rel
     damaged = _damage(data, path.read_bytes())
