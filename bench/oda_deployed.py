@@ -2,6 +2,7 @@
 
     python bench/oda_deployed.py                       # the designs below, 20 steps of 4 x 128 tokens each
     python bench/oda_deployed.py --designs ste,ste@1e-3 --steps 40
+    python bench/oda_deployed.py --designs off --partial all_kept --beta 10
 
 Default groups: what `sgp` (n=3, p=3, not iterative) removes after profiling 8 x 128 WikiText-2
 valid windows (bench/align_quantize.py): 10-12, 13-15, 16-18, which touch and so form one gap
@@ -44,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--partial", default="after_gap")
     parser.add_argument("--hidden-at", default="output", choices=["output", "gap"])
     parser.add_argument("--hidden-norm", default="token", choices=["token", "pooled"], help="align.hidden_norm")
+    parser.add_argument("--beta", type=float, default=1.0, help="align.beta, the hidden term's weight (align.alpha stays 1)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -132,6 +134,7 @@ def main(args) -> None:
             partial=args.partial,
             hidden_at=args.hidden_at,
             hidden_norm=args.hidden_norm,
+            beta=args.beta,
             quant_aware=quant_aware,
             steps=args.steps,
             batch_size=args.batch_size,
@@ -179,7 +182,7 @@ def main(args) -> None:
 
     print(
         f"\n{args.model}, removed {args.groups} ({len(kept)} of {len(kept) + sum(map(len, groups))} layers kept), partial "
-        f"{args.partial} = layers {[kept[k] for k in partial]}, hidden at {args.hidden_at} ({args.hidden_norm} NMSE), {args.steps} steps of "
+        f"{args.partial} = layers {[kept[k] for k in partial]}, hidden at {args.hidden_at} ({args.hidden_norm} NMSE, beta {args.beta:g}), {args.steps} steps of "
         f"{args.batch_size} x {args.seq_len} tokens, {args.train} train / {args.heldout} held-out windows, NF4 + double quant, "
         f"{args.threads} thread(s); full LLM ppl {results[0]['after']['bf16']['ppl_teacher']:.2f}\n"
     )
