@@ -20,7 +20,7 @@ Change vs FedPETuning: each run is compared with the `fedpetuning` run of the sa
 -70.6 % and -75.6 %), accuracy as the difference in percentage points of the plugin target.
 Communication includes each client's one-time model download (docs/method.md, "What is counted").
 
-Across seeds: runs whose spec.json are equal except for run.seed and run.workdir form a group
+Across seeds: runs whose spec.json are equal except for run.seed, run.workdir and eval.targets form a group
 (`fedsoda run SPEC --seeds 0,1,2` makes one); each accuracy is given as mean ± sample std over n.
 """
 
@@ -48,7 +48,10 @@ ACCURACY_BYTES_PNG = "accuracy_vs_communication.png"
 COMMUNICATION_PNG = "communication_per_round.png"
 DRIFT_PNG = "drift_per_round.png"
 CONTROL_QUANT = "nf4"  # fedpetuning on the NF4 full model: the control that saves by quantizing alone
-SEED_FREE_KEYS = (("run", "seed"), ("run", "workdir"))  # what may differ between the runs of one seed group
+# What may differ between the runs of one seed group. eval.targets only says which targets eval
+# scored, not how anything was trained: a seed run that also scored zero-shot is the same configuration
+# (each cell says over how many runs its mean is).
+SEED_FREE_KEYS = (("run", "seed"), ("run", "workdir"), ("eval", "targets"))
 
 
 @dataclass
@@ -199,7 +202,7 @@ class SeedGroup:
 
 
 def seed_groups(runs: list[RunSummary]) -> list[SeedGroup]:
-    """Runs grouped by their spec without run.seed and run.workdir, in order of first appearance.
+    """Runs grouped by their spec without SEED_FREE_KEYS, in order of first appearance.
     A run without spec.json is a group of its own (nothing says what else it shares)."""
     groups: dict[str, list[RunSummary]] = {}
     for i, run in enumerate(runs):

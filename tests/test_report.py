@@ -313,6 +313,30 @@ def test_across_seeds_mean_and_sample_std(tmp_path):
     assert "| petuning | fedpetuning | 0 | 1 | 79.0 (n=1) | - | - |" in table
 
 
+def test_a_seed_that_also_scored_zero_shot_is_in_the_same_group(tmp_path):
+    # Which targets eval scored changes no trained artifact; a different eval set size does.
+    targets = [["plugin", "sub", "zero-shot"], ["plugin", "sub"], ["plugin", "sub"]]
+    accuracy = [{"plugin": 0.80, "sub": 0.7, "zero-shot": 0.5}, {"plugin": 0.82, "sub": 0.7}, {"plugin": 0.84, "sub": 0.7}]
+    workdirs = [
+        _run(tmp_path, f"soda-seed{k}", _spec("soda", "fedsoda", seed=k, eval={"targets": targets[k]}), accuracy=accuracy[k])
+        for k in range(3)
+    ]
+    workdirs.append(
+        _run(
+            tmp_path,
+            "soda-small-eval",
+            _spec("soda", "fedsoda", seed=3, eval={"targets": ["plugin"]}, task={"name": "sst2", "eval_examples": 100}),
+            accuracy={"plugin": 0.9},
+        )
+    )
+    runs = [read_run(w) for w in workdirs]
+    label_runs(runs)
+    groups = seed_groups(runs)
+    assert [g.seeds for g in groups] == [[0, 1, 2], [3]]
+    assert groups[0].accuracy("plugin") == (pytest.approx(0.82), pytest.approx(0.02), 3)
+    assert groups[0].accuracy("zero-shot") == (pytest.approx(0.5), None, 1)
+
+
 def test_accuracy_curves_average_the_seeds_of_one_spec_round_by_round(tmp_path):
     from fedsoda_cli.compare import accuracy_curves
 
