@@ -664,7 +664,7 @@ def _across_seeds(runs: list[RunSummary]) -> list[str]:
         "",
         "## Across seeds",
         "",
-        "Runs whose spec.json are equal except for run.seed and run.workdir. Accuracy in %: mean ± sample std over n runs "
+        "Runs whose spec.json are equal except for run.seed, run.workdir and eval.targets (which targets were scored). Accuracy in %: mean ± sample std over n runs "
         "(run.method local: of the mean over clients; the worst client's accuracy in its own column).",
         "",
         _table(header, rows),
