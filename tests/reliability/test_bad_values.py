@@ -191,18 +191,14 @@ def scratch_copy(template, tmp_path_factory, name: str) -> Iterator[Path]:
 @given(data=st.data())
 def test_a_damaged_manifest_is_an_artifact_error(spec_path, template, tmp_path_factory, data):
     with scratch_copy(template, tmp_path_factory, "manifest") as workdir:
-        _damaged_manifest(spec_path, workdir, data)
-
-
-def _damaged_manifest(spec_path, workdir, data):
-    stage = data.draw(st.sampled_from(["profile", "prune", "federate", "eval"]))
-    path = workdir / stage / artifacts.MANIFEST
-    path.write_bytes(_damage(data, path.read_bytes()))
-    before = snapshot(workdir)
-    result = fedsoda("status", spec_path, "--workdir", workdir)
-    if result.exit_code != 0:  # a damage that leaves a well-formed manifest may pass status (run hashes the files)
-        assert_fails(result, "artifact", str(workdir / stage))
-    assert snapshot(workdir) == before
+        stage = data.draw(st.sampled_from(["profile", "prune", "federate", "eval"]))
+        path = workdir / stage / artifacts.MANIFEST
+        path.write_bytes(_damage(data, path.read_bytes()))
+        before = snapshot(workdir)
+        result = fedsoda("status", spec_path, "--workdir", workdir)
+        if result.exit_code != 0:  # a damage that leaves a well-formed manifest may pass status (run hashes the files)
+            assert_fails(result, "artifact", str(workdir / stage))
+        assert snapshot(workdir) == before
 
 
 REPORT_FILES = {
@@ -217,21 +213,17 @@ REPORT_FILES = {
 @given(data=st.data())
 def test_report_on_a_damaged_file_is_an_artifact_error(template, tmp_path_factory, data):
     with scratch_copy(template, tmp_path_factory, "report") as workdir:
-        _damaged_report_file(workdir, data)
-
-
-def _damaged_report_file(workdir, data):
-    rel = data.draw(st.sampled_from(sorted(REPORT_FILES)))
-    path = workdir / rel
-    damaged = _damage(data, path.read_bytes())
-    path.write_bytes(damaged)
-    before = snapshot(workdir)
-    result = fedsoda("report", workdir, "--out", workdir.parent / "report")
-    if REPORT_FILES[rel] is not None:  # listed in its stage's manifest: any change is caught by its sha256
-        assert_fails(result, "artifact", str(path), f"fedsoda {REPORT_FILES[rel]} SPEC --force")
-    elif result.exit_code != 0:  # spec.json is a record of the spec, not a hashed output: well-formed JSON may pass
-        assert_fails(result, "artifact", str(path), "fedsoda run SPEC")
-    assert snapshot(workdir) == before
+        rel = data.draw(st.sampled_from(sorted(REPORT_FILES)))
+        path = workdir / rel
+        damaged = _damage(data, path.read_bytes())
+        path.write_bytes(damaged)
+        before = snapshot(workdir)
+        result = fedsoda("report", workdir, "--out", workdir.parent / "report")
+        if REPORT_FILES[rel] is not None:  # listed in its stage's manifest: any change is caught by its sha256
+            assert_fails(result, "artifact", str(path), f"fedsoda {REPORT_FILES[rel]} SPEC --force")
+        elif result.exit_code != 0:  # spec.json is a record of the spec, not a hashed output: well-formed JSON may pass
+            assert_fails(result, "artifact", str(path), "fedsoda run SPEC")
+        assert snapshot(workdir) == before
 
 
 def test_a_replaced_rng_state_stops_resume(spec_path, workdir):
