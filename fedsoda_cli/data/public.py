@@ -29,13 +29,12 @@ import torch
 
 from fedsoda_cli.data.paths import data_file
 from fedsoda_cli.errors import DataError
+from fedsoda_cli.spec.schema import PublicSource
 
 if TYPE_CHECKING:
     from fedsoda_cli.spec.schema import PublicDataSpec
 
 Split = Literal["valid", "test"]
-
-Source = Literal["wikitext2"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,8 @@ class Corpus:
     hub_splits: dict[str, str]  # split -> the hub's split name
 
 
-# public_data.source names one of these; WikiText-2 raw is the only one the data folder ships.
+# public_data.source (spec.schema.PublicSource) names one of these; WikiText-2 raw is the only one the
+# data folder ships.
 CORPORA: dict[str, Corpus] = {
     "wikitext2": Corpus(
         files={"valid": "wikitext2/wiki.valid.raw", "test": "wikitext2/wiki.test.raw"},
@@ -87,7 +87,7 @@ def public_windows_in(
 
 
 def public_sequences(
-    data_dir: Path | None, split: Split, tokenizer, n: int, seq_len: int, source: Source = "wikitext2"
+    data_dir: Path | None, split: Split, tokenizer, n: int, seq_len: int, source: PublicSource = "wikitext2"
 ) -> torch.Tensor:
     """The first `n` windows of `seq_len` tokens of the corpus `source`'s `split`, each starting with
     the tokenizer's leading special ids: a LongTensor [n, seq_len].

@@ -80,8 +80,11 @@ class DataSpec(Section):
     )
 
 
+PublicSource = Literal["wikitext2"]  # data.public.CORPORA says where each one lives
+
+
 class PublicDataSpec(Section):
-    source: Literal["wikitext2"] = Field(
+    source: PublicSource = Field(
         "wikitext2",
         description="Public proxy corpus for profile, align, realign and perplexity: wikitext2 (WikiText-2 raw, wikitext2/wiki.{valid,test}.raw under data.dir), the one corpus the data folder ships.",
     )
