@@ -1,0 +1,57 @@
+"""Each run's plugin (and sub) accuracy, and the plugin target's paired gain over zero-shot on the same examples.
+
+    python bench/paired_gain.py ZERO_SHOT_PREDICTIONS.jsonl WORKDIR...
+
+ZERO_SHOT_PREDICTIONS is an eval/predictions.jsonl that holds target "zero-shot" (zero-shot is the full
+model untouched, so one run's scoring serves every run on the same eval examples). The gain uses
+`evaluation.stats.paired_difference`, the function `fedsoda eval` writes `vs_zero_shot` with.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from fedsoda_cli.evaluation.stats import paired_difference
+
+
+def correct_by_id(path: Path, target: str) -> dict[str, bool]:
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {row["id"]: row["correct"] for row in rows if row["target"] == target}
+
+
+def main(zero_shot_path: str, *workdirs: str) -> None:
+    zero = correct_by_id(Path(zero_shot_path), "zero-shot")
+    if not zero:
+        sys.exit(f"{zero_shot_path} holds no zero-shot predictions: score zero-shot in that run's eval.targets")
+    for folder in map(Path, workdirs):
+        results_path = folder / "eval" / "results.json"
+        if not results_path.exists():
+            print(f"{folder.name}: no eval")
+            continue
+        results = json.loads(results_path.read_text())
+        line = [folder.name]
+        for target in ("plugin", "sub"):
+            if target in results:
+                r = results[target]
+                line.append(f"{target} {100 * r['accuracy']:.1f} [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]")
+        predictions = folder / "eval" / "predictions.jsonl"
+        plugin = correct_by_id(predictions, "plugin")
+        ids = sorted(zero)
+        if set(ids) != set(plugin):
+            line.append("paired: not the same eval examples as the zero-shot run")
+        else:
+            d = paired_difference([plugin[i] for i in ids], [zero[i] for i in ids])
+            line.append(f"paired {100 * d.difference:+.1f} [{100 * d.ci95[0]:+.1f}, {100 * d.ci95[1]:+.1f}] p={d.p_mcnemar:.2g}")
+        rows = (json.loads(s) for s in predictions.read_text().splitlines() if s.strip())
+        shares = Counter(row["prediction"] for row in rows if row["target"] == "plugin")
+        line.append("predicted " + ", ".join(f"{label} {n}" for label, n in sorted(shares.items())))
+        print(" | ".join(line))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(*sys.argv[1:])
