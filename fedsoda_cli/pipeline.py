@@ -43,10 +43,24 @@ PRUNE = Stage(
 )
 ALIGN = Stage("align", ("prune",), (*_SOURCES, "public_data", "align", "quantize", "run.seed"), "fedsoda_cli.stages.align:run")
 QUANTIZE = Stage("quantize", ("align",), (*_SOURCES, "public_data", "quantize"), "fedsoda_cli.stages.quantize:run")
+# federate reads two keys of [eval]: its per-round evaluation scores the way eval does (the rest of
+# [eval], such as the final targets, must not rerun the federation)
 FEDERATE = Stage(
     "federate",
     ("quantize",),
-    (*_SOURCES, "public_data", "task", "lora", "federate", "align", "realign", "run.seed", "plugins"),
+    (
+        *_SOURCES,
+        "public_data",
+        "task",
+        "lora",
+        "federate",
+        "align",
+        "realign",
+        "run.seed",
+        "plugins",
+        "eval.batch_size",
+        "eval.max_new_tokens",
+    ),
     "fedsoda_cli.stages.federate:run",
 )
 EVAL = Stage(

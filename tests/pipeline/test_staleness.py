@@ -5,7 +5,7 @@ from rich.console import Console
 
 from fedsoda_cli import pipeline
 from fedsoda_cli.errors import ArtifactError
-from fedsoda_cli.spec import load_spec
+from fedsoda_cli.spec import load_spec, sections_hash
 
 CALLS: list[str] = []
 
@@ -95,3 +95,21 @@ def test_corrupted_input_is_refused(toy):
     (workdir / "first" / "numbers.txt").write_text("999")
     with pytest.raises(ArtifactError, match="numbers.txt.*no longer matches"):
         pipeline.execute(spec, workdir, STAGES[1], Console(quiet=True))
+
+
+def test_the_per_round_evaluations_eval_keys_make_federate_stale_and_the_final_targets_do_not(tmp_path):
+    # federate's per-round evaluation scores with eval.batch_size and eval.max_new_tokens (a generation
+    # task's answers depend on the latter), so they are federate's inputs; which targets the final eval
+    # scores is not
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text('[task]\nname = "gsm8k"\ntrain_examples = 64\n[federate]\neval_every = 1\n')
+    base = load_spec(spec_path)
+    federate = pipeline.stage_named(base, "federate")
+
+    def federate_hash(*overrides):
+        return sections_hash(load_spec(spec_path, list(overrides)), federate.sections)
+
+    assert federate_hash() == sections_hash(base, federate.sections)
+    assert federate_hash("eval.max_new_tokens=32") != federate_hash()
+    assert federate_hash("eval.batch_size=2") != federate_hash()
+    assert federate_hash('eval.targets=["plugin"]') == federate_hash()
