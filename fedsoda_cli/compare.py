@@ -10,7 +10,8 @@ Out (in DIR): report.md (main table, change vs FedPETuning, across seeds, step t
 fair control, wall time per stage, plots), report.csv (one row per run),
 communication_per_round.png and, when some run evaluated during federate, accuracy_per_round.png
 and accuracy_vs_communication.png; when some run measured drift (federate.realign_when = "drift"),
-drift_per_round.png.
+drift_per_round.png; when some run has a final plugin accuracy and a client storage,
+accuracy_vs_storage.png (one point per seed group, zero-shot as a line).
 
 Runs are labelled by run.name; runs that share a name get their seed ("seed 1") or, when the seeds
 do not tell them apart either, their workdir's folder name.
@@ -47,6 +48,7 @@ ACCURACY_PNG = "accuracy_per_round.png"
 ACCURACY_BYTES_PNG = "accuracy_vs_communication.png"
 COMMUNICATION_PNG = "communication_per_round.png"
 DRIFT_PNG = "drift_per_round.png"
+STORAGE_PNG = "accuracy_vs_storage.png"
 CONTROL_QUANT = "nf4"  # fedpetuning on the NF4 full model: the control that saves by quantizing alone
 # What may differ between the runs of one seed group. eval.targets only says which targets eval
 # scored, not how anything was trained: a seed run that also scored zero-shot is the same configuration
@@ -282,6 +284,8 @@ def write_report(workdirs: list[Path], out_dir: Path) -> list[Path]:
         plots += _plot_accuracy(runs, out_dir / ACCURACY_PNG) + _plot_accuracy_vs_bytes(runs, out_dir / ACCURACY_BYTES_PNG)
     if any(r.drift_rounds() for r in runs):
         plots += _plot_drift(runs, out_dir / DRIFT_PNG)
+    if storage_points(runs):
+        plots += _plot_accuracy_vs_storage(runs, out_dir / STORAGE_PNG)
     (out_dir / "report.md").write_text(render_markdown(runs, [p.name for p in plots]))
     return [out_dir / "report.md", *files, *plots]
 
@@ -858,6 +862,62 @@ def _plot_accuracy_vs_bytes(runs: list[RunSummary], path: Path) -> list[Path]:
         "accuracy on the validation slice (%)",
         "accuracy vs communication",
     )
+
+
+@dataclass
+class StoragePoint:
+    """One seed group's final plugin accuracy (the full model with the adapter: what a user gets) against
+    what its client keeps on disk to train: the mean over its seeds, and the lowest and highest seed."""
+
+    label: str
+    seeds: int
+    storage_bytes: float  # mean over the seeds
+    mean: float
+    low: float
+    high: float
+
+
+def storage_points(runs: list[RunSummary]) -> list[StoragePoint]:
+    """Per seed group, over its runs that have both a plugin accuracy and a client storage."""
+    points = []
+    for group in seed_groups(runs):
+        members = [r for r in group.runs if "plugin" in r.accuracy and r.client_storage_bytes is not None]
+        if not members:
+            continue
+        accuracy = [r.accuracy["plugin"] for r in members]
+        points.append(
+            StoragePoint(
+                group.label,
+                len(members),
+                statistics.fmean(float(r.client_storage_bytes or 0) for r in members),
+                statistics.fmean(accuracy),
+                min(accuracy),
+                max(accuracy),
+            )
+        )
+    return points
+
+
+def _plot_accuracy_vs_storage(runs: list[RunSummary], path: Path) -> list[Path]:
+    """The trade-off a client's owner weighs: final plugin accuracy (bar: lowest-highest seed) against
+    client storage, one point per seed group, and zero-shot (per task, the mean of the runs that scored
+    it) as a dashed line, the level a trained adapter must beat."""
+    figure, ax = _figure()
+    ax.xaxis.set_major_locator(_auto_locator())
+    for point in storage_points(runs):
+        x, y = point.storage_bytes / 2**20, 100 * point.mean
+        label = point.label + (f" (mean of {point.seeds} seeds, bar: lowest-highest)" if point.seeds > 1 else "")
+        ax.errorbar(
+            [x], [y], yerr=[[y - 100 * point.low], [100 * point.high - y]], marker="o", linestyle="none", capsize=3, label=label
+        )
+    zero_shot: dict[str, list[float]] = {}  # per task: two tasks' zero-shot levels are not one line
+    for run in runs:
+        if "zero-shot" in run.accuracy:
+            zero_shot.setdefault(run.task, []).append(run.accuracy["zero-shot"])
+    for task, levels in zero_shot.items():
+        label = "zero-shot" + (f" ({task})" if len(zero_shot) > 1 else "")
+        ax.axhline(100 * statistics.fmean(levels), color="grey", linestyle="--", linewidth=1, label=label)
+    return _save(figure, ax, path, "client storage (MiB: client model + adapter)", "plugin accuracy (%)", "accuracy vs storage")
 
 
 def _plot_drift(runs: list[RunSummary], path: Path) -> list[Path]:

@@ -209,11 +209,13 @@ def test_report_files(two_runs, tmp_path):
     assert names == [
         "accuracy_per_round.png",
         "accuracy_vs_communication.png",
+        "accuracy_vs_storage.png",
         "communication_per_round.png",
         "report.csv",
         "report.md",
     ]
-    for png in ("accuracy_per_round.png", "accuracy_vs_communication.png", "communication_per_round.png"):
+    pngs = ("accuracy_per_round.png", "accuracy_vs_communication.png", "accuracy_vs_storage.png", "communication_per_round.png")
+    for png in pngs:
         data = (tmp_path / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     md = (tmp_path / "report" / "report.md").read_text()
@@ -224,8 +226,9 @@ def test_report_files(two_runs, tmp_path):
     assert "![accuracy per round](accuracy_per_round.png)" in md
     assert "![accuracy vs communication](accuracy_vs_communication.png)" in md
     assert "![communication per round](communication_per_round.png)" in md
+    assert "![accuracy vs storage](accuracy_vs_storage.png)" in md
     assert "!(" not in md and "![]" not in md
-    assert len(re.findall(r"!\[[^\]]+\]\([^)]+\.png\)", md)) == 3
+    assert len(re.findall(r"!\[[^\]]+\]\([^)]+\.png\)", md)) == 4
     rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "report" / "report.csv"))}
     assert float(rows["soda"]["storage_pct"]) == pytest.approx(-75.0)
     assert rows["soda"]["baseline"] == "petuning" and rows["petuning"]["baseline"] == ""
@@ -354,6 +357,29 @@ def test_accuracy_curves_average_the_seeds_of_one_spec_round_by_round(tmp_path):
     cumulative = dict(runs[0].cumulative_communication())  # the seeds spend the same bytes per round
     assert soda.mean_bytes == pytest.approx([cumulative[1], cumulative[2]])
     assert (petuning.seeds, petuning.mean, petuning.low) == (1, [0.6, 0.8], [0.6, 0.8])
+
+
+def test_accuracy_vs_storage_has_one_point_per_seed_group_and_skips_runs_without_a_plugin_accuracy(tmp_path):
+    from fedsoda_cli.compare import storage_points
+
+    plugin = [0.80, 0.86, 0.83]
+    workdirs = [
+        _run(tmp_path, f"soda-seed{k}", _spec("soda", "fedsoda", seed=k), model_bytes=200, accuracy={"plugin": plugin[k]})
+        for k in range(3)
+    ]
+    workdirs.append(
+        _run(tmp_path, "petuning", _spec("petuning", "fedpetuning"), model_bytes=800, accuracy={"plugin": 0.9, "zero-shot": 0.5})
+    )
+    workdirs.append(_run(tmp_path, "sub-only", _spec("sub-only", "fedsoda"), accuracy={"sub": 0.7}))
+    runs = [read_run(w) for w in workdirs]
+    label_runs(runs)
+    soda, petuning = storage_points(runs)
+    assert (soda.seeds, soda.mean, soda.low, soda.high) == (3, pytest.approx(0.83), 0.80, 0.86)
+    assert soda.storage_bytes == runs[0].client_storage_bytes and runs[0].client_storage_bytes > 200
+    assert (petuning.seeds, petuning.mean, petuning.storage_bytes) == (1, 0.9, runs[3].client_storage_bytes)
+    assert petuning.storage_bytes - soda.storage_bytes == 600  # the client models differ by 600 bytes
+    files = write_report(workdirs[-1:], tmp_path / "no-plugin")
+    assert "accuracy_vs_storage.png" not in [f.name for f in files]
 
 
 def test_local_runs_report_the_worst_client(tmp_path):
