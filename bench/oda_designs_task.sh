@@ -6,7 +6,7 @@
 # are in BENCHMARKS.md's headline section; bench/oda_deployed.py measures the same designs on public text.
 #
 #   bash bench/oda_designs_task.sh [FROM]   about 40 minutes on a quiet 2-core machine (6 runs)
-#   DESIGNS=bf16_partial bash bench/oda_designs_task.sh [FROM]   one design (3 runs)
+#   DESIGNS=bf16_partial SEEDS=0 bash bench/oda_designs_task.sh [FROM]   one design, one seed
 #
 # FROM: a finished run of specs/sst2-fedsoda.toml whose profile and prune (seed-free, and the same for
 # every align design) are copied instead of recomputed, e.g. runs/sst2-prune9-seed0 of bench/prune_depth.sh.
@@ -18,7 +18,7 @@ from=${1:-}
 mkdir -p runs
 runs=()
 for design in ${DESIGNS:-bf16_partial frozen_rest}; do
-  for seed in 0 1 2; do
+  for seed in ${SEEDS:-0 1 2}; do
     f="sst2-fedsoda-align-$design-seed$seed"
     if [ -n "$from" ]; then
       for stage in profile prune; do [ -d "runs/$f/$stage" ] || { mkdir -p "runs/$f"; cp -a "$from/$stage" "runs/$f/$stage"; }; done
