@@ -43,8 +43,9 @@ def main(*workdirs: str) -> None:
         spec_path = folder / "spec.json"
         spec = validate(json.loads(spec_path.read_text()), spec_path)
         model_dir = folder / "quantize" / "model"
-        results = json.loads((folder / "eval" / "results.json").read_text())
-        trained = ", ".join(f"{t} {100 * r['accuracy']:.1f}" for t, r in results.items())
+        results_path = folder / "eval" / "results.json"  # absent for a run taken only --to quantize
+        results = json.loads(results_path.read_text()) if results_path.exists() else {}
+        trained = ", ".join(f"{t} {100 * r['accuracy']:.1f}" for t, r in results.items()) or "-"
         key = client_digest(model_dir) + json.dumps(spec.task.model_dump(mode="json"), sort_keys=True)
         if key not in scored:
             examples = load_task(spec.task, resolve_data_dir(spec.data, None), "eval", spec.run.seed)
