@@ -17,13 +17,13 @@ from pathlib import Path
 from fedsoda_cli.evaluation.stats import paired_difference
 
 
-def correct_by_id(path: Path, target: str) -> dict[str, bool]:
+def target_rows(path: Path, target: str) -> list[dict]:
     rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {row["id"]: row["correct"] for row in rows if row["target"] == target}
+    return [row for row in rows if row["target"] == target]
 
 
 def main(zero_shot_path: str, *workdirs: str) -> None:
-    zero = correct_by_id(Path(zero_shot_path), "zero-shot")
+    zero = {row["id"]: row["correct"] for row in target_rows(Path(zero_shot_path), "zero-shot")}
     if not zero:
         sys.exit(f"{zero_shot_path} holds no zero-shot predictions: score zero-shot in that run's eval.targets")
     for folder in map(Path, workdirs):
@@ -37,16 +37,15 @@ def main(zero_shot_path: str, *workdirs: str) -> None:
             if target in results:
                 r = results[target]
                 line.append(f"{target} {100 * r['accuracy']:.1f} [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]")
-        predictions = folder / "eval" / "predictions.jsonl"
-        plugin = correct_by_id(predictions, "plugin")
+        rows = target_rows(folder / "eval" / "predictions.jsonl", "plugin")  # read once: the gain and the shares
+        plugin = {row["id"]: row["correct"] for row in rows}
         ids = sorted(zero)
         if set(ids) != set(plugin):
             line.append("paired: not the same eval examples as the zero-shot run")
         else:
             d = paired_difference([plugin[i] for i in ids], [zero[i] for i in ids])
             line.append(f"paired {100 * d.difference:+.1f} [{100 * d.ci95[0]:+.1f}, {100 * d.ci95[1]:+.1f}] p={d.p_mcnemar:.2g}")
-        rows = (json.loads(s) for s in predictions.read_text().splitlines() if s.strip())
-        shares = Counter(row["prediction"] for row in rows if row["target"] == "plugin")
+        shares = Counter(row["prediction"] for row in rows)
         line.append("predicted " + ", ".join(f"{label} {n}" for label, n in sorted(shares.items())))
         print(" | ".join(line))
 
