@@ -23,22 +23,14 @@
 # Results: runs/sst2-report/report.md; /usr/bin/time -v output of each run in runs/<name>.time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-fedsoda=${FEDSODA:-.venv/bin/fedsoda}
-mkdir -p runs
+source bench/lib.sh
 DIR='--set federate.partition=dirichlet --set federate.dirichlet_alpha=0.5'
 
 run() {  # run FOLDER SPEC [fedsoda run options...]: runs/FOLDER is the workdir; run.name = FOLDER without -seed<k>,
   local folder=$1; shift  # so the seeds of one configuration share a name and `fedsoda report` groups them
-  echo "== $folder ($(date +%T))"
-  /usr/bin/time -v "$fedsoda" run "$@" --set "run.name=${folder%-seed*}" --workdir "runs/$folder" 2> "runs/$folder.time" \
-    || { tail -20 "runs/$folder.time"; exit 1; }
+  timed_run "runs/$folder" "$@" --set "run.name=${folder%-seed*}"
 }
-
-reuse() {  # reuse FROM TO STAGE...: copy finished upstream stage folders into a sibling workdir
-  local from=$1 to=$2; shift 2
-  mkdir -p "runs/$to"
-  for stage in "$@"; do [ -d "runs/$to/$stage" ] || cp -a "runs/$from/$stage" "runs/$to/$stage"; done
-}
+share() { reuse "runs/$1" "runs/$2" "${@:3}"; }  # share FROM TO STAGE...: reuse between folders of runs/
 
 SEED_LIST=(0)
 if [ "${FULL:-0}" = 1 ] || [ "${SEEDS:-0}" = 1 ] || [ "${MOMENTUM:-0}" = 1 ]; then SEED_LIST=(0 1 2); fi
@@ -46,41 +38,41 @@ runs=()
 folder() { [ "$2" = 0 ] && echo "$1" || echo "$1-seed$2"; }  # folder NAME SEED
 
 for seed in "${SEED_LIST[@]}"; do  # IID: fedsoda and its fair control
-  f=$(folder sst2-fedsoda "$seed"); [ "$seed" = 0 ] || reuse sst2-fedsoda "$f" profile prune
+  f=$(folder sst2-fedsoda "$seed"); [ "$seed" = 0 ] || share sst2-fedsoda "$f" profile prune
   run "$f" specs/sst2-fedsoda.toml --set "run.seed=$seed"; runs+=("$f")
-  p=$(folder sst2-fedpetuning-nf4 "$seed"); [ "$seed" = 0 ] || reuse sst2-fedpetuning-nf4 "$p" base quantize
+  p=$(folder sst2-fedpetuning-nf4 "$seed"); [ "$seed" = 0 ] || share sst2-fedpetuning-nf4 "$p" base quantize
   run "$p" specs/sst2-fedpetuning-nf4.toml --set "run.seed=$seed"; runs+=("$p")
 done
-reuse sst2-fedsoda sst2-central profile prune align quantize
+share sst2-fedsoda sst2-central profile prune align quantize
 run sst2-central specs/sst2-central.toml; runs+=(sst2-central)
 if [ "${FULL:-0}" = 1 ]; then  # issue 11: the same runs with the align that trains against the client's NF4
   for seed in 0 1 2; do
-    f=$(folder sst2-fedsoda-align-ste "$seed"); reuse sst2-fedsoda "$f" profile prune
+    f=$(folder sst2-fedsoda-align-ste "$seed"); share sst2-fedsoda "$f" profile prune
     run "$f" specs/sst2-fedsoda.toml --set "run.seed=$seed" --set align.quant_aware=ste --set 'eval.targets=["plugin","sub"]'; runs+=("$f")
   done
 fi
 for seed in "${SEED_LIST[@]}"; do  # Dirichlet 0.5
-  f=$(folder sst2-fedsoda-dir05 "$seed"); reuse "$(folder sst2-fedsoda "$seed")" "$f" profile prune align quantize
+  f=$(folder sst2-fedsoda-dir05 "$seed"); share "$(folder sst2-fedsoda "$seed")" "$f" profile prune align quantize
   run "$f" specs/sst2-fedsoda.toml --set "run.seed=$seed" $DIR --set 'eval.targets=["plugin","sub"]'; runs+=("$f")
-  p=$(folder sst2-fedpetuning-nf4-dir05 "$seed"); reuse sst2-fedpetuning-nf4 "$p" base quantize
+  p=$(folder sst2-fedpetuning-nf4-dir05 "$seed"); share sst2-fedpetuning-nf4 "$p" base quantize
   run "$p" specs/sst2-fedpetuning-nf4.toml --set "run.seed=$seed" $DIR; runs+=("$p")
 done
-reuse sst2-fedsoda sst2-local profile prune align quantize
+share sst2-fedsoda sst2-local profile prune align quantize
 run sst2-local specs/sst2-fedsoda.toml --set run.method=local --set 'eval.targets=["plugin","sub"]'; runs+=(sst2-local)
-reuse sst2-fedsoda sst2-local-dir05 profile prune align quantize
+share sst2-fedsoda sst2-local-dir05 profile prune align quantize
 run sst2-local-dir05 specs/sst2-fedsoda.toml --set run.method=local $DIR --set 'eval.targets=["plugin","sub"]'; runs+=(sst2-local-dir05)
 if [ "${MOMENTUM:-0}" = 1 ]; then  # server momentum under label skew, beside the fedavg runs above
   for seed in "${SEED_LIST[@]}"; do
-    f=$(folder sst2-fedsoda-dir05-fedavgm "$seed"); reuse "$(folder sst2-fedsoda-dir05 "$seed")" "$f" profile prune align quantize
+    f=$(folder sst2-fedsoda-dir05-fedavgm "$seed"); share "$(folder sst2-fedsoda-dir05 "$seed")" "$f" profile prune align quantize
     run "$f" specs/sst2-fedsoda.toml --set "run.seed=$seed" $DIR --set federate.aggregator=fedavgm --set 'eval.targets=["plugin","sub"]'; runs+=("$f")
   done
 fi
 if [ "${FULL:-0}" = 1 ]; then
   run sst2-fedpetuning specs/sst2-fedpetuning.toml; runs+=(sst2-fedpetuning)
   run sst2-fedot specs/sst2-fedot.toml; runs+=(sst2-fedot)
-  reuse sst2-fedpetuning sst2-fedpetuning-dir05 base quantize
+  share sst2-fedpetuning sst2-fedpetuning-dir05 base quantize
   run sst2-fedpetuning-dir05 specs/sst2-fedpetuning.toml $DIR; runs+=(sst2-fedpetuning-dir05)
-  reuse sst2-fedot sst2-fedot-dir05 prune align quantize
+  share sst2-fedot sst2-fedot-dir05 prune align quantize
   run sst2-fedot-dir05 specs/sst2-fedot.toml $DIR; runs+=(sst2-fedot-dir05)
 fi
 

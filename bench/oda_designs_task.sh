@@ -13,20 +13,15 @@
 # Results: runs/oda-designs-report/report.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-fedsoda=${FEDSODA:-.venv/bin/fedsoda}
+source bench/lib.sh
 from=${1:-}
-mkdir -p runs
 runs=()
 for design in ${DESIGNS:-bf16_partial frozen_rest}; do
   for seed in ${SEEDS:-0 1 2}; do
     f="sst2-fedsoda-align-$design-seed$seed"
-    if [ -n "$from" ]; then
-      for stage in profile prune; do [ -d "runs/$f/$stage" ] || { mkdir -p "runs/$f"; cp -a "$from/$stage" "runs/$f/$stage"; }; done
-    fi
-    echo "== $f ($(date +%T))"
-    /usr/bin/time -v "$fedsoda" run specs/sst2-fedsoda.toml --set "run.seed=$seed" --set "align.quant_aware=$design" \
-      --set "run.name=sst2-fedsoda-align-$design" --set 'eval.targets=["plugin","sub"]' --workdir "runs/$f" \
-      2> "runs/$f.time" || { tail -20 "runs/$f.time"; exit 1; }
+    [ -z "$from" ] || reuse "$from" "runs/$f" profile prune
+    timed_run "runs/$f" specs/sst2-fedsoda.toml --set "run.seed=$seed" --set "align.quant_aware=$design" \
+      --set "run.name=sst2-fedsoda-align-$design" --set 'eval.targets=["plugin","sub"]'
     runs+=("runs/$f")
   done
 done

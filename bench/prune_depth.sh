@@ -14,19 +14,14 @@
 # Results: runs/prune-depth-report/report.md and runs/prune-depth-paired.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-fedsoda=${FEDSODA:-.venv/bin/fedsoda}
+source bench/lib.sh
 python=${PYTHON:-.venv/bin/python}
-mkdir -p runs
 runs=()
 control() {  # the fair control, seeds 0-2 (its base and quantize do not depend on the seed)
   for seed in 0 1 2; do
     f="sst2-fedpetuning-nf4-seed$seed"
-    [ "$seed" = 0 ] || for stage in base quantize; do
-      [ -d "runs/$f/$stage" ] || { mkdir -p "runs/$f"; cp -a "runs/sst2-fedpetuning-nf4-seed0/$stage" "runs/$f/$stage"; }
-    done
-    echo "== $f ($(date +%T))"
-    /usr/bin/time -v "$fedsoda" run specs/sst2-fedpetuning-nf4.toml --set "run.seed=$seed" \
-      --set "run.name=sst2-fedpetuning-nf4" --workdir "runs/$f" 2> "runs/$f.time" || { tail -20 "runs/$f.time"; exit 1; }
+    [ "$seed" = 0 ] || reuse runs/sst2-fedpetuning-nf4-seed0 "runs/$f" base quantize
+    timed_run "runs/$f" specs/sst2-fedpetuning-nf4.toml --set "run.seed=$seed" --set "run.name=sst2-fedpetuning-nf4"
     runs+=("runs/$f")
   done
 }
@@ -34,14 +29,11 @@ for groups in 1 2 4 0 3; do
   if [ "$groups" = 0 ]; then control; continue; fi
   for seed in 0 1 2; do
     f="sst2-prune$((3 * groups))-seed$seed"
-    mkdir -p "runs/$f"
-    [ "$groups$seed" = 10 ] || [ -d "runs/$f/profile" ] || cp -a runs/sst2-prune3-seed0/profile "runs/$f/profile"
-    [ "$seed" = 0 ] || [ -d "runs/$f/prune" ] || cp -a "runs/sst2-prune$((3 * groups))-seed0/prune" "runs/$f/prune"
+    [ "$groups$seed" = 10 ] || reuse runs/sst2-prune3-seed0 "runs/$f" profile
+    [ "$seed" = 0 ] || reuse "runs/sst2-prune$((3 * groups))-seed0" "runs/$f" prune
     targets='["plugin","sub"]'; [ "$groups$seed" = 10 ] && targets='["plugin","sub","zero-shot"]'
-    echo "== $f ($(date +%T))"
-    /usr/bin/time -v "$fedsoda" run specs/sst2-fedsoda.toml --set "run.seed=$seed" --set "prune.groups=$groups" \
-      --set "run.name=sst2-prune$((3 * groups))" --set "eval.targets=$targets" --workdir "runs/$f" 2> "runs/$f.time" \
-      || { tail -20 "runs/$f.time"; exit 1; }
+    timed_run "runs/$f" specs/sst2-fedsoda.toml --set "run.seed=$seed" --set "prune.groups=$groups" \
+      --set "run.name=sst2-prune$((3 * groups))" --set "eval.targets=$targets"
     runs+=("runs/$f")
   done
 done

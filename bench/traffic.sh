@@ -15,17 +15,17 @@
 # federate/summary.json, federate/metrics.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-fedsoda=${FEDSODA:-.venv/bin/fedsoda}
+source bench/lib.sh
 control=${1:-runs/sst2-fedpetuning-nf4}
 run() { local folder=$1; shift; echo "== $folder ($(date +%T))"
   "$fedsoda" run specs/sst2-fedsoda.toml "$@" --set "run.name=$folder" --set 'eval.targets=["plugin","sub"]' --workdir "runs/$folder" > "runs/$folder.log" 2>&1 \
     || { tail -20 "runs/$folder.log"; exit 1; }; }
-reuse() { mkdir -p "runs/$2"; for stage in profile prune align quantize; do [ -d "runs/$2/$stage" ] || cp -a "runs/$1/$stage" "runs/$2/$stage"; done; }
+share() { reuse "runs/$1" "runs/$2" profile prune align quantize; }
 
 run traffic-fp32
-reuse traffic-fp32 traffic-bf16
+share traffic-fp32 traffic-bf16
 run traffic-bf16 --set federate.wire_dtype=bf16
-reuse traffic-fp32 traffic-bf16-drift
+share traffic-fp32 traffic-bf16-drift
 run traffic-bf16-drift --set federate.wire_dtype=bf16 --set federate.realign_when=drift --set federate.realign_every=1
 
 "${PYTHON:-.venv/bin/python}" - "$control" traffic-fp32 traffic-bf16 traffic-bf16-drift <<'EOF'
