@@ -3,7 +3,7 @@
     FEDSODA_DATA=../shared/data python bench/client_zero_shot.py WORKDIR...
 
 For each finished run it loads `quantize/model` (the model a client trains on: the NF4 sub-LLM for
-fedsoda, the NF4 full model for fedpetuning-NF4) exactly as the sub target does, without an adapter, and
+fedsoda, the NF4 full model for fedpetuning-NF4) with the sub target's loader, without an adapter, and
 scores it with the eval stage's function on the eval split the run's spec.json names. Beside the run's
 own plugin and sub accuracy this splits the gap to zero-shot into what pruning and quantization cost the
 client model before training and what training and the transfer did after. Runs with byte-identical
@@ -22,8 +22,8 @@ import torch
 
 from fedsoda_cli.data.paths import resolve_data_dir
 from fedsoda_cli.data.tasks import load_task
+from fedsoda_cli.evaluation.targets import load_sub
 from fedsoda_cli.evaluation.task import evaluate_task
-from fedsoda_cli.models.quantized import load_client_model
 from fedsoda_cli.spec.load import validate
 
 
@@ -49,8 +49,7 @@ def main(*workdirs: str) -> None:
         key = client_digest(model_dir) + json.dumps(spec.task.model_dump(mode="json"), sort_keys=True)
         if key not in scored:
             examples = load_task(spec.task, resolve_data_dir(spec.data, None), "eval", spec.run.seed)
-            model, tokenizer = load_client_model(model_dir, compute_dtype=torch.float32, prepare_for_training=False)
-            model.eval()
+            model, tokenizer = load_sub(model_dir, adapter_dir=None)
             score = evaluate_task(
                 model,
                 tokenizer,

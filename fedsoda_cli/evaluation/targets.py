@@ -103,14 +103,17 @@ def load_full(spec):
     return load_causal_lm(spec.model, dtype=torch.float32)
 
 
-def load_sub(client_model: Path, adapter_dir: Path, realigned_layers: Path | None = None):
+def load_sub(client_model: Path, adapter_dir: Path | None, realigned_layers: Path | None = None):
     """The client's (quantized) sub-LLM computing in float32, with the global adapter attached and,
-    when federate realigned, the last realigned partial layers swapped in (what clients hold)."""
+    when federate realigned, the last realigned partial layers swapped in (what clients hold).
+    `adapter_dir` None: the client model as a client receives it, before any training (in eval mode)."""
     from fedsoda_cli.oda.realign import apply_partial_layers
 
     model, tokenizer = _load_client_model(client_model)
     if realigned_layers is not None and realigned_layers.is_file():
         apply_partial_layers(model, realigned_layers)
+    if adapter_dir is None:
+        return model.eval(), tokenizer
     return with_adapter(model, adapter_dir), tokenizer
 
 

@@ -184,3 +184,18 @@ def test_quantize_stage_reports_bytes_and_perplexity(tmp_path, float_sub):
     assert math.isfinite(m["heldout_ppl_sub_quantized"]) and math.isfinite(m["heldout_ppl_sub_bf16"])
     assert (out / "layer_map.json").is_file()
     quantized.load_client_model(out / "model")
+
+
+def test_the_sub_target_loader_without_an_adapter_is_the_client_model_as_received(tmp_path, float_sub):
+    """bench/client_zero_shot.py scores the client model before training with the sub target's loader."""
+    from fedsoda_cli.evaluation.targets import load_sub
+
+    folder, _, tokenizer = float_sub
+    client = quantized.quantize_checkpoint(folder, QuantizeSpec())
+    x = ids(2)
+    expected = logits(client, x)
+    quantized.save_client_model(client, tokenizer, tmp_path / "client")
+    model, _ = load_sub(tmp_path / "client", adapter_dir=None)
+    assert not model.training
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert torch.equal(logits(model, x), expected)
