@@ -41,7 +41,11 @@ PROFILE = Stage("profile", (), (*_SOURCES, "public_data", "profile"), "fedsoda_c
 PRUNE = Stage(
     "prune", ("profile",), (*_SOURCES, "public_data", "profile", "prune", "quantize", "plugins"), "fedsoda_cli.stages.prune:run"
 )
-ALIGN = Stage("align", ("prune",), (*_SOURCES, "public_data", "align", "quantize", "run.seed"), "fedsoda_cli.stages.align:run")
+# align and realign read the task's prompt template (align.text = "task_prompts"), never its data
+_PROMPT = ("task.name", "task.prompt", "task.input_field")
+ALIGN = Stage(
+    "align", ("prune",), (*_SOURCES, "public_data", "align", *_PROMPT, "quantize", "run.seed"), "fedsoda_cli.stages.align:run"
+)
 QUANTIZE = Stage("quantize", ("align",), (*_SOURCES, "public_data", "quantize"), "fedsoda_cli.stages.quantize:run")
 # federate reads two keys of [eval]: its per-round evaluation scores the way eval does (the rest of
 # [eval], such as the final targets, must not rerun the federation)
@@ -106,7 +110,7 @@ PIPELINES: dict[str, tuple[Stage, ...]] = {
 REALIGN = Stage(
     "realign",
     ("align", "quantize"),
-    (*_SOURCES, "public_data", "align", "realign", "quantize", "run.seed"),
+    (*_SOURCES, "public_data", "align", *_PROMPT, "realign", "quantize", "run.seed"),
     "fedsoda_cli.stages.realign:run",
 )
 

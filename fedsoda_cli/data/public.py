@@ -15,6 +15,11 @@ Every window starts with the tokenizer's leading special ids (`data.sft.leading_
 for Llama-3, Gemma, Mistral; none for SmolLM2), followed by seq_len - len(lead) text tokens, so
 profile, align, realign and every perplexity see text the way the model was trained to read it
 (task prompts start the same way). Measured on a BOS family: perplexity 165 without BOS, 28 with.
+
+Task prompts (`align.text = "task_prompts"`, what align and realign may train on): the same split,
+sentence by sentence (split at " . ", headings and sentences under 4 words skipped), each sentence
+filling the next field of the task's prompt template, each prompt followed by a blank line and no
+answer; the prompts are tokenized one by one and cut into windows exactly like the articles.
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ CORPORA: dict[str, Corpus] = {
     ),
 }
 
+# A public sentence poured into a task prompt is cut at this many words (SST-2 reviews average ~19).
+_PROMPT_WORDS = 40
+
 # An article title is a level-1 heading: "= Title =" (a section is "= = Section = =").
 _TITLE = re.compile(r"^= (?!=).*(?<!=) =$")
 
@@ -74,23 +82,55 @@ def public_windows(spec, part: Literal["train", "held-out"], tokenizer) -> torch
 
 
 def public_windows_in(
-    public: PublicDataSpec, data_dir: Path | None, part: Literal["train", "held-out"], tokenizer
+    public: PublicDataSpec,
+    data_dir: Path | None,
+    part: Literal["train", "held-out"],
+    tokenizer,
+    template: str | None = None,
 ) -> torch.Tensor:
-    """`public_windows` for a [public_data] section and a resolved data folder (None = the hub)."""
+    """`public_windows` for a [public_data] section and a resolved data folder (None = the hub);
+    with a prompt `template`, the same windows cut from task prompts of public text."""
     if part == "train":
-        return public_sequences(data_dir, public.split, tokenizer, public.sequences, public.seq_len, public.source)
+        return public_sequences(data_dir, public.split, tokenizer, public.sequences, public.seq_len, public.source, template)
     if part == "held-out":
         return public_sequences(
-            data_dir, public.heldout_split, tokenizer, public.heldout_sequences, public.seq_len, public.source
+            data_dir, public.heldout_split, tokenizer, public.heldout_sequences, public.seq_len, public.source, template
         )
     raise ValueError(f"public_windows: part must be 'train' or 'held-out', not {part!r}")
 
 
+def alignment_template(spec) -> str | None:
+    """The prompt template ODA's text is poured into (`align.text = "task_prompts"`: the task's), or
+    None for plain public text."""
+    from fedsoda_cli.data.tasks import prompt_template
+
+    return prompt_template(spec.task) if spec.align.text == "task_prompts" else None
+
+
+def alignment_windows(spec, tokenizer) -> torch.Tensor:
+    """The windows align and realign train on: `public_windows(spec, "train")`, as task prompts
+    when `align.text = "task_prompts"`. Every before/after measurement stays on the plain held-out
+    windows, so the numbers compare across `align.text`."""
+    from fedsoda_cli.data.paths import resolve_data_dir
+    from fedsoda_cli.spec import spec_dir
+
+    return public_windows_in(
+        spec.public_data, resolve_data_dir(spec.data, spec_dir(spec)), "train", tokenizer, alignment_template(spec)
+    )
+
+
 def public_sequences(
-    data_dir: Path | None, split: Split, tokenizer, n: int, seq_len: int, source: PublicSource = "wikitext2"
+    data_dir: Path | None,
+    split: Split,
+    tokenizer,
+    n: int,
+    seq_len: int,
+    source: PublicSource = "wikitext2",
+    template: str | None = None,
 ) -> torch.Tensor:
     """The first `n` windows of `seq_len` tokens of the corpus `source`'s `split`, each starting with
-    the tokenizer's leading special ids: a LongTensor [n, seq_len].
+    the tokenizer's leading special ids: a LongTensor [n, seq_len]. With a prompt `template`, the
+    stream is the split's sentences as task prompts (`task_prompts`) instead of its articles.
 
     `data_dir` None loads the split from the Hugging Face hub. Deterministic: no sampling.
     Raises DataError when the split has fewer than n windows (the message says how many it has).
@@ -111,7 +151,9 @@ def public_sequences(
             f"public_data.seq_len = {seq_len} leaves no room for text after the tokenizer's {len(lead)} leading special tokens: raise seq_len"
         )
     lines, where = _load_lines(corpus, data_dir, split)
-    ids = _token_stream(wikitext_articles(lines), tokenizer, needed=n * body)
+    articles = wikitext_articles(lines)
+    pieces = articles if template is None else task_prompts(articles, template)
+    ids = _token_stream(pieces, tokenizer, needed=n * body)
     available = len(ids) // body
     if available < n:
         raise DataError(
@@ -120,6 +162,32 @@ def public_sequences(
         )
     text = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
     return torch.cat([torch.tensor([lead] * n, dtype=torch.long).view(n, len(lead)), text], dim=1)
+
+
+def task_prompts(articles: list[str], template: str, max_words: int = _PROMPT_WORDS) -> list[str]:
+    """The articles' sentences poured into a task's prompt template, each prompt followed by a blank
+    line: every field of the template takes the next sentence (headings and sentences under 4 words
+    are skipped; longer ones are cut at `max_words`). No answer follows a prompt, so what align
+    distils at the prompt's last token is the teacher's own answer distribution, never a label."""
+    import string
+
+    fields = list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(template) if f))
+    if not fields:
+        raise DataError(f'align.text = "task_prompts" needs a task prompt with a {{field}} to fill, not {template!r}')
+    sentences = (
+        " ".join(words[:max_words])
+        for article in articles
+        for line in article.split("\n")
+        if line and not line.startswith("=")
+        for sentence in line.split(" . ")
+        if len(words := sentence.strip().rstrip(" .").split()) >= 4
+    )
+    prompts: list[str] = []
+    while True:
+        filled = dict(zip(fields, sentences, strict=False))
+        if len(filled) < len(fields):
+            return prompts
+        prompts.append(template.format(**filled) + "\n\n")
 
 
 def wikitext_articles(lines: Iterable[str]) -> list[str]:

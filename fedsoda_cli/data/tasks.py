@@ -109,6 +109,16 @@ def generates(task: TaskSpec) -> bool:
     return BUILTIN[task.name].choices is None
 
 
+def prompt_template(task: TaskSpec) -> str:
+    """The template every prompt of `task` is rendered from: `task.prompt`, else the built-in
+    task's, else (jsonl) "Input: {<task.input_field>}\nOutput:"."""
+    if task.prompt:
+        return task.prompt
+    if task.name == "jsonl":
+        return f"Input: {{{task.input_field}}}\nOutput:"
+    return BUILTIN[task.name].template
+
+
 def trains_eos(task: TaskSpec) -> bool:
     """Whether SFT's loss covers the eos after the answer: `task.train_eos`, by default only for
     generating tasks. A scored task never needs the eos, and on a model that has not seen it there
@@ -297,7 +307,7 @@ def _require_nonempty(records: list[Record], source: str) -> None:
 
 def _builtin_examples(task: TaskSpec, records: list[Record], source: str, split: Split) -> list[Example]:
     spec = BUILTIN[task.name]
-    template = task.prompt or spec.template
+    template = prompt_template(task)
     needed = {f: "" for f in spec.required} | {
         f: " (used by task.prompt)" for f in template_fields(template, records[0].fields, source)
     }
@@ -333,7 +343,7 @@ def _target(name: str, rec: Record) -> tuple[int | None, str]:
 
 
 def _user_examples(task: TaskSpec, records: list[Record], source: str) -> list[Example]:
-    template = task.prompt or f"Input: {{{task.input_field}}}\nOutput:"
+    template = prompt_template(task)
     needed = {task.input_field: " (task.input_field)", task.output_field: " (task.output_field)"}
     needed |= {f: " (used by task.prompt)" for f in template_fields(template, records[0].fields, source) if f not in needed}
     stem = Path(source).stem

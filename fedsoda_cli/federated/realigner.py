@@ -156,7 +156,7 @@ class ServerRealigner:
         self.loaded = _Loaded(
             teacher,
             student,
-            public_windows_in(self.config.public_data, self.config.data_dir, "train", tokenizer),
+            public_windows_in(self.config.public_data, self.config.data_dir, "train", tokenizer, self.config.template),
             public_windows_in(self.config.public_data, self.config.data_dir, "held-out", tokenizer),
         )
         return self.loaded

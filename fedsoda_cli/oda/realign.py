@@ -42,6 +42,7 @@ class RealignConfig:
     lora: LoraShape
     quantize: QuantizeSpec  # how the client model stores the realigned layers
     public_data: PublicDataSpec  # the public-text windows realignment trains and measures on
+    template: str | None  # the task prompt the training text is poured into (align.text), None = plain
     data_dir: Path | None  # where that text is (None = the Hugging Face hub)
     steps: int  # realign.steps
     seed: int  # run.seed: each realignment's batches and dropout derive from (seed, round)
@@ -50,6 +51,7 @@ class RealignConfig:
     @classmethod
     def from_spec(cls, spec: Spec) -> RealignConfig:
         from fedsoda_cli.data.paths import resolve_data_dir
+        from fedsoda_cli.data.public import alignment_template
         from fedsoda_cli.spec import spec_dir
 
         return cls(
@@ -58,6 +60,7 @@ class RealignConfig:
             lora=LoraShape.from_spec(spec.lora),
             quantize=spec.quantize,
             public_data=spec.public_data,
+            template=alignment_template(spec),
             data_dir=resolve_data_dir(spec.data, spec_dir(spec)),
             steps=spec.realign.steps,
             seed=spec.run.seed,

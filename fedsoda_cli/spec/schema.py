@@ -161,6 +161,10 @@ class AlignSpec(Section):
         "off",
         description="Align the client model as deployed: the frozen layers in [quantize]'s format, and the partial layers fake-quantized with a straight-through gradient (ste), trained in float and re-quantized by quantize (frozen_rest), or trained in float and kept in bf16 on the client (bf16_partial, their bytes count in storage); off = align in float. Default off: on the SST-2 headline, 3 paired seeds, off gave the higher plugin accuracy (80.8 vs 79.0 %) at the same deployed KL; ste keeps the deployed perplexity closer to bf16 (BENCHMARKS.md).",
     )
+    text: Literal["public", "task_prompts"] = Field(
+        "public",
+        description="What align and realign distil on: public (the [public_data] windows, as the method has it) or task_prompts (the same public text, sentence by sentence, poured into the task's prompt template with no answer, so the student also learns the teacher's answer distribution where a client's prompt ends; no task data is read). Before/after numbers stay on the plain held-out windows.",
+    )
     gamma: float = Field(0.0, ge=0, description="Weight of the student's LM cross-entropy.")
     tau: float = Field(1.0, gt=0, description="Distillation temperature.")
     steps: int = Field(20, ge=0, description="Optimizer steps.")
@@ -363,12 +367,12 @@ class FederateSpec(Section):
     flower_round_timeout_s: float = Field(
         600.0,
         gt=0,
-        description="backend = flower: seconds to wait for a site's answer; a site that does not answer in time fails its task (min_clients decides the round) and is not waited for again until it reconnects.",
+        description="backend = flower: seconds to wait for a site's answer to a task; a site that does not answer in time fails its task (min_clients decides the round) and is not waited for again until it reconnects.",
     )
     flower_connect_timeout_s: float = Field(
         300.0,
         gt=0,
-        description="backend = flower: seconds to wait for the ServerApp to start and for one SuperNode per client to connect.",
+        description="backend = flower: seconds to wait for the ServerApp to start, for one SuperNode per client to connect, and for a site to prepare (load the client model, swap in realigned layers).",
     )
 
     @model_validator(mode="after")

@@ -2,8 +2,10 @@
 
 In: `prune/model` (the sub-LLM, float32) and `prune/layer_map.json`; the full LLM of [model];
 [quantize] (the client format the student is aligned in, `align.quant_aware`);
-`public_data.sequences` windows of `public_data.split` to train on, `public_data.heldout_sequences`
-windows of `public_data.heldout_split` to measure before and after (never the training text).
+`public_data.sequences` windows of `public_data.split` to train on (with `align.text =
+"task_prompts"`, cut from its sentences put into the task's prompt template: `[task]`'s name and
+prompt, never its data), `public_data.heldout_sequences` windows of `public_data.heldout_split`
+to measure before and after (never the training text; plain text whatever align.text says).
 Out (in the stage folder):
   model/           the aligned sub-LLM, float32 safetensors (the server's master copy; its frozen
                    layers are the prune stage's float weights, quantize quantizes them)
@@ -33,7 +35,7 @@ def run(ctx: StageContext) -> StageResult:
     import torch
 
     from fedsoda_cli import seeding, terminal
-    from fedsoda_cli.data.public import public_windows
+    from fedsoda_cli.data.public import alignment_windows, public_windows
     from fedsoda_cli.models.load import load_causal_lm, load_checkpoint, save_checkpoint
     from fedsoda_cli.oda.distill import (
         align_partial_layers,
@@ -51,7 +53,7 @@ def run(ctx: StageContext) -> StageResult:
     check_trainable(config, kept, groups, partial)
     teacher, tokenizer = load_causal_lm(spec.model)
     student, _ = load_checkpoint(ctx.inputs["prune"] / MODEL_DIR, dtype=torch.float32)
-    train_ids, heldout_ids = public_windows(spec, "train", tokenizer), public_windows(spec, "held-out", tokenizer)
+    train_ids, heldout_ids = alignment_windows(spec, tokenizer), public_windows(spec, "held-out", tokenizer)
 
     with terminal.progress(ctx.console) as bar:
         task = bar.add_task("measure (before)", total=2 * len(heldout_ids), status="bf16 and deployed")

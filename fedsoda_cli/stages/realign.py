@@ -30,7 +30,7 @@ def run(ctx: StageContext) -> StageResult:
     from safetensors.torch import save_file
 
     from fedsoda_cli import seeding, terminal
-    from fedsoda_cli.data.public import public_windows
+    from fedsoda_cli.data.public import alignment_windows, public_windows
     from fedsoda_cli.models.adapters import read_adapter_dir
     from fedsoda_cli.models.load import load_causal_lm, load_checkpoint
     from fedsoda_cli.models.quantized import folder_bytes, load_client_model, save_client_model
@@ -43,7 +43,7 @@ def run(ctx: StageContext) -> StageResult:
 
     teacher, tokenizer = load_causal_lm(spec.model)
     student, _ = load_checkpoint(ctx.inputs["align"] / MODEL_DIR, dtype=torch.float32)
-    train_ids, heldout_ids = public_windows(spec, "train", tokenizer), public_windows(spec, "held-out", tokenizer)
+    train_ids, heldout_ids = alignment_windows(spec, tokenizer), public_windows(spec, "held-out", tokenizer)
     batches = seeded_batches(train_ids, spec.align.batch_size, seeding.stable_seed(spec.run.seed, "realign"))
     with terminal.progress(ctx.console) as bar, (out / STEP_METRICS).open("w") as lines:
         task = bar.add_task("realign", total=spec.realign.steps, status="")

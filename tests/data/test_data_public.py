@@ -115,3 +115,52 @@ def test_the_corpus_is_the_one_public_data_source_names(data_dir, tokenizer):
     assert torch.equal(named, public_sequences(data_dir, "valid", tokenizer, n=2, seq_len=16))
     with pytest.raises(DataError, match=r"public_data\.source 'ptb'"):
         public_sequences(data_dir, "valid", tokenizer, n=2, seq_len=16, source="ptb")  # type: ignore[arg-type]
+
+
+# ---- align.text = "task_prompts": public sentences as task prompts -----------------------------
+
+
+def test_task_prompts_fill_every_field_with_the_next_public_sentence():
+    from fedsoda_cli.data.public import task_prompts
+
+    articles = wikitext_articles(
+        [" = Alpha = ", " The first sentence is here . Too short . The second one is here too . ", " = = Section = = "]
+    )
+    assert task_prompts(articles, "Review: {sentence}\nSentiment:") == [
+        "Review: The first sentence is here\nSentiment:\n\n",
+        "Review: The second one is here too\nSentiment:\n\n",
+    ]
+    # two fields take two sentences; a prompt that cannot be filled whole is dropped
+    assert task_prompts(articles, "P: {passage} Q: {question}?") == [
+        "P: The first sentence is here Q: The second one is here too?\n\n"
+    ]
+    assert task_prompts(articles, "{x}", max_words=2) == ["The first\n\n", "The second\n\n"]
+    with pytest.raises(DataError, match="needs a task prompt with a {field}"):
+        task_prompts(articles, "no field here")
+
+
+def test_task_prompt_windows_are_cut_like_the_public_ones(data_dir, tokenizer):
+    template = "Review: {sentence}\nSentiment:"
+    windows = public_sequences(data_dir, "valid", tokenizer, n=4, seq_len=64, template=template)
+    assert windows.shape == (4, 64)
+    assert torch.equal(windows, public_sequences(data_dir, "valid", tokenizer, n=4, seq_len=64, template=template))
+    text = tokenizer.decode(windows.reshape(-1).tolist())
+    assert text.startswith("Review: Homarus gammarus , known as")
+    assert text.count("\nSentiment:\n\nReview: ") >= 4  # several prompts per window, none answered
+    assert not torch.equal(windows, public_sequences(data_dir, "valid", tokenizer, n=4, seq_len=64))
+    bos = public_sequences(data_dir, "valid", _with_bos(tokenizer), n=2, seq_len=64, template=template)
+    assert bos[:, 0].tolist() == [0, 0]
+
+
+def test_align_reads_task_prompts_only_when_align_text_says_so():
+    from fedsoda_cli.data.public import alignment_template
+    from fedsoda_cli.spec.schema import Spec
+
+    assert alignment_template(Spec.model_validate({})) is None
+    assert alignment_template(Spec.model_validate({"align": {"text": "task_prompts"}})) == "Review: {sentence}\nSentiment:"
+    custom = {"align": {"text": "task_prompts"}, "task": {"name": "sst2", "prompt": "Text: {sentence}\nMood:"}}
+    assert alignment_template(Spec.model_validate(custom)) == "Text: {sentence}\nMood:"
+    from fedsoda_cli.oda.realign import RealignConfig  # the server's realignment reads the same text
+
+    assert RealignConfig.from_spec(Spec.model_validate(custom)).template == "Text: {sentence}\nMood:"
+    assert RealignConfig.from_spec(Spec.model_validate({})).template is None

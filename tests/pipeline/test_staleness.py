@@ -113,3 +113,22 @@ def test_the_per_round_evaluations_eval_keys_make_federate_stale_and_the_final_t
     assert federate_hash("eval.max_new_tokens=32") != federate_hash()
     assert federate_hash("eval.batch_size=2") != federate_hash()
     assert federate_hash('eval.targets=["plugin"]') == federate_hash()
+
+
+@pytest.mark.parametrize("stage", ["align", "realign"])
+def test_the_task_prompt_makes_align_and_realign_stale_and_the_task_data_does_not(tmp_path, stage):
+    # align.text = "task_prompts" pours public text into the task's prompt template: the template's
+    # keys are align's and realign's inputs; the task's examples are not (align never reads them)
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text('[align]\ntext = "task_prompts"\n')
+    base = load_spec(spec_path)
+    sections = pipeline.REALIGN.sections if stage == "realign" else pipeline.stage_named(base, stage).sections
+
+    def stage_hash(*overrides):
+        return sections_hash(load_spec(spec_path, list(overrides)), sections)
+
+    assert stage_hash("task.prompt=Text: {sentence}\nMood:") != stage_hash()
+    assert stage_hash("task.name=boolq") != stage_hash()
+    assert stage_hash('align.text="public"') != stage_hash()
+    assert stage_hash("task.train_examples=64") == stage_hash()
+    assert stage_hash("task.eval_examples=64") == stage_hash()

@@ -355,6 +355,23 @@ def test_align_stage_writes_the_aligned_model_and_measurements(tmp_path, tiny_te
     assert layer_map["partial_layers"] == [3, 5] and layer_map["bf16_layers"] == []
 
 
+def test_align_text_task_prompts_trains_on_task_prompts_and_measures_on_the_same_heldout_text(tmp_path, tiny_teacher):
+    from fedsoda_cli.stages import align
+
+    teacher, tokenizer = tiny_teacher
+    prune_dir = write_prune_output(tmp_path / "prune", teacher, tokenizer)
+    results, models = {}, {}
+    for text in ("public", "task_prompts"):
+        (tmp_path / text).mkdir()
+        ctx = make_ctx(tmp_path / text, tiny_spec(text=text), prune_dir)
+        results[text] = align.run(ctx).metrics
+        models[text] = load_checkpoint(ctx.out / "model")[0].model.layers[2].mlp.up_proj.weight
+    # the same held-out windows before training, different training text after
+    assert results["public"]["measured"]["pruned_bf16"] == results["task_prompts"]["measured"]["pruned_bf16"]
+    assert not torch.equal(models["public"], models["task_prompts"])
+    assert results["task_prompts"]["final_loss"] != results["public"]["final_loss"]
+
+
 def test_a_measurement_that_got_worse_is_a_warning_row():
     from fedsoda_cli.stages import align
 
