@@ -8,9 +8,10 @@ site's long-lived worker (site.py), so each site loads the client model once per
 Clients are found by asking every connected node which `fedsoda-client` it serves. Before a node
 trains it is *prepared*: it loads the model for this run's [lora]/training setup, proves it holds
 the server's client model (digest), and swaps in the latest realigned layers. A node that does not
-answer within `federate.flower_round_timeout_s` fails its task (the FederatedServer's
-`min_clients` rule decides whether the round still counts) and is not waited for again until it
-reconnects as a new node.
+answer in time fails its task (the FederatedServer's `min_clients` rule decides whether the round
+still counts) and is not waited for again until it reconnects as a new node. "In time" is
+`federate.flower_connect_timeout_s` for preparing (a model load, which a loaded machine slows far
+more than a round's short timeout expects) and `federate.flower_round_timeout_s` for the rest.
 """
 
 from __future__ import annotations
@@ -321,9 +322,10 @@ class FlowerTransport:
         header = {"setup": self.setup.to_json(), "layers_digest": self._layers_digest}
         request = pack("prepare", header, self._layers or b"")
         failures = []
-        for outcome in self._exchange([(n, "query", request) for n in nodes], self.settings.round_timeout_s):
+        timeout = ("federate.flower_connect_timeout_s", self.settings.connect_timeout_s)
+        for outcome in self._exchange([(n, "query", request) for n in nodes], timeout[1]):
             node = nodes[outcome.index]
-            kind, reply, _ = self._reply(node, outcome)
+            kind, reply, _ = self._reply(node, outcome, timeout)
             if kind != "ready":
                 failures.append(
                     (
@@ -342,13 +344,17 @@ class FlowerTransport:
             self._loads[node.client] = int(reply["model_loads"])
         return failures
 
-    def _reply(self, node: _Node, outcome: _Exchanged) -> tuple[str, dict[str, Any], bytes]:
+    def _reply(
+        self, node: _Node, outcome: _Exchanged, timeout: tuple[str, float] | None = None
+    ) -> tuple[str, dict[str, Any], bytes]:
         """The reply's (kind, header, payload); a missing reply becomes ("failed", {message}, b"")
-        and a node that timed out is marked dead."""
+        and a node that timed out is marked dead. `timeout`: the (key, seconds) it was waited for
+        (default: the round's)."""
         if outcome.reply is not None:
             return unpack(outcome.reply)
+        key, seconds = timeout or ("federate.flower_round_timeout_s", self.settings.round_timeout_s)
         if outcome.timed_out:
-            node.dead = f"(node {node.node_id}) did not answer within federate.flower_round_timeout_s = {self.settings.round_timeout_s:g} s"
+            node.dead = f"(node {node.node_id}) did not answer within {key} = {seconds:g} s"
         return "failed", {"message": outcome.reason}, b""
 
     def _task_outcome(self, node: _Node, task: ClientTask, outcome: _Exchanged) -> TaskOutcome:
