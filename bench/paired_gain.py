@@ -1,6 +1,7 @@
 """Each run's plugin (and sub) accuracy, and the plugin target's paired gain over zero-shot on the same examples.
 
     python bench/paired_gain.py ZERO_SHOT_PREDICTIONS.jsonl WORKDIR...
+    python bench/paired_gain.py --vs WORKDIR_A WORKDIR_B     A's plugin target minus B's, paired
 
 ZERO_SHOT_PREDICTIONS is an eval/predictions.jsonl that holds target "zero-shot" (zero-shot is the full
 model untouched, so one run's scoring serves every run on the same eval examples). The gain uses
@@ -50,7 +51,26 @@ def main(zero_shot_path: str, *workdirs: str) -> None:
         print(" | ".join(line))
 
 
+def versus(a: str, b: str) -> None:
+    """Run A's plugin target against run B's on the same examples (e.g. one design against another on
+    the same seed)."""
+    outcomes = [
+        {row["id"]: row["correct"] for row in target_rows(Path(w) / "eval" / "predictions.jsonl", "plugin")} for w in (a, b)
+    ]
+    if set(outcomes[0]) != set(outcomes[1]):
+        sys.exit(f"{a} and {b} scored different eval examples")
+    ids = sorted(outcomes[0])
+    d = paired_difference([outcomes[0][i] for i in ids], [outcomes[1][i] for i in ids])
+    print(
+        f"{Path(a).name} - {Path(b).name} | plugin {100 * d.difference:+.1f} [{100 * d.ci95[0]:+.1f}, "
+        f"{100 * d.ci95[1]:+.1f}] p={d.p_mcnemar:.2g} | {d.only_a} won, {d.only_b} lost"
+    )
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
+    if len(sys.argv) == 4 and sys.argv[1] == "--vs":
+        versus(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) < 3:
         sys.exit(__doc__)
-    main(*sys.argv[1:])
+    else:
+        main(*sys.argv[1:])
