@@ -163,7 +163,7 @@ class AlignSpec(Section):
     )
     text: Literal["public", "task_prompts"] = Field(
         "public",
-        description="What align and realign distil on: public (the [public_data] windows, as the method has it) or task_prompts (the same public text, sentence by sentence, poured into the task's prompt template with no answer, so the student also learns the teacher's answer distribution where a client's prompt ends; no task data is read). Before/after numbers stay on the plain held-out windows.",
+        description="What align and realign distil on: public (the [public_data] windows, as the method has it) or task_prompts (the same public text, sentence by sentence, poured into the task's prompt template with no answer, so the student also learns the teacher's answer distribution where a client's prompt ends; no task data is read). Before/after numbers stay on the plain held-out windows. Default public: on the SST-2 headline task_prompts lowered the first-round loss 10-12 % and helped under harsh label skew (+4-5 points, still collapsed) but cost 0.6-0.8 points IID (BENCHMARKS.md).",
     )
     gamma: float = Field(0.0, ge=0, description="Weight of the student's LM cross-entropy.")
     tau: float = Field(1.0, gt=0, description="Distillation temperature.")
