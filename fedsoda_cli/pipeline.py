@@ -41,10 +41,13 @@ PROFILE = Stage("profile", (), (*_SOURCES, "public_data", "profile"), "fedsoda_c
 PRUNE = Stage(
     "prune", ("profile",), (*_SOURCES, "public_data", "profile", "prune", "quantize", "plugins"), "fedsoda_cli.stages.prune:run"
 )
-# align and realign read the task's prompt template (align.text = "task_prompts"), never its data
-_PROMPT = ("task.name", "task.prompt", "task.input_field")
+# align and realign read the task's prompt template when align.text = "task_prompts" (Spec.align_prompt),
+# never the task's data
 ALIGN = Stage(
-    "align", ("prune",), (*_SOURCES, "public_data", "align", *_PROMPT, "quantize", "run.seed"), "fedsoda_cli.stages.align:run"
+    "align",
+    ("prune",),
+    (*_SOURCES, "public_data", "align", "align_prompt", "quantize", "run.seed"),
+    "fedsoda_cli.stages.align:run",
 )
 QUANTIZE = Stage("quantize", ("align",), (*_SOURCES, "public_data", "quantize"), "fedsoda_cli.stages.quantize:run")
 # federate reads two keys of [eval]: its per-round evaluation scores the way eval does (the rest of
@@ -110,7 +113,7 @@ PIPELINES: dict[str, tuple[Stage, ...]] = {
 REALIGN = Stage(
     "realign",
     ("align", "quantize"),
-    (*_SOURCES, "public_data", "align", *_PROMPT, "realign", "quantize", "run.seed"),
+    (*_SOURCES, "public_data", "align", "align_prompt", "realign", "quantize", "run.seed"),
     "fedsoda_cli.stages.realign:run",
 )
 

@@ -458,6 +458,15 @@ class Spec(Section):
     fedot: FedotSpec = Field(default_factory=FedotSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
+    @property
+    def align_prompt(self) -> dict[str, str | None] | None:
+        """What align and realign read of [task]: the keys the task's prompt template comes from when
+        `align.text = "task_prompts"`, else None. A stage input (pipeline.ALIGN), so that a task
+        change makes align stale only when align pours public text into the task's prompt."""
+        if self.align.text != "task_prompts":
+            return None
+        return {"name": self.task.name, "prompt": self.task.prompt, "input_field": self.task.input_field}
+
     @model_validator(mode="after")
     def _validation_examples(self):
         # Caught here, before profile .. quantize have run, not when federate finds no examples.

@@ -132,3 +132,7 @@ def test_the_task_prompt_makes_align_and_realign_stale_and_the_task_data_does_no
     assert stage_hash('align.text="public"') != stage_hash()
     assert stage_hash("task.train_examples=64") == stage_hash()
     assert stage_hash("task.eval_examples=64") == stage_hash()
+    # with plain public text the task is not align's input at all (a test suite swaps tasks on one workdir)
+    plain = ('align.text="public"',)
+    assert stage_hash(*plain, "task.name=boolq") == stage_hash(*plain)
+    assert stage_hash(*plain, "task.prompt=Text: {sentence}\nMood:") == stage_hash(*plain)
