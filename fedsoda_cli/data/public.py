@@ -101,10 +101,11 @@ def public_windows_in(
 
 def alignment_template(spec) -> str | None:
     """The prompt template ODA's text is poured into (`align.text = "task_prompts"`: the task's), or
-    None for plain public text."""
+    None for plain public text. Whether align reads the task is decided in one place,
+    `Spec.align_prompt` (also align's stage input), so the text and the staleness cannot disagree."""
     from fedsoda_cli.data.tasks import prompt_template
 
-    return prompt_template(spec.task) if spec.align.text == "task_prompts" else None
+    return prompt_template(spec.task) if spec.align_prompt is not None else None
 
 
 def alignment_windows(spec, tokenizer) -> torch.Tensor:
