@@ -2,8 +2,9 @@
 
 In: a spec and its run workdir with a current `federate/` (the sub-LLM's global adapter) and
 `quantize/layer_map.json` (kept layers). The adapter is mapped onto the full model exactly as the
-eval stage's plugin target (evaluation.targets), loaded with stock PEFT and merged
-(`merge_and_unload`): W <- W + (alpha / r) * B @ A on every adapted linear of a kept layer.
+eval stage's plugin target (evaluation.targets), at the same plug-in scale s (`eval.plugin_scale`;
+for "val" the one the eval stage chose, so eval must be current), loaded with stock PEFT and merged
+(`merge_and_unload`): W <- W + s * (alpha / r) * B @ A on every adapted linear of a kept layer.
 Out: `out_dir` with config.json, model.safetensors, the tokenizer, and fedsoda_export.json (where
 it came from), loadable anywhere with `AutoModelForCausalLM.from_pretrained(out_dir)`.
 """
@@ -37,18 +38,20 @@ def export_merged(spec, workdir: Path, out_dir: Path, *, dtype: str = "float32")
     check_out_dir(out, workdir)  # before the merge, so a refusal costs nothing
     federate = _current_stage(spec, workdir, "federate")
     quantize = _current_stage(spec, workdir, "quantize")
+    scale = plugin_scale(spec, workdir)
     provenance = {
         "workdir": str(workdir.resolve()),
         "method": spec.run.method,
         "run": spec.run.name,
         "federate_digest": artifacts.require_manifest(workdir, "federate").digest(),
         "dtype": dtype,
+        "plugin_scale": scale,
     }
     _make_parent(out)
     # Beside `out`, so the finished folder is renamed into place: a half export never sits at `out`,
     # and the marker is inside before it gets there.
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as scratch:
-        merged, tokenizer = merge_plugin(spec, federate / "adapter", quantize / LAYER_MAP, Path(scratch) / "plugin")
+        merged, tokenizer = merge_plugin(spec, federate / "adapter", quantize / LAYER_MAP, Path(scratch) / "plugin", scale=scale)
         staged = save_checkpoint(merged.to(DTYPES[dtype]), tokenizer, Path(scratch) / "export")
         (staged / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True))
         check_out_dir(out, workdir)  # again: `out` may have been filled while the merge ran
@@ -102,16 +105,33 @@ def _make_parent(out: Path) -> None:
         raise ArtifactError(f"{out}: a file is in the way of its parent folder; choose another --out") from None
 
 
-def merge_plugin(spec, sub_adapter: Path, layer_map_path: Path, plugin_dir: Path):
-    """(full model with the mapped adapter merged in, tokenizer); the PEFT plugin folder is written
-    to `plugin_dir` on the way."""
+def plugin_scale(spec, workdir: Path) -> float:
+    """The plug-in scale the eval stage's plugin target uses: the spec's, or for "val" the one the
+    current eval stage chose on the validation slice."""
+    from fedsoda_cli.stages import eval as eval_stage
+
+    if spec.eval.plugin_scale != "val":
+        return float(spec.eval.plugin_scale)
+    folder = _current_stage(spec, workdir, "eval")
+    choice = eval_stage.read_plugin_scale(folder / eval_stage.PLUGIN_ADAPTER)
+    if choice is None:
+        raise ArtifactError(
+            f'{folder}: eval.plugin_scale = "val" but eval recorded no chosen scale (its targets lack plugin?); '
+            "add plugin to eval.targets and rerun `fedsoda eval SPEC`, or set eval.plugin_scale to a number"
+        )
+    return float(choice["scale"])
+
+
+def merge_plugin(spec, sub_adapter: Path, layer_map_path: Path, plugin_dir: Path, *, scale: float = 1.0):
+    """(full model with the mapped adapter merged in at plug-in scale `scale`, tokenizer); the PEFT
+    plugin folder is written to `plugin_dir` on the way."""
     from fedsoda_cli.evaluation import targets
     from fedsoda_cli.models.layers import decoder_layers_path
 
     full, tokenizer = targets.load_full(spec)
     layer_map = read_layer_map(layer_map_path)
     targets.check_layer_map(full, layer_map, layer_map_path)
-    targets.write_plugin_adapter(sub_adapter, layer_map, decoder_layers_path(full), plugin_dir)
+    targets.write_plugin_adapter(sub_adapter, layer_map, decoder_layers_path(full), plugin_dir, scale=scale)
     merged = targets.with_adapter(full, plugin_dir).merge_and_unload()
     return merged.eval(), tokenizer
 

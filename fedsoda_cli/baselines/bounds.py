@@ -17,6 +17,8 @@ The client model (prune, align, quantize) is fedsoda's, so only the federation d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fedsoda_cli.stages.contract import StageContext, StageResult
 
 
@@ -92,6 +94,12 @@ def local(ctx: StageContext) -> StageResult:
     return StageResult(metrics={k: v for k, v in summary.items() if k != "final_train_loss"}, summary=rows)
 
 
+def _plugin_scale(ctx: StageContext, client: Path) -> dict | None:
+    from fedsoda_cli.stages import eval as eval_stage
+
+    return eval_stage.read_plugin_scale(ctx.out / LOCAL_CLIENTS / client.name / eval_stage.PLUGIN_ADAPTER)
+
+
 def local_eval(ctx: StageContext) -> StageResult:
     """The eval stage over every client's adapter: per target, the mean and the worst client."""
     import gc
@@ -121,9 +129,8 @@ def local_eval(ctx: StageContext) -> StageResult:
             entries = []
             for i, folder in enumerate(clients):
                 client_folders = {**folders, "adapter": folder / "adapter"}
-                model, tokenizer = eval_stage.build_target(
-                    target, spec, client_folders, ctx.out / LOCAL_CLIENTS / folder.name / eval_stage.PLUGIN_ADAPTER
-                )
+                plugin_dir = ctx.out / LOCAL_CLIENTS / folder.name / eval_stage.PLUGIN_ADAPTER
+                model, tokenizer = eval_stage.build_target(target, spec, client_folders, plugin_dir, bar)
                 # held-out perplexity of the first client's model only: it costs as much as the task eval
                 entries.append(
                     eval_stage.evaluate_target(
@@ -144,7 +151,12 @@ def local_eval(ctx: StageContext) -> StageResult:
                 "ci95": list(wilson_interval(round(mean * count), count)),
                 **({"perplexity": entries[0]["perplexity"]} if "perplexity" in entries[0] else {}),
                 "per_client": [
-                    {"client": int(f.name.split("-")[1]), "accuracy": e["accuracy"], "ci95": e["ci95"]}
+                    {
+                        "client": int(f.name.split("-")[1]),
+                        "accuracy": e["accuracy"],
+                        "ci95": e["ci95"],
+                        **({"plugin_scale": _plugin_scale(ctx, f)} if target == "plugin" else {}),
+                    }
                     for f, e in zip(clients, entries)
                 ],
             }

@@ -5,6 +5,8 @@ The plugin adapter is a standard PEFT adapter folder for the FULL model: the sub
 tensors renamed from sub-LLM layer k to original layer kept[k]; the pruned layers get all-zero
 LoRA tensors (A and B), so their update B@A is exactly zero and stock
 `PeftModel.from_pretrained(full_model, folder)` loads it with no missing key and no random init.
+With a plug-in scale s (`eval.plugin_scale`) every B is multiplied by s, so the folder itself carries
+the update W + s (alpha / r) B A: stock PEFT, `fedsoda export` and eval read the same model.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def layer_map_for(spec, path: Path, full_model) -> LayerMap:
     return read_layer_map(path)
 
 
-def write_plugin_adapter(sub_adapter: Path, layer_map: LayerMap, layers_path: str, out_dir: Path) -> Path:
-    """Write the plugin adapter folder (config + safetensors) for the full model into `out_dir`."""
+def write_plugin_adapter(sub_adapter: Path, layer_map: LayerMap, layers_path: str, out_dir: Path, *, scale: float = 1.0) -> Path:
+    """Write the plugin adapter folder (config + safetensors) for the full model into `out_dir`, its
+    update scaled by `scale`."""
     from safetensors.torch import load_file, save_file
 
     weights, config = sub_adapter / ADAPTER_WEIGHTS, sub_adapter / ADAPTER_CONFIG
@@ -50,6 +53,9 @@ def write_plugin_adapter(sub_adapter: Path, layer_map: LayerMap, layers_path: st
         settings["layers_to_transform"] = [layer_map.kept[k] for k in settings["layers_to_transform"]]
     out_dir.mkdir(parents=True, exist_ok=True)
     full = sub_to_full_adapter(load_file(weights), layer_map.kept, layers_path=layers_path, num_layers=layer_map.num_layers)
+    if scale != 1.0:
+        # B, not A: the update (alpha / r) B A scales linearly in B, and A stays the shared projection
+        full = {k: v * scale if "lora_B" in k else v for k, v in full.items()}
     save_file({k: v.contiguous() for k, v in full.items()}, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True))
     return out_dir

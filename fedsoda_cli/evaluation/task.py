@@ -54,6 +54,12 @@ class TaskScore:
     def ci95(self) -> tuple[float, float]:
         return wilson_interval(self.correct, self.count)
 
+    def label_word_loss(self, examples: Sequence) -> float | None:
+        """Mean negative log-likelihood of the gold label word over `examples` (the ones scored, in
+        order); None for generation tasks or examples without a label."""
+        scored = [p.scores[e.label] for e, p in zip(examples, self.predictions) if p.scores is not None and e.label is not None]
+        return -sum(scored) / len(scored) if scored else None
+
     def summary(self) -> dict:
         """The results.json entry: task, metric, accuracy, correct, count, ci95."""
         lo, hi = self.ci95

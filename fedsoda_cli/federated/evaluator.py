@@ -4,7 +4,8 @@ The server scores the global adapter on `task.val_examples` validation examples,
 training split's unused examples (so never trained on, and never the split `eval` reports), on the
 targets of `federate.eval_targets`:
   sub     the client model the adapter is trained on, with the partial layers the clients hold now
-  plugin  the full LLM with the adapter mapped onto it through the layer map
+  plugin  the full LLM with the adapter mapped onto it through the layer map, as trained (plug-in
+          scale 1: `eval.plugin_scale` is the eval stage's, so a change of it never reruns federate)
 Each target records accuracy with its 95 % interval, the share of each predicted label (a model
 that predicts one label for everything shows it here before the final eval does) and the eval loss:
 the mean negative log-likelihood of the gold label word (classification), None for generation.
@@ -109,11 +110,11 @@ def summarize(score, examples: list, seconds: float) -> EvalEntry:
     `seconds`; label_shares and loss are None for generation tasks."""
     summary = score.summary()
     pairs = [(e, p) for e, p in zip(examples, score.predictions) if p.scores is not None and e.label is not None]
-    shares = loss = None
+    shares = None
     if pairs:
         counts = Counter(p.prediction for _, p in pairs)
         shares = {label: counts[label] / len(pairs) for label in sorted(counts)}
-        loss = -sum(p.scores[e.label] for e, p in pairs) / len(pairs)
+    loss = score.label_word_loss(examples)
     return EvalEntry(
         accuracy=summary["accuracy"],
         ci95=summary["ci95"],

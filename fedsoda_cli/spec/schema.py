@@ -415,6 +415,35 @@ class EvalSpec(Section):
     batch_size: int = Field(8, ge=1, description="Examples per forward pass.")
     perplexity: bool = Field(True, description="Also report perplexity on held-out public text.")
     max_new_tokens: int = Field(256, ge=1, description="Generation limit for GSM8K.")
+    plugin_scale: float | Literal["val"] = Field(
+        1.0,
+        description=(
+            "s: the plugin target (and `fedsoda export`) adds s x the global adapter's update to the full LLM "
+            "(W + s (alpha / r) B A, s in (0, 4]; 1 = the adapter as trained, the method's plug-in). "
+            "\"val\": chosen from plugin_scales by the plugin's accuracy on the task's validation slice "
+            "(task.val_examples, disjoint from the eval split; ties go to the lower label-word loss, then the "
+            "larger s), recorded in results.json. federate's per-round plugin evaluation always scores s = 1."
+        ),
+    )
+    plugin_scales: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75, 1.0],
+        min_length=1,
+        description='The candidates of plugin_scale = "val".',
+    )
+
+    @field_validator("plugin_scale")
+    @classmethod
+    def _positive_scale(cls, value):
+        if value != "val" and not 0 < value <= 4:
+            raise ValueError('eval.plugin_scale must be in (0, 4] or "val"')
+        return value
+
+    @field_validator("plugin_scales")
+    @classmethod
+    def _positive_scales(cls, value):
+        if any(not 0 < s <= 4 for s in value) or len(set(value)) != len(value):
+            raise ValueError("eval.plugin_scales must be distinct numbers in (0, 4]")
+        return value
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -472,6 +501,12 @@ class Spec(Section):
         # Caught here, before profile .. quantize have run, not when federate finds no examples.
         if self.federate.eval_every and not self.task.val_examples:
             raise ValueError("federate.eval_every > 0 needs task.val_examples > 0 (the validation slice it scores)")
+        if self.eval.plugin_scale == "val" and "plugin" in self.eval.targets:
+            if not self.task.val_examples or not self.task.train_examples:
+                raise ValueError(
+                    'eval.plugin_scale = "val" needs task.val_examples > 0 and task.train_examples > 0: it chooses '
+                    "on the validation slice, which comes from the training examples left unused"
+                )
         if self.federate.eval_every and not self.task.train_examples:
             raise ValueError(
                 "federate.eval_every > 0 needs task.train_examples > 0: the validation slice comes from the "

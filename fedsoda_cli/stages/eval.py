@@ -4,10 +4,14 @@ In: `federate/adapter/` (the final global adapter of the sub-LLM), `quantize/mod
 sub-LLM) and `quantize/layer_map.json` (kept layers), the spec's full model, the task's eval
 split (`task.eval_examples` limits it) and `public_data.heldout_sequences` held-out windows.
 Out (in the stage folder):
-  plugin_adapter/    the global adapter mapped onto the full model: a stock PEFT adapter folder
+  plugin_adapter/    the global adapter mapped onto the full model: a stock PEFT adapter folder,
+                     its update scaled by the plug-in scale (eval.plugin_scale), which
+                     plugin_scale.json beside the weights records
   results.json       {target: {task, metric, accuracy, correct, count, ci95: [lo, hi],
                                perplexity, perplexity_nll, perplexity_tokens, seconds,
-                               vs_zero_shot}}: `vs_zero_shot` (when zero-shot is a target too) is
+                               vs_zero_shot, plugin_scale}}: `plugin_scale` (plugin only) is
+                     {scale, chosen_on: "spec" | "val", candidates: [{scale, accuracy, correct,
+                     count, loss}] on the validation slice}; `vs_zero_shot` (when zero-shot is a target too) is
                      the paired difference on the same examples (evaluation.stats.paired_difference:
                      count, both, only_a, only_b, difference, ci95, p_mcnemar)
   predictions.jsonl  one line per target x example: target, id, prediction, gold, correct, and the
@@ -27,6 +31,7 @@ from fedsoda_cli.stages.contract import StageContext, StageResult
 RESULTS = "results.json"
 PREDICTIONS = "predictions.jsonl"
 PLUGIN_ADAPTER = "plugin_adapter"
+PLUGIN_SCALE = "plugin_scale.json"  # inside plugin_adapter/: {scale, chosen_on, candidates}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -44,8 +49,10 @@ def run(ctx: StageContext) -> StageResult:
     with open(ctx.out / PREDICTIONS, "w") as lines, terminal.progress(ctx.console) as bar:
         for target in spec.eval.targets:
             started = time.perf_counter()
-            model, tokenizer = build_target(target, spec, folders, ctx.out / PLUGIN_ADAPTER)
+            model, tokenizer = build_target(target, spec, folders, ctx.out / PLUGIN_ADAPTER, bar)
             results[target], outcomes[target] = evaluate_target(target, model, tokenizer, examples, spec, bar, lines)
+            if target == "plugin":
+                results[target]["plugin_scale"] = read_plugin_scale(ctx.out / PLUGIN_ADAPTER)
             results[target]["seconds"] = round(time.perf_counter() - started, 2)
             del model
             gc.collect()  # one target's model at a time in memory
@@ -65,9 +72,10 @@ def run_folders(ctx: StageContext) -> dict[str, Path]:
     }
 
 
-def build_target(target: str, spec, folders: dict[str, Path], plugin_dir: Path):
-    """(model, tokenizer) of one target; the plugin adapter folder is written on first use."""
-    from fedsoda_cli.evaluation import targets
+def build_target(target: str, spec, folders: dict[str, Path], plugin_dir: Path, bar=None):
+    """(model, tokenizer) of one target; the plugin adapter folder is written on first use, at the
+    plug-in scale `eval.plugin_scale` gives (chosen on the validation slice for "val", shown on `bar`)."""
+    from fedsoda_cli.evaluation import plugin_scale, targets
     from fedsoda_cli.models.layers import decoder_layers_path
 
     if target == "sub":
@@ -78,8 +86,17 @@ def build_target(target: str, spec, folders: dict[str, Path], plugin_dir: Path):
     layer_map = targets.layer_map_for(spec, folders["layer_map"], model)
     targets.check_layer_map(model, layer_map, folders["layer_map"])
     if not plugin_dir.exists():
-        targets.write_plugin_adapter(folders["adapter"], layer_map, decoder_layers_path(model), plugin_dir)
+        choice = plugin_scale.choose(spec, model, tokenizer, folders["adapter"], layer_map, bar)
+        targets.write_plugin_adapter(folders["adapter"], layer_map, decoder_layers_path(model), plugin_dir, scale=choice.scale)
+        (plugin_dir / PLUGIN_SCALE).write_text(json.dumps(choice.to_json(), indent=2, sort_keys=True))
     return targets.with_adapter(model, plugin_dir), tokenizer
+
+
+def read_plugin_scale(plugin_dir: Path) -> dict | None:
+    """The plug-in scale a plugin adapter folder was written with and how it was chosen (None for a
+    folder written before the scale existed: s = 1)."""
+    path = plugin_dir / PLUGIN_SCALE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def add_paired_differences(results: dict[str, dict], outcomes: dict[str, list[bool]]) -> None:
@@ -165,6 +182,15 @@ def _summary(results: dict[str, dict]) -> list[tuple[str, str]]:
                     f"McNemar p {paired['p_mcnemar']:.2g}; {paired['only_a']} won, {paired['only_b']} lost)",
                 )
             )
+        if r.get("plugin_scale"):
+            rows.append((f"{target} scale", _scale_row(r["plugin_scale"])))
         if "perplexity" in r:
             rows.append((f"{target} perplexity", f"{r['perplexity']:.2f}"))
     return rows
+
+
+def _scale_row(choice: dict) -> str:
+    if choice["chosen_on"] != "val":
+        return f"{choice['scale']:g} (eval.plugin_scale)"
+    scores = ", ".join(f"{c['scale']:g}: {100 * c['accuracy']:.1f} %" for c in choice["candidates"])
+    return f"{choice['scale']:g}, chosen on {choice['candidates'][0]['count']} validation examples ({scores})"

@@ -20,8 +20,8 @@ from fedsoda_cli.spec import Spec
 from tests.stage_folders import write_stage_folder
 
 
-def _spec() -> Spec:
-    return Spec.model_validate({"model": {"name": "tiny-random-llama"}, "lora": {"r": 4, "alpha": 8}})
+def _spec(**task) -> Spec:
+    return Spec.model_validate({"model": {"name": "tiny-random-llama"}, "lora": {"r": 4, "alpha": 8}, "task": task})
 
 
 def _federated_run(workdir, spec):
@@ -75,6 +75,29 @@ def test_merged_export_loads_with_stock_transformers_and_matches_peft(tmp_path):
         base = load_causal_lm(spec.model)[0](input_ids=ids).logits
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(got, base, atol=1e-3)
+
+
+def test_export_merges_at_the_plug_in_scale_eval_uses(tmp_path):
+    """eval.plugin_scale = s: the merged weights move s times as far from the full model's as at s = 1,
+    and the provenance says which s; for "val" the export takes the scale eval chose, or refuses."""
+    torch.set_num_threads(1)
+    spec = _spec(train_examples=20, val_examples=4)
+    workdir = tmp_path / "run"
+    _federated_run(workdir, spec)
+    whole = AutoModelForCausalLM.from_pretrained(export_merged(spec, workdir, tmp_path / "s1")).state_dict()
+    spec.eval.plugin_scale = 0.5
+    out = export_merged(spec, workdir, tmp_path / "s05")
+    half = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = load_causal_lm(spec.model)[0].state_dict()
+    assert json.loads((out / PROVENANCE).read_text())["plugin_scale"] == 0.5
+    moved = [k for k in base if not torch.equal(whole[k], base[k])]
+    assert moved and all(".self_attn." in k for k in moved)
+    for key in moved:
+        assert torch.allclose(half[key] - base[key], 0.5 * (whole[key] - base[key]), atol=1e-6)
+
+    spec.eval.plugin_scale = "val"  # eval reads [eval], federate only two keys of it: federate stays current
+    with pytest.raises(ArtifactError, match="'eval' has not run"):
+        export_merged(spec, workdir, tmp_path / "val")
 
 
 def test_export_refuses_a_run_without_federate(tmp_path):

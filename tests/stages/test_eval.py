@@ -167,3 +167,73 @@ def test_eval_without_quantize_output_names_the_missing_stage(tmp_path, data_dir
     (workdir / "quantize" / "layer_map.json").write_text("{}")
     with pytest.raises(ArtifactError, match="quantize"):
         pipeline.execute(spec, workdir, pipeline.stage_named(spec, "eval"), Console(record=True))
+
+
+def test_plugin_scale_val_chooses_on_the_validation_slice_and_writes_the_scaled_adapter(tmp_path, data_dir):
+    """eval.plugin_scale = "val": every candidate is scored on the validation slice (not the eval
+    split), the best by accuracy (then loss) is the one the plugin folder carries, and that folder,
+    read by stock peft, is the scale-1 mapping with B multiplied by it."""
+    from safetensors.torch import load_file
+
+    from fedsoda_cli.evaluation.plugin_scale import Candidate, best
+    from fedsoda_cli.evaluation.targets import write_plugin_adapter
+    from fedsoda_cli.stages.eval import PLUGIN_SCALE
+
+    spec = _spec(train_examples=30, val_examples=8)
+    spec.eval.targets = ["plugin", "zero-shot"]
+    spec.eval.perplexity = False
+    spec.eval.plugin_scale = "val"
+    spec.eval.plugin_scales = [0.25, 1.0]
+    workdir = tmp_path / "run"
+    kept = _fake_run(workdir, spec)
+    console = Console(record=True, width=200)
+    pipeline.execute(spec, workdir, pipeline.stage_named(spec, "eval"), console)
+    out = workdir / "eval"
+    choice = json.loads((out / RESULTS).read_text())["plugin"]["plugin_scale"]
+    assert choice == json.loads((out / "plugin_adapter" / PLUGIN_SCALE).read_text())
+    assert choice["chosen_on"] == "val" and [c["scale"] for c in choice["candidates"]] == [0.25, 1.0]
+    assert choice["scale"] == best([Candidate(**c) for c in choice["candidates"]]).scale
+    assert "chosen on 8 validation examples" in console.export_text()
+
+    # Independently: each candidate's score is stock peft on the scaled folder over the validation slice.
+    val = load_task(spec.task, data_dir, "val", spec.run.seed)
+    assert not {e.id for e in val} & {e.id for e in load_task(spec.task, data_dir, "eval", spec.run.seed)}
+    full, tokenizer = load_causal_lm(spec.model)
+    unscaled = write_plugin_adapter(workdir / "federate" / "adapter", LayerMap(kept, 6), "model.layers", tmp_path / "s1")
+    for candidate in choice["candidates"]:
+        folder = write_plugin_adapter(
+            workdir / "federate" / "adapter",
+            LayerMap(kept, 6),
+            "model.layers",
+            tmp_path / f"s{candidate['scale']}",
+            scale=candidate["scale"],
+        )
+        model = PeftModel.from_pretrained(full, str(folder)).eval()
+        score = evaluate_task(model, tokenizer, "sst2", val, batch_size=4, max_len=spec.task.max_len, max_new_tokens=8)
+        assert (score.correct, score.count) == (candidate["correct"], candidate["count"])
+        assert score.label_word_loss(val) == pytest.approx(candidate["loss"], abs=1e-5)
+        model.unload()
+    written, reference = (
+        load_file(out / "plugin_adapter" / "adapter_model.safetensors"),
+        load_file(unscaled / "adapter_model.safetensors"),
+    )
+    for key, value in reference.items():
+        factor = choice["scale"] if "lora_B" in key else 1.0
+        assert torch.allclose(written[key], factor * value)
+
+
+def test_best_plug_in_scale_breaks_ties_by_loss_then_by_the_larger_scale():
+    from fedsoda_cli.evaluation.plugin_scale import Candidate, best
+
+    assert best([Candidate(0.5, 0.8, 8, 10, 0.4), Candidate(1.0, 0.7, 7, 10, 0.1)]).scale == 0.5
+    assert best([Candidate(0.5, 0.8, 8, 10, 0.4), Candidate(1.0, 0.8, 8, 10, 0.5)]).scale == 0.5
+    assert best([Candidate(0.5, 0.8, 8, 10, None), Candidate(1.0, 0.8, 8, 10, None)]).scale == 1.0
+
+
+def test_plugin_scale_val_without_a_validation_slice_is_a_spec_error():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="needs task.val_examples > 0"):
+        Spec.model_validate({"task": {"val_examples": 0}, "eval": {"plugin_scale": "val"}})
+    with pytest.raises(ValidationError, match=r"plugin_scale must be in \(0, 4\]"):
+        Spec.model_validate({"eval": {"plugin_scale": 0}})

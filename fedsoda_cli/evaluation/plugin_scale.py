@@ -1,0 +1,88 @@
+"""How strongly the global adapter is plugged into the full LLM: the plug-in scale s of the plugin
+target (`eval.plugin_scale`), W + s (alpha / r) B A.
+
+The adapter is trained on the client model; on the full LLM only part of it transfers, and part of
+what a client model 9 layers short had to learn (the answer format it lacked) overshoots on a model
+that already has it, as a label bias (measured: BENCHMARKS.md, "Plugging in at a scale"). s = 1 is the
+method's plug-in. `"val"` lets the server choose s from `eval.plugin_scales` on the task's validation
+slice (the one federate's per-round evaluation scores, carved from the training split's unused
+examples, never the eval split), the way a weight interpolation between the zero-shot and the tuned
+model is chosen on held-out data.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fedsoda_cli.models.layer_map import LayerMap
+
+
+@dataclass
+class Candidate:
+    """One plug-in scale as scored on the validation slice."""
+
+    scale: float
+    accuracy: float
+    correct: int
+    count: int
+    loss: float | None
+
+
+@dataclass
+class ScaleChoice:
+    """The plug-in scale the plugin target uses, and how it was chosen: from the spec (`"spec"`) or
+    on the validation slice (`"val"`, with every candidate's score)."""
+
+    scale: float
+    chosen_on: str
+    candidates: list[Candidate] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"scale": self.scale, "chosen_on": self.chosen_on, "candidates": [asdict(c) for c in self.candidates]}
+
+
+def best(candidates: list[Candidate]) -> Candidate:
+    """The highest validation accuracy; ties go to the lower label-word loss, then the larger scale
+    (the nearer to the adapter as trained)."""
+    return max(candidates, key=lambda c: (c.correct, -c.loss if c.loss is not None else 0.0, c.scale))
+
+
+def choose(spec, full_model, tokenizer, sub_adapter: Path, layer_map: LayerMap, bar=None) -> ScaleChoice:
+    """The plug-in scale of `spec.eval.plugin_scale`; for `"val"`, each of `spec.eval.plugin_scales` is
+    written as a plugin adapter, loaded into `full_model` with stock PEFT, scored on the validation
+    slice and taken out again (`full_model` is unchanged on return). `bar`: a rich Progress to show it on."""
+    from fedsoda_cli.data.paths import resolve_data_dir
+    from fedsoda_cli.data.tasks import load_task
+    from fedsoda_cli.evaluation.targets import with_adapter, write_plugin_adapter
+    from fedsoda_cli.evaluation.task import evaluate_task
+    from fedsoda_cli.models.layers import decoder_layers_path
+    from fedsoda_cli.spec import spec_dir
+
+    setting = spec.eval.plugin_scale
+    if setting != "val":
+        return ScaleChoice(float(setting), "spec")
+    examples = load_task(spec.task, resolve_data_dir(spec.data, spec_dir(spec)), "val", spec.run.seed, spec_dir=spec_dir(spec))
+    scales = spec.eval.plugin_scales
+    task = bar.add_task("plugin scale", total=len(examples) * len(scales), status="validation") if bar is not None else None
+    candidates = []
+    for scale in scales:
+        with tempfile.TemporaryDirectory(prefix="fedsoda-plugin-scale-") as scratch:
+            folder = write_plugin_adapter(sub_adapter, layer_map, decoder_layers_path(full_model), Path(scratch), scale=scale)
+            model = with_adapter(full_model, folder)
+            try:
+                score = evaluate_task(
+                    model,
+                    tokenizer,
+                    spec.task.name,
+                    examples,
+                    batch_size=spec.eval.batch_size,
+                    max_len=spec.task.max_len,
+                    max_new_tokens=spec.eval.max_new_tokens,
+                    advance=(lambda k: bar.advance(task, k)) if bar is not None else None,
+                )
+            finally:
+                model.unload()  # full_model as it was, for the next candidate
+        candidates.append(Candidate(scale, score.accuracy, score.correct, score.count, score.label_word_loss(examples)))
+    return ScaleChoice(best(candidates).scale, "val", candidates)
