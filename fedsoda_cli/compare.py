@@ -73,6 +73,7 @@ class RunSummary:
     per_client: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # local: target -> [{client, accuracy, ci95}]
     perplexity: dict[str, float] = field(default_factory=dict)
     vs_zero_shot: dict[str, dict[str, Any]] = field(default_factory=dict)  # target -> eval's paired difference
+    plugin_scale: float | None = None  # the plug-in scale eval used (eval.plugin_scale); None: written before it existed
     communication: dict[str, int] = field(default_factory=dict)  # kind -> bytes
     client_storage_bytes: int | None = None
     wall_time_s: dict[str, float] = field(default_factory=dict)  # stage -> seconds
@@ -378,6 +379,8 @@ def _read_results(run: RunSummary, results: dict) -> None:
                 run.per_client[target] = [_per_client(c) for c in entry["per_client"]]
             if entry.get("perplexity") is not None:
                 run.perplexity[target] = float(entry["perplexity"])
+            if target == "plugin" and entry.get("plugin_scale"):
+                run.plugin_scale = float(entry["plugin_scale"]["scale"])
             if entry.get("vs_zero_shot") is not None:
                 paired = entry["vs_zero_shot"]
                 run.vs_zero_shot[target] = {
@@ -730,7 +733,9 @@ def _accuracy(run: RunSummary, target: str) -> str:
     ci = run.ci95.get(target)
     interval = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci and len(ci) == 2 else ""
     worst = f" (min {100 * run.min_accuracy[target]:.1f})" if target in run.min_accuracy else ""
-    return f"{100 * run.accuracy[target]:.1f}{interval}{worst}"
+    # a plugin plugged in at another scale than the adapter as trained is another model: say so
+    scaled = f" at s {run.plugin_scale:g}" if target == "plugin" and run.plugin_scale not in (None, 1.0) else ""
+    return f"{100 * run.accuracy[target]:.1f}{interval}{worst}{scaled}"
 
 
 def _changes(change: dict[str, float | None]) -> list[str]:

@@ -89,6 +89,7 @@ def _results(accuracy, extra=None):
             "perplexity_nll": 3.0,
             "perplexity_tokens": 64,
             "seconds": 1.0,
+            **({"plugin_scale": {"scale": 1.0, "chosen_on": "spec", "candidates": []}} if t == "plugin" else {}),
             **(extra or {}).get(t, {}),
         }
         for t, a in accuracy.items()
@@ -201,6 +202,25 @@ def test_the_paired_gain_over_zero_shot_is_reported_as_eval_wrote_it(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     lo, hi = paired.ci95
     assert f"| soda | plugin | +10.0 | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {paired.p_mcnemar:.2g} | 12 / 2 |" in md
+
+
+def test_a_plugin_plugged_in_at_another_scale_says_so(tmp_path):
+    from fedsoda_cli.evaluation.plugin_scale import Candidate, ScaleChoice
+
+    choice = ScaleChoice(0.5, "val", [Candidate(0.5, 0.9, 180, 200, 0.3), Candidate(1.0, 0.8, 160, 200, 0.4)])
+    scaled = _run(
+        tmp_path,
+        "scaled",
+        _spec("scaled", "fedsoda"),
+        accuracy={"plugin": 0.82},
+        results_extra={"plugin": {"plugin_scale": choice.to_json()}},
+    )
+    plain = _run(tmp_path, "plain", _spec("plain", "fedsoda", 1), accuracy={"plugin": 0.80})
+    assert read_run(scaled).plugin_scale == 0.5 and read_run(plain).plugin_scale == 1.0
+    write_report([scaled, plain], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| 82.0 [77.0, 87.0] at s 0.5 |" in md
+    assert "| 80.0 [75.0, 85.0] |" in md
 
 
 def test_report_files(two_runs, tmp_path):
