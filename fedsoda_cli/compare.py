@@ -74,6 +74,7 @@ class RunSummary:
     perplexity: dict[str, float] = field(default_factory=dict)
     vs_zero_shot: dict[str, dict[str, Any]] = field(default_factory=dict)  # target -> eval's paired difference
     plugin_scale: float | None = None  # the plug-in scale eval used (eval.plugin_scale); None: written before it existed
+    plugin_scale_per_client: bool = False  # run.method local: the clients' adapters were plugged in at different scales
     communication: dict[str, int] = field(default_factory=dict)  # kind -> bytes
     client_storage_bytes: int | None = None
     wall_time_s: dict[str, float] = field(default_factory=dict)  # stage -> seconds
@@ -380,7 +381,9 @@ def _read_results(run: RunSummary, results: dict) -> None:
             if entry.get("perplexity") is not None:
                 run.perplexity[target] = float(entry["perplexity"])
             if target == "plugin" and entry.get("plugin_scale"):
-                run.plugin_scale = float(entry["plugin_scale"]["scale"])
+                scale = entry["plugin_scale"]["scale"]  # None: run.method local chose one per client
+                run.plugin_scale = None if scale is None else float(scale)
+                run.plugin_scale_per_client = scale is None
             if entry.get("vs_zero_shot") is not None:
                 paired = entry["vs_zero_shot"]
                 run.vs_zero_shot[target] = {
@@ -479,6 +482,7 @@ CSV_FIELDS = [
     *(f"accuracy_{t}" for t in TARGETS),
     *(f"min_accuracy_{t}" for t in TARGETS),
     *(f"perplexity_{t}" for t in TARGETS),
+    "plugin_scale",
     "communication_bytes",
     *(f"communication_{k}_bytes" for k in KINDS),
     "client_storage_bytes",
@@ -515,6 +519,7 @@ def _write_csv(runs: list[RunSummary], path: Path) -> Path:
                 "peak_worker_rss_mb": run.peak_rss_mb,
                 "wall_time_total_s": round(sum(run.wall_time_s.values()), 3),
                 "baseline": base.label if base else "",
+                "plugin_scale": "per client" if run.plugin_scale_per_client else run.plugin_scale,
             }
             row.update({f"accuracy_{t}": run.accuracy.get(t) for t in TARGETS})
             row.update({f"min_accuracy_{t}": run.min_accuracy.get(t) for t in TARGETS})
@@ -734,7 +739,11 @@ def _accuracy(run: RunSummary, target: str) -> str:
     interval = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci and len(ci) == 2 else ""
     worst = f" (min {100 * run.min_accuracy[target]:.1f})" if target in run.min_accuracy else ""
     # a plugin plugged in at another scale than the adapter as trained is another model: say so
-    scaled = f" at s {run.plugin_scale:g}" if target == "plugin" and run.plugin_scale not in (None, 1.0) else ""
+    scaled = ""
+    if target == "plugin" and run.plugin_scale_per_client:
+        scaled = " at s per client"
+    elif target == "plugin" and run.plugin_scale not in (None, 1.0):
+        scaled = f" at s {run.plugin_scale:g}"
     return f"{100 * run.accuracy[target]:.1f}{interval}{worst}{scaled}"
 
 

@@ -211,7 +211,7 @@ def test_a_plugin_plugged_in_at_another_scale_says_so(tmp_path):
     scaled = _run(
         tmp_path,
         "scaled",
-        _spec("scaled", "fedsoda"),
+        _spec("scaled", "fedsoda", eval={"plugin_scale": "val"}, task={"name": "sst2", "train_examples": 100}),
         accuracy={"plugin": 0.82},
         results_extra={"plugin": {"plugin_scale": choice.to_json()}},
     )
@@ -221,6 +221,8 @@ def test_a_plugin_plugged_in_at_another_scale_says_so(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| 82.0 [77.0, 87.0] at s 0.5 |" in md
     assert "| 80.0 [75.0, 85.0] |" in md
+    rows = list(csv.DictReader(open(tmp_path / "report" / "report.csv")))
+    assert sorted(row["plugin_scale"] for row in rows) == ["0.5", "1.0"]
 
 
 def test_report_files(two_runs, tmp_path):

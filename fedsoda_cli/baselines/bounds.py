@@ -160,6 +160,14 @@ def local_eval(ctx: StageContext) -> StageResult:
                     for f, e in zip(clients, entries)
                 ],
             }
+            if target == "plugin":
+                # one scale for the run when every client's adapter got the same, else None (per client)
+                scales = {c["plugin_scale"]["scale"] for c in results[target]["per_client"] if c["plugin_scale"]}
+                results[target]["plugin_scale"] = {
+                    "scale": scales.pop() if len(scales) == 1 else None,
+                    "chosen_on": "val" if spec.eval.plugin_scale == "val" else "spec",
+                    "candidates": [],
+                }
     artifacts.write_json_atomic(ctx.out / eval_stage.RESULTS, results)
     rows = [
         (

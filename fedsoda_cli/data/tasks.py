@@ -451,3 +451,23 @@ def stratified_subset(labels: list[int | None], k: int, rng: np.random.Generator
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, stream]))
+
+
+def validation_slice(spec, needed_by: str, otherwise: str) -> list[Example]:
+    """The task's validation slice: task.val_examples of the training split's unused examples, the
+    server's for choosing and watching, never trained on and never the eval split. `needed_by` names
+    the key that asked for it (e.g. "federate.eval_every = 2"), `otherwise` how to do without it; an empty
+    slice is a SpecError saying both."""
+    from fedsoda_cli.data.paths import resolve_data_dir
+    from fedsoda_cli.errors import SpecError
+    from fedsoda_cli.spec import spec_dir
+
+    folder = spec_dir(spec)
+    examples = load_task(spec.task, resolve_data_dir(spec.data, folder), "val", spec.run.seed, spec_dir=folder)
+    if not examples:
+        raise SpecError(
+            f"{needed_by} needs validation examples, but task.train_examples = {spec.task.train_examples} leaves none of "
+            f"the training split unused (task.val_examples = {spec.task.val_examples}); lower task.train_examples, "
+            f"raise task.val_examples, or {otherwise}"
+        )
+    return examples

@@ -53,17 +53,15 @@ def choose(spec, full_model, tokenizer, sub_adapter: Path, layer_map: LayerMap, 
     """The plug-in scale of `spec.eval.plugin_scale`; for `"val"`, each of `spec.eval.plugin_scales` is
     written as a plugin adapter, loaded into `full_model` with stock PEFT, scored on the validation
     slice and taken out again (`full_model` is unchanged on return). `bar`: a rich Progress to show it on."""
-    from fedsoda_cli.data.paths import resolve_data_dir
-    from fedsoda_cli.data.tasks import load_task
+    from fedsoda_cli.data.tasks import validation_slice
     from fedsoda_cli.evaluation.targets import with_adapter, write_plugin_adapter
     from fedsoda_cli.evaluation.task import evaluate_task
     from fedsoda_cli.models.layers import decoder_layers_path
-    from fedsoda_cli.spec import spec_dir
 
     setting = spec.eval.plugin_scale
     if setting != "val":
         return ScaleChoice(float(setting), "spec")
-    examples = load_task(spec.task, resolve_data_dir(spec.data, spec_dir(spec)), "val", spec.run.seed, spec_dir=spec_dir(spec))
+    examples = validation_slice(spec, 'eval.plugin_scale = "val"', "set eval.plugin_scale to a number")
     scales = spec.eval.plugin_scales
     task = bar.add_task("plugin scale", total=len(examples) * len(scales), status="validation") if bar is not None else None
     candidates = []

@@ -431,11 +431,14 @@ class EvalSpec(Section):
         description='The candidates of plugin_scale = "val".',
     )
 
-    @field_validator("plugin_scale")
+    @field_validator("plugin_scale", mode="before")
     @classmethod
     def _positive_scale(cls, value):
-        if value != "val" and not 0 < value <= 4:
-            raise ValueError('eval.plugin_scale must be in (0, 4] or "val"')
+        # before the union's own checks, so that any bad value gets this one message (and a TOML true,
+        # which pydantic would take for 1.0, is refused)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value != "val" and not (number and 0 < value <= 4):
+            raise ValueError(f'eval.plugin_scale must be a number in (0, 4] or "val", got {value!r}')
         return value
 
     @field_validator("plugin_scales")

@@ -2,13 +2,15 @@
 
 In: `federate/adapter/` (the final global adapter of the sub-LLM), `quantize/model/` (the client
 sub-LLM) and `quantize/layer_map.json` (kept layers), the spec's full model, the task's eval
-split (`task.eval_examples` limits it) and `public_data.heldout_sequences` held-out windows.
+split (`task.eval_examples` limits it), `public_data.heldout_sequences` held-out windows and, for
+`eval.plugin_scale = "val"`, the task's validation slice.
 Out (in the stage folder):
   plugin_adapter/    the global adapter mapped onto the full model: a stock PEFT adapter folder,
                      its update scaled by the plug-in scale (eval.plugin_scale), which
                      plugin_scale.json beside the weights records
   results.json       {target: {task, metric, accuracy, correct, count, ci95: [lo, hi],
-                               perplexity, perplexity_nll, perplexity_tokens, seconds,
+                               perplexity, perplexity_nll, perplexity_tokens, seconds (plugin:
+                               choosing its scale included),
                                vs_zero_shot, plugin_scale}}: `plugin_scale` (plugin only) is
                      {scale, chosen_on: "spec" | "val", candidates: [{scale, accuracy, correct,
                      count, loss}] on the validation slice}; `vs_zero_shot` (when zero-shot is a target too) is

@@ -37,7 +37,7 @@ from fedsoda_cli.models.layer_map import LAYER_MAP, LayerMap, read_layer_map
 from fedsoda_cli.plugins import aggregators
 from fedsoda_cli.round_record import EvalEntry
 from fedsoda_cli.seeding import stable_seed
-from fedsoda_cli.spec import Spec, sections_hash, spec_dir
+from fedsoda_cli.spec import Spec, sections_hash
 from fedsoda_cli.stages.contract import StageContext, StageResult
 
 CHECKPOINTS = "federate.checkpoints"
@@ -118,28 +118,15 @@ def decoder_layers_name(model_dir: Path) -> str:
     return decoder_layers_path(skeleton).rsplit(".", 1)[-1]
 
 
-def validation_examples(spec: Spec) -> list:
-    """The per-round evaluation examples (task.val_examples of the training split's unused ones)."""
-    from fedsoda_cli.data.paths import resolve_data_dir
-    from fedsoda_cli.data.tasks import load_task
-
-    folder = spec_dir(spec)
-    return load_task(spec.task, resolve_data_dir(spec.data, folder), "val", spec.run.seed, spec_dir=folder)
-
-
 def evaluator_for(ctx: StageContext, model_dir: Path, peft_config, lora_layers: list[int] | None):
     """The server's per-round evaluator when federate.eval_every asks for one, else None."""
     spec = ctx.spec
     if not spec.federate.eval_every:
         return None
-    examples = validation_examples(spec)
-    if not examples:
-        raise SpecError(
-            f"federate.eval_every = {spec.federate.eval_every} needs validation examples, but task.train_examples = "
-            f"{spec.task.train_examples} leaves none of the training split unused (task.val_examples = {spec.task.val_examples}); "
-            "lower task.train_examples, raise task.val_examples, or set federate.eval_every = 0"
-        )
+    from fedsoda_cli.data.tasks import validation_slice
     from fedsoda_cli.federated.evaluator import ServerEvaluator
+
+    examples = validation_slice(spec, f"federate.eval_every = {spec.federate.eval_every}", "set federate.eval_every = 0")
 
     ctx.console.print(
         f"per-round evaluation every {spec.federate.eval_every} round(s) on {len(examples)} validation examples: "

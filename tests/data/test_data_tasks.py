@@ -277,6 +277,25 @@ def test_val_split_is_empty_when_training_takes_every_example(tmp_path):
     assert load_task(task, None, "val", seed=0, spec_dir=tmp_path) == []
 
 
+def test_an_empty_validation_slice_is_a_spec_error_naming_the_key_that_needs_it(tmp_path):
+    from fedsoda_cli.data.tasks import validation_slice
+    from fedsoda_cli.errors import SpecError
+    from fedsoda_cli.spec.load import load_spec
+
+    for name in ("train.jsonl", "eval.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps({"input": f"q{i}", "output": "a"}) + "\n" for i in range(5)))
+    task = '[task]\nname = "jsonl"\ntrain_file = "train.jsonl"\neval_file = "eval.jsonl"\nval_examples = 2\n'
+    (tmp_path / "spec.toml").write_text(task + 'train_examples = 5\n[eval]\nplugin_scale = "val"\n')
+    spec = load_spec(tmp_path / "spec.toml")
+    with pytest.raises(
+        SpecError, match=r'eval.plugin_scale = "val" needs validation examples, .* or set eval.plugin_scale to a number'
+    ):
+        validation_slice(spec, 'eval.plugin_scale = "val"', "set eval.plugin_scale to a number")
+    (tmp_path / "spec.toml").write_text(task + "train_examples = 3\n")
+    spec = load_spec(tmp_path / "spec.toml")
+    assert [e.prompt for e in validation_slice(spec, "x", "y")] and len(validation_slice(spec, "x", "y")) == 2
+
+
 def test_user_classification_task_with_choices(tmp_path):
     rows = [{"input": "sky", "output": "blue"}, {"input": "rose", "output": " red"}]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -99,6 +99,25 @@ def test_export_merges_at_the_plug_in_scale_eval_uses(tmp_path):
     with pytest.raises(ArtifactError, match="'eval' has not run"):
         export_merged(spec, workdir, tmp_path / "val")
 
+    # "val": the scale the current eval chose (its plugin_scale.json, as the eval stage writes it)
+    from fedsoda_cli.evaluation.plugin_scale import Candidate, ScaleChoice
+    from fedsoda_cli.stages.eval import PLUGIN_ADAPTER, PLUGIN_SCALE
+
+    choice = ScaleChoice(0.5, "val", [Candidate(0.5, 0.9, 9, 10, 0.2), Candidate(1.0, 0.8, 8, 10, 0.3)])
+
+    def eval_stage(out):
+        (out / PLUGIN_ADAPTER).mkdir()
+        (out / PLUGIN_ADAPTER / PLUGIN_SCALE).write_text(json.dumps(choice.to_json()))
+
+    write_stage_folder(workdir, spec, "eval", eval_stage)
+    out = export_merged(spec, workdir, tmp_path / "val")
+    assert json.loads((out / PROVENANCE).read_text())["plugin_scale"] == 0.5
+    chosen = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.equal(chosen[key], half[key]) for key in moved)
+    write_stage_folder(workdir, spec, "eval")  # an eval that scored no plugin target chose nothing
+    with pytest.raises(ArtifactError, match='eval.plugin_scale = "val" but eval recorded no chosen scale'):
+        export_merged(spec, workdir, tmp_path / "val")
+
 
 def test_export_refuses_a_run_without_federate(tmp_path):
     with pytest.raises(ArtifactError, match="'federate' has not run"):

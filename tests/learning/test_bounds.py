@@ -39,6 +39,9 @@ def test_local_trains_every_client_alone_and_reports_the_worst(tmp_path):
         accuracies = [c["accuracy"] for c in per_client]
         assert results[target]["min_accuracy"] == min(accuracies)
         assert abs(results[target]["accuracy"] - sum(accuracies) / 4) < 1e-12
+    # each client's adapter is plugged in at the spec's scale, which the run then records once
+    assert [c["plugin_scale"]["scale"] for c in results["plugin"]["per_client"]] == [1.0] * 4
+    assert results["plugin"]["plugin_scale"] == {"scale": 1.0, "chosen_on": "spec", "candidates": []}
     summary = json.loads((work / "federate" / "summary.json").read_text())
     assert summary["bytes"]["adapter_up"] == 0 and summary["bytes"]["total"] == summary["bytes"]["model"] > 0
     for client in range(4):

@@ -230,10 +230,12 @@ def test_best_plug_in_scale_breaks_ties_by_loss_then_by_the_larger_scale():
     assert best([Candidate(0.5, 0.8, 8, 10, None), Candidate(1.0, 0.8, 8, 10, None)]).scale == 1.0
 
 
-def test_plugin_scale_val_without_a_validation_slice_is_a_spec_error():
+def test_bad_plugin_scales_are_spec_errors():
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="needs task.val_examples > 0"):
         Spec.model_validate({"task": {"val_examples": 0}, "eval": {"plugin_scale": "val"}})
-    with pytest.raises(ValidationError, match=r"plugin_scale must be in \(0, 4\]"):
-        Spec.model_validate({"eval": {"plugin_scale": 0}})
+    for bad in (0, 5, True, "half"):
+        with pytest.raises(ValidationError, match=r'plugin_scale must be a number in \(0, 4\] or "val", got'):
+            Spec.model_validate({"eval": {"plugin_scale": bad}})
+    assert Spec.model_validate({"eval": {"plugin_scale": 1}}).eval.plugin_scale == 1.0
