@@ -4,11 +4,12 @@
 # is made once with the method's plug-in (scale 1, the shipped default); a sibling workdir reuses every
 # stage up to federate and reruns only eval with plugin_scale = "val", so the two plugin targets score
 # the same adapter on the same 872 examples (pair them with bench/paired_gain.py --vs).
-# CONTROL=1 adds the fair control (fedpetuning-NF4) on IID seed 0 and Dirichlet seed 2 (its worst), the
-# same way, so that a gain is read against what the same plug-in rule gives the control.
+# CONTROL=1 adds the fair control (fedpetuning-NF4) on the same seeds and partitions, the same way, so
+# that a gain is read against what the same plug-in rule gives the control. A run whose workdir is
+# already evaluated (and its sibling) is kept as it is, so the script can be rerun to add runs.
 #
-#   bash bench/plugin_scale.sh            about 55 minutes on a quiet 2-core machine (6 runs + 6 evals)
-#   CONTROL=1 bash bench/plugin_scale.sh  about 80 minutes
+#   bash bench/plugin_scale.sh            about 40 minutes on a quiet 2-core machine (6 runs + 6 evals)
+#   CONTROL=1 bash bench/plugin_scale.sh  about 70 minutes
 #
 # Results: runs/plugin-scale-report/report.md; paired: python bench/paired_gain.py --vs A A-val
 set -euo pipefail
@@ -20,11 +21,13 @@ runs=()
 # plugin_run SPEC WORKDIR NAME [fedsoda run arguments...]: the run at scale 1, then its "val" sibling
 plugin_run() {
   local spec=$1 workdir=$2 name=$3; shift 3
+  runs+=("$workdir" "$workdir-val")
+  # a pair an earlier invocation finished is kept as it is (and its .time files with it)
+  [ ! -f "$workdir/eval/results.json" ] || [ ! -f "$workdir-val/eval/results.json" ] || return 0
   timed_run "$workdir" "$spec" --set "run.name=$name" "$@"
   # shellcheck disable=SC2046
   reuse "$workdir" "$workdir-val" $(cd "$workdir" && ls -d profile prune align base quantize federate 2>/dev/null)
   timed_run "$workdir-val" "$spec" --set "run.name=$name-val" "$@" "${VAL[@]}"
-  runs+=("$workdir" "$workdir-val")
 }
 for seed in ${SEEDS:-0 1 2}; do
   targets='eval.targets=["plugin","sub"]'
@@ -35,10 +38,12 @@ for seed in ${SEEDS:-0 1 2}; do
     "${DIRICHLET[@]}" --set 'eval.targets=["plugin","sub"]'
 done
 if [ "${CONTROL:-0}" = 1 ]; then
-  plugin_run specs/sst2-fedpetuning-nf4.toml runs/sst2-fedpetuning-nf4-seed0 sst2-fedpetuning-nf4 --set run.seed=0 \
-    --set 'eval.targets=["plugin"]'
-  reuse runs/sst2-fedpetuning-nf4-seed0 runs/sst2-fedpetuning-nf4-dir05-seed2 base quantize
-  plugin_run specs/sst2-fedpetuning-nf4.toml runs/sst2-fedpetuning-nf4-dir05-seed2 sst2-fedpetuning-nf4-dir05 \
-    --set run.seed=2 "${DIRICHLET[@]}" --set 'eval.targets=["plugin"]'
+  for seed in ${SEEDS:-0 1 2}; do
+    plugin_run specs/sst2-fedpetuning-nf4.toml "runs/sst2-fedpetuning-nf4-seed$seed" sst2-fedpetuning-nf4 \
+      --set "run.seed=$seed" --set 'eval.targets=["plugin"]'
+    reuse "runs/sst2-fedpetuning-nf4-seed$seed" "runs/sst2-fedpetuning-nf4-dir05-seed$seed" base quantize
+    plugin_run specs/sst2-fedpetuning-nf4.toml "runs/sst2-fedpetuning-nf4-dir05-seed$seed" sst2-fedpetuning-nf4-dir05 \
+      --set "run.seed=$seed" "${DIRICHLET[@]}" --set 'eval.targets=["plugin"]'
+  done
 fi
 "$fedsoda" report "${runs[@]}" --out runs/plugin-scale-report
