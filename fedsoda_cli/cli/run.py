@@ -131,9 +131,25 @@ def _copy_stage(source: Path, target: Path, stage: str) -> None:
     folder = artifacts.stage_dir(source, stage)
     with artifacts.write_stage(target, stage, manifest.spec_hash, dict(manifest.inputs)) as writer:
         shutil.copytree(
-            folder, writer.path, dirs_exist_ok=True, ignore=lambda at, names: [artifacts.MANIFEST] if Path(at) == folder else []
-        )  # the writer writes its own
+            folder,
+            writer.path,
+            dirs_exist_ok=True,
+            ignore=lambda at, names: [artifacts.MANIFEST] if Path(at) == folder else [],  # the writer writes its own
+            copy_function=_link_or_copy,
+        )
         writer.manifest.metrics = manifest.metrics
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link where the filesystem allows one, else a copy: a seed-free stage of a large model holds
+    float checkpoints of its whole size, and every seed would carry them again. Sharing the inode is
+    safe because fedsoda never writes into a finished stage folder; a rerun swaps a new folder in."""
+    import os
+
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _run_stages(

@@ -140,6 +140,22 @@ def test_force_reruns_the_first_seed_and_copies_its_fresh_output(toy, tmp_path):
     assert first.digest() == second.digest()
 
 
+def test_reused_files_are_hard_links_and_a_rerun_in_the_sibling_leaves_the_first_seeds_as_they_were(toy, tmp_path):
+    """Seed-free stages cost no disk per seed (a large model's float checkpoints would), and sharing the
+    inode is safe: a stage rerun swaps a new folder in instead of writing into the shared file."""
+    import os
+
+    assert runner.invoke(app, ["run", str(toy), "--seeds", "0,1"]).exit_code == 0
+    ours, theirs = (tmp_path / "runs" / f"toy-seed{k}" / "profile" / "scores.txt" for k in (0, 1))
+    assert os.path.samefile(ours, theirs) and os.stat(ours).st_nlink == 2
+    sibling = tmp_path / "runs" / "toy-seed1"
+    rerun = runner.invoke(app, ["run", str(toy), "--set", "run.seed=1", "--workdir", str(sibling), "--force"])
+    assert rerun.exit_code == 0, rerun.output
+    assert not os.path.samefile(ours, theirs) and os.stat(ours).st_nlink == 1
+    assert ours.read_text() == theirs.read_text() == "2"
+    artifacts.verify(tmp_path / "runs" / "toy-seed0", artifacts.read_manifest(tmp_path / "runs" / "toy-seed0", "profile"))
+
+
 def test_a_changed_seed_free_section_makes_the_copy_stale_like_any_stage(toy, tmp_path):
     assert runner.invoke(app, ["run", str(toy), "--seeds", "0,1"]).exit_code == 0
     spec = load_spec(toy, ["run.seed=1", "profile.max_span=3"])
