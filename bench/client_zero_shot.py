@@ -23,7 +23,7 @@ import torch
 from fedsoda_cli.data.paths import resolve_data_dir
 from fedsoda_cli.data.tasks import load_task
 from fedsoda_cli.evaluation.targets import load_sub
-from fedsoda_cli.evaluation.task import evaluate_task
+from fedsoda_cli.evaluation.task import evaluate_for_spec
 from fedsoda_cli.spec.load import validate
 
 
@@ -50,15 +50,7 @@ def main(*workdirs: str) -> None:
         if key not in scored:
             examples = load_task(spec.task, resolve_data_dir(spec.data, None), "eval", spec.run.seed)
             model, tokenizer = load_sub(model_dir, adapter_dir=None)
-            score = evaluate_task(
-                model,
-                tokenizer,
-                spec.task.name,
-                examples,
-                batch_size=spec.eval.batch_size,
-                max_len=spec.task.max_len,
-                max_new_tokens=spec.eval.max_new_tokens,
-            )
+            score = evaluate_for_spec(spec, model, tokenizer, examples)
             summary = score.summary()
             shares = Counter(p.prediction for p in score.predictions)
             lo, hi = summary["ci95"]

@@ -30,7 +30,7 @@ import torch
 from fedsoda_cli.data.paths import resolve_data_dir
 from fedsoda_cli.data.tasks import load_task
 from fedsoda_cli.evaluation.targets import load_full, with_adapter
-from fedsoda_cli.evaluation.task import evaluate_task
+from fedsoda_cli.evaluation.task import evaluate_for_spec
 from fedsoda_cli.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from fedsoda_cli.models.layer_map import read_layer_map
 from fedsoda_cli.spec.load import validate
@@ -88,15 +88,7 @@ def main(*workdirs: str) -> None:
                 model = with_adapter(full, scratch)
                 cells = []
                 for split, examples in splits.items():
-                    score = evaluate_task(
-                        model,
-                        tokenizer,
-                        spec.task.name,
-                        examples,
-                        batch_size=spec.eval.batch_size,
-                        max_len=spec.task.max_len,
-                        max_new_tokens=spec.eval.max_new_tokens,
-                    )
+                    score = evaluate_for_spec(spec, model, tokenizer, examples)
                     shares = Counter(p.prediction for p in score.predictions)
                     first = sorted(shares)[0]
                     cells.append(f"{split} {100 * score.accuracy:.1f} ({first} {100 * shares[first] / score.count:.0f} %)")

@@ -17,8 +17,6 @@ The client model (prune, align, quantize) is fedsoda's, so only the federation d
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fedsoda_cli.stages.contract import StageContext, StageResult
 
 
@@ -94,12 +92,6 @@ def local(ctx: StageContext) -> StageResult:
     return StageResult(metrics={k: v for k, v in summary.items() if k != "final_train_loss"}, summary=rows)
 
 
-def _plugin_scale(ctx: StageContext, client: Path) -> dict | None:
-    from fedsoda_cli.stages import eval as eval_stage
-
-    return eval_stage.read_plugin_scale(ctx.out / LOCAL_CLIENTS / client.name / eval_stage.PLUGIN_ADAPTER)
-
-
 def local_eval(ctx: StageContext) -> StageResult:
     """The eval stage over every client's adapter: per target, the mean and the worst client."""
     import gc
@@ -132,11 +124,12 @@ def local_eval(ctx: StageContext) -> StageResult:
                 plugin_dir = ctx.out / LOCAL_CLIENTS / folder.name / eval_stage.PLUGIN_ADAPTER
                 model, tokenizer = eval_stage.build_target(target, spec, client_folders, plugin_dir, bar)
                 # held-out perplexity of the first client's model only: it costs as much as the task eval
-                entries.append(
-                    eval_stage.evaluate_target(
-                        f"{target} {folder.name}", model, tokenizer, examples, spec if i == 0 else per_client_spec, bar, lines
-                    )[0]
-                )
+                entry = eval_stage.evaluate_target(
+                    f"{target} {folder.name}", model, tokenizer, examples, spec if i == 0 else per_client_spec, bar, lines
+                )[0]
+                if target == "plugin":
+                    entry["plugin_scale"] = eval_stage.read_plugin_scale(plugin_dir)
+                entries.append(entry)
                 del model
                 gc.collect()
             accuracies = [e["accuracy"] for e in entries]
@@ -155,7 +148,7 @@ def local_eval(ctx: StageContext) -> StageResult:
                         "client": int(f.name.split("-")[1]),
                         "accuracy": e["accuracy"],
                         "ci95": e["ci95"],
-                        **({"plugin_scale": _plugin_scale(ctx, f)} if target == "plugin" else {}),
+                        **({"plugin_scale": e["plugin_scale"]} if target == "plugin" else {}),
                     }
                     for f, e in zip(clients, entries)
                 ],

@@ -12,7 +12,6 @@ model is chosen on held-out data.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,9 +53,8 @@ def choose(spec, full_model, tokenizer, sub_adapter: Path, layer_map: LayerMap, 
     written as a plugin adapter, loaded into `full_model` with stock PEFT, scored on the validation
     slice and taken out again (`full_model` is unchanged on return). `bar`: a rich Progress to show it on."""
     from fedsoda_cli.data.tasks import validation_slice
-    from fedsoda_cli.evaluation.targets import with_adapter, write_plugin_adapter
-    from fedsoda_cli.evaluation.task import evaluate_task
-    from fedsoda_cli.models.layers import decoder_layers_path
+    from fedsoda_cli.evaluation.targets import plugged
+    from fedsoda_cli.evaluation.task import evaluate_for_spec
 
     setting = spec.eval.plugin_scale
     if setting != "val":
@@ -65,22 +63,9 @@ def choose(spec, full_model, tokenizer, sub_adapter: Path, layer_map: LayerMap, 
     scales = spec.eval.plugin_scales
     task = bar.add_task("plugin scale", total=len(examples) * len(scales), status="validation") if bar is not None else None
     candidates = []
+    advance = (lambda k: bar.advance(task, k)) if bar is not None else None
     for scale in scales:
-        with tempfile.TemporaryDirectory(prefix="fedsoda-plugin-scale-") as scratch:
-            folder = write_plugin_adapter(sub_adapter, layer_map, decoder_layers_path(full_model), Path(scratch), scale=scale)
-            model = with_adapter(full_model, folder)
-            try:
-                score = evaluate_task(
-                    model,
-                    tokenizer,
-                    spec.task.name,
-                    examples,
-                    batch_size=spec.eval.batch_size,
-                    max_len=spec.task.max_len,
-                    max_new_tokens=spec.eval.max_new_tokens,
-                    advance=(lambda k: bar.advance(task, k)) if bar is not None else None,
-                )
-            finally:
-                model.unload()  # full_model as it was, for the next candidate
+        with plugged(full_model, sub_adapter, layer_map, scale=scale) as model:  # full_model as it was after
+            score = evaluate_for_spec(spec, model, tokenizer, examples, advance=advance)
         candidates.append(Candidate(scale, score.accuracy, score.correct, score.count, score.label_word_loss(examples)))
     return ScaleChoice(best(candidates).scale, "val", candidates)

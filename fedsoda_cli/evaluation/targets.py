@@ -12,7 +12,6 @@ the update W + s (alpha / r) B A: stock PEFT, `fedsoda export` and eval read the
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,24 +81,33 @@ def plugin_model(full_model, adapter_state: dict[str, torch.Tensor], adapter_con
     """
     from safetensors.torch import save_file
 
-    from fedsoda_cli.models.layers import decoder_layers_path
-
-    scratch = Path(tempfile.mkdtemp(prefix="fedsoda-plugin-"))
-    try:
-        sub_dir = scratch / "sub"
+    with tempfile.TemporaryDirectory(prefix="fedsoda-plugin-") as scratch:
+        sub_dir = Path(scratch) / "sub"
         sub_dir.mkdir()
         save_file(
             {k: v.detach().contiguous() for k, v in adapter_state.items()}, sub_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"}
         )
         adapter_config.save_pretrained(sub_dir)
-        plugin = write_plugin_adapter(sub_dir, layer_map, decoder_layers_path(full_model), scratch / "plugin")
-        model = with_adapter(full_model, plugin)
+        with plugged(full_model, sub_dir, layer_map) as model:
+            yield model
+
+
+@contextmanager
+def plugged(full_model, sub_adapter: Path, layer_map: LayerMap, *, scale: float = 1.0) -> Iterator[object]:
+    """The full model with the sub-LLM adapter folder `sub_adapter` mapped onto it at plug-in scale
+    `scale` (written to a scratch folder), loaded through stock PEFT; on exit the LoRA layers are
+    removed again and `full_model` is as before."""
+    from fedsoda_cli.models.layers import decoder_layers_path
+
+    with tempfile.TemporaryDirectory(prefix="fedsoda-plugin-") as scratch:
+        folder = write_plugin_adapter(
+            sub_adapter, layer_map, decoder_layers_path(full_model), Path(scratch) / "plugin", scale=scale
+        )
+        model = with_adapter(full_model, folder)
         try:
             yield model
         finally:
             model.unload()  # takes the LoRA layers out of full_model in place
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def load_full(spec):

@@ -108,6 +108,21 @@ def evaluate_task(
     )
 
 
+def evaluate_for_spec(spec, model, tokenizer, examples: Sequence, advance: Callable[[int], None] | None = None) -> TaskScore:
+    """`evaluate_task` with a run's task and [eval] settings: how eval, the server's per-round
+    evaluation and the plug-in scale's choice all score a model, so they cannot drift apart."""
+    return evaluate_task(
+        model,
+        tokenizer,
+        spec.task.name,
+        examples,
+        batch_size=spec.eval.batch_size,
+        max_len=spec.task.max_len,
+        max_new_tokens=spec.eval.max_new_tokens,
+        advance=advance,
+    )
+
+
 def _classify(model, tokenizer, task, examples, batch_size, max_len, advance) -> TaskScore:
     scores = label_word_logprobs(model, tokenizer, examples, max_len=max_len, batch_size=batch_size, advance=advance)
     predictions = []

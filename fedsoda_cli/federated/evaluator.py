@@ -91,18 +91,9 @@ class ServerEvaluator:
             return self._score(plugged, tokenizer)
 
     def _score(self, model, tokenizer):
-        from fedsoda_cli.evaluation.task import evaluate_task
+        from fedsoda_cli.evaluation.task import evaluate_for_spec
 
-        spec = self.spec
-        return evaluate_task(
-            model,
-            tokenizer,
-            spec.task.name,
-            self.examples,
-            batch_size=spec.eval.batch_size,
-            max_len=spec.task.max_len,
-            max_new_tokens=spec.eval.max_new_tokens,
-        )
+        return evaluate_for_spec(self.spec, model, tokenizer, self.examples)
 
 
 def summarize(score, examples: list, seconds: float) -> EvalEntry:

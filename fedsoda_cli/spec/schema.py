@@ -501,20 +501,19 @@ class Spec(Section):
 
     @model_validator(mode="after")
     def _validation_examples(self):
-        # Caught here, before profile .. quantize have run, not when federate finds no examples.
-        if self.federate.eval_every and not self.task.val_examples:
-            raise ValueError("federate.eval_every > 0 needs task.val_examples > 0 (the validation slice it scores)")
-        if self.eval.plugin_scale == "val" and "plugin" in self.eval.targets:
-            if not self.task.val_examples or not self.task.train_examples:
+        # Caught here, before profile .. quantize have run, not when federate or eval finds no examples.
+        readers = {
+            "federate.eval_every > 0": bool(self.federate.eval_every),
+            'eval.plugin_scale = "val"': self.eval.plugin_scale == "val" and "plugin" in self.eval.targets,
+        }
+        for key in (key for key, reads in readers.items() if reads):
+            if not self.task.val_examples:
+                raise ValueError(f"{key} needs task.val_examples > 0 (the validation slice it scores)")
+            if not self.task.train_examples:
                 raise ValueError(
-                    'eval.plugin_scale = "val" needs task.val_examples > 0 and task.train_examples > 0: it chooses '
-                    "on the validation slice, which comes from the training examples left unused"
+                    f"{key} needs task.train_examples > 0: the validation slice comes from the "
+                    "training examples it leaves unused (0 = all are used)"
                 )
-        if self.federate.eval_every and not self.task.train_examples:
-            raise ValueError(
-                "federate.eval_every > 0 needs task.train_examples > 0: the validation slice comes from the "
-                "training examples it leaves unused (0 = all are used)"
-            )
         return self
 
     @model_validator(mode="after")

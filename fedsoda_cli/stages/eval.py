@@ -116,19 +116,10 @@ def add_paired_differences(results: dict[str, dict], outcomes: dict[str, list[bo
 def evaluate_target(target: str, model, tokenizer, examples, spec, bar, lines) -> tuple[dict, list[bool]]:
     """The results.json entry of one target and whether each example was answered right (in the
     order of `examples`); its predictions are appended to `lines`."""
-    from fedsoda_cli.evaluation.task import evaluate_task
+    from fedsoda_cli.evaluation.task import evaluate_for_spec
 
     task = bar.add_task(f"eval {target}", total=len(examples), status=spec.task.name)
-    score = evaluate_task(
-        model,
-        tokenizer,
-        spec.task.name,
-        examples,
-        batch_size=spec.eval.batch_size,
-        max_len=spec.task.max_len,
-        max_new_tokens=spec.eval.max_new_tokens,
-        advance=lambda k: bar.advance(task, k),
-    )
+    score = evaluate_for_spec(spec, model, tokenizer, examples, advance=lambda k: bar.advance(task, k))
     for prediction in score.predictions:
         lines.write(json.dumps(prediction.record(target)) + "\n")
     entry = score.summary()

@@ -235,6 +235,10 @@ def test_bad_plugin_scales_are_spec_errors():
 
     with pytest.raises(ValidationError, match="needs task.val_examples > 0"):
         Spec.model_validate({"task": {"val_examples": 0}, "eval": {"plugin_scale": "val"}})
+    with pytest.raises(ValidationError, match='"val" needs task.train_examples > 0'):
+        Spec.model_validate({"task": {"train_examples": 0}, "eval": {"plugin_scale": "val"}})
+    # only the plugin target reads the scale
+    assert Spec.model_validate({"task": {"train_examples": 0}, "eval": {"plugin_scale": "val", "targets": ["sub"]}})
     for bad in (0, 5, True, "half"):
         with pytest.raises(ValidationError, match=r'plugin_scale must be a number in \(0, 4\] or "val", got'):
             Spec.model_validate({"eval": {"plugin_scale": bad}})
