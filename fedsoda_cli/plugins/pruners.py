@@ -6,7 +6,10 @@ layers in total and never touches a protected layer (layer 0 with `protect_first
 
   sgp              p groups of n consecutive layers: candidate blocks {l..l+n-1} sorted by d_n(l)
                    ascending, a block accepted when it overlaps no accepted block and touches no
-                   protected layer, until p are accepted (similarity group pruning).
+                   protected layer, until p are accepted (similarity group pruning). With
+                   prune.min_kept_between = k, a block must also leave at least k kept layers
+                   between itself and every accepted block (0: groups may touch, and adjacent
+                   groups then remove one longer block).
   block-influence  the n*p single layers of lowest ShortGPT block influence BI_l, as n*p groups
                    of one layer each.
   uniform          FedOT's stride drop: n*p layers spread evenly over the unprotected (middle)
@@ -34,6 +37,16 @@ def protected_layers(num_layers: int, config: PruneSpec) -> set[int]:
     if config.protect_last:
         protected.add(num_layers - 1)
     return protected
+
+
+def blocked_layers(accepted: list[list[int]], protected: set[int], min_kept_between: int) -> set[int]:
+    """The layers a new sgp block may not contain: the protected ones, the accepted groups', and
+    the `min_kept_between` layers on each side of every accepted group, so that at least that many
+    kept layers separate two removed groups."""
+    blocked = set(protected)
+    for group in accepted:
+        blocked.update(range(group[0] - min_kept_between, group[-1] + 1 + min_kept_between))
+    return blocked
 
 
 def removable_budget(num_layers: int, config: PruneSpec) -> int:
@@ -75,21 +88,28 @@ class SimilarityGroupPruner(Pruner):
             )
         distances = profile.distances[n]
         protected = protected_layers(L, config)
-        taken: set[int] = set()
         accepted: list[list[int]] = []
         for start in sorted(range(len(distances)), key=lambda layer: (distances[layer], layer)):
             block = set(range(start, start + n))
-            if not math.isfinite(distances[start]) or block & (taken | protected):
+            if not math.isfinite(distances[start]) or block & blocked_layers(accepted, protected, config.min_kept_between):
                 continue
             accepted.append(sorted(block))
-            taken |= block
             if len(accepted) == p:
                 return sorted(accepted)
-        raise SpecError(
-            f"prune.groups = {p} x prune.group_size = {n}: only {len(accepted)} non-overlapping blocks of {n} "
-            f"layers were found among the {L} layers (greedy by distance, protected layers {sorted(protected)} excluded); "
-            f"lower prune.groups or prune.group_size"
-        )
+        raise SpecError(too_few_blocks(config, len(accepted), L, sorted(protected)))
+
+
+def too_few_blocks(config: PruneSpec, found: int, num_layers: int, protected: list[int]) -> str:
+    """The message when sgp cannot place prune.groups blocks."""
+    spacing = (
+        f", {config.min_kept_between} kept layer(s) between groups (prune.min_kept_between)" if config.min_kept_between else ""
+    )
+    fix = "lower prune.groups or prune.group_size" + (" or prune.min_kept_between" if config.min_kept_between else "")
+    return (
+        f"prune.groups = {config.groups} x prune.group_size = {config.group_size}: only {found} non-overlapping "
+        f"blocks of {config.group_size} layers were found among the {num_layers} layers (greedy by distance, "
+        f"protected layers {protected} excluded{spacing}); {fix}"
+    )
 
 
 class BlockInfluencePruner(Pruner):

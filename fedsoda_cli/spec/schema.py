@@ -122,6 +122,11 @@ class PruneSpec(Section):
     protect_first: bool = Field(True, description="Never remove layer 0.")
     protect_last: bool = Field(True, description="Never remove the last layer (L-1).")
     iterative: bool = Field(False, description="Re-profile the pruned model after each accepted group (sgp only).")
+    min_kept_between: int = Field(
+        0,
+        ge=0,
+        description="sgp: at least this many kept layers between two removed groups, so that each gap is followed by its own kept layer (the one align trains); 0 = groups may touch, and adjacent groups then remove one longer block. Not with prune.iterative or prune.storage_budget.",
+    )
     rerank_top_k: int = Field(
         0,
         ge=0,
@@ -518,6 +523,13 @@ class Spec(Section):
 
     @model_validator(mode="after")
     def _storage_budget(self):
+        if self.prune.min_kept_between and (
+            self.prune.strategy != "sgp" or self.prune.iterative or self.prune.storage_budget is not None
+        ):
+            raise ValueError(
+                'prune.min_kept_between spaces sgp\'s groups: it needs prune.strategy = "sgp", '
+                "prune.iterative = false and no prune.storage_budget; set prune.min_kept_between = 0 otherwise"
+            )
         if self.prune.rerank_top_k > 1 and (
             self.prune.strategy != "sgp" or self.prune.iterative or self.prune.storage_budget is not None
         ):

@@ -20,7 +20,13 @@ from dataclasses import replace
 from fedsoda_cli.errors import ArtifactError, FedsodaError, PluginError, SpecError
 from fedsoda_cli.models.layer_map import LAYER_MAP, LayerMap
 from fedsoda_cli.plugins.contracts import LayerProfile, Pruner
-from fedsoda_cli.plugins.pruners import SimilarityGroupPruner, check_request, protected_layers
+from fedsoda_cli.plugins.pruners import (
+    SimilarityGroupPruner,
+    blocked_layers,
+    check_request,
+    protected_layers,
+    too_few_blocks,
+)
 from fedsoda_cli.spec.schema import PruneSpec
 from fedsoda_cli.stages.contract import StageContext, StageResult
 
@@ -97,16 +103,14 @@ def _select_reranked(ctx: StageContext, profile: LayerProfile, model, tokenizer)
     with terminal.progress(ctx.console) as bar:
         task = bar.add_task("re-rank", total=p * k, status=f"top {k} blocks by distance, by perplexity")
         for _ in range(p):
-            taken = {layer for g in accepted for layer in g} | protected
+            taken = blocked_layers(accepted, protected, config.min_kept_between)
             ranked = [
                 layer
                 for layer in sorted(range(len(distances)), key=lambda layer: (distances[layer], layer))
                 if math.isfinite(distances[layer]) and not taken & set(range(layer, layer + n))
             ][:k]
             if not ranked:
-                raise SpecError(
-                    f"prune.groups = {p} x prune.group_size = {n}: only {len(accepted)} non-overlapping blocks fit; lower prune.groups or prune.group_size"
-                )
+                raise SpecError(too_few_blocks(config, len(accepted), profile.num_layers, sorted(protected)))
             scored = []
             for start in ranked:
                 trial = copy.deepcopy(model)
@@ -193,7 +197,12 @@ def write_sub_llm(
     if rerank is not None:
         metrics["rerank"] = rerank
     summary = [
-        ("strategy", strategy + (" (iterative)" if iterative else "")),
+        (
+            "strategy",
+            strategy
+            + (" (iterative)" if iterative else "")
+            + (f", at least {spacing} kept layer(s) between groups" if (spacing := ctx.spec.prune.min_kept_between) else ""),
+        ),
         ("removed groups", ", ".join(f"{g[0]}..{g[-1]}" for g in groups) or "none"),
         ("kept layers", f"{len(kept)} of {num_layers}"),
         ("parameters", f"{params_full / 1e6:.1f} M -> {params_sub / 1e6:.1f} M ({100 * (params_sub / params_full - 1):+.1f} %)"),

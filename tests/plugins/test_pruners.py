@@ -50,6 +50,43 @@ def test_sgp_picks_lowest_non_overlapping_blocks():
     assert groups == [[3, 4], [5, 6]]  # 0.1 first, then 0.2 (l=2) overlaps, 0.3 (l=5) is next
 
 
+def test_sgp_min_kept_between_spaces_the_groups():
+    # Without spacing the two lowest blocks touch (2..3 and 4..5: one 4-layer gap); with one kept
+    # layer required between groups, 4..5 is refused and the next block that keeps a layer, 5..6, wins.
+    d2 = [0.9, 0.5, 0.1, 0.8, 0.2, 0.3, 0.4, 0.9]
+    profile = profile_from({2: d2}, 9)
+    assert SimilarityGroupPruner().select(profile, PruneSpec(group_size=2, groups=2)) == [[2, 3], [4, 5]]
+    spaced = SimilarityGroupPruner().select(profile, PruneSpec(group_size=2, groups=2, min_kept_between=1))
+    assert spaced == [[2, 3], [5, 6]]
+    # Two kept layers between them: 5..6 leaves only layer 4, so 6..7 is taken.
+    wider = SimilarityGroupPruner().select(profile, PruneSpec(group_size=2, groups=2, min_kept_between=2))
+    assert wider == [[2, 3], [6, 7]]
+
+
+def test_sgp_min_kept_between_says_when_the_groups_do_not_fit():
+    profile = profile_from({2: [0.1] * 8}, 9)
+    assert len(SimilarityGroupPruner().select(profile, PruneSpec(group_size=2, groups=3))) == 3
+    with pytest.raises(SpecError, match=r"only 2 non-overlapping blocks.*prune.min_kept_between"):
+        SimilarityGroupPruner().select(profile, PruneSpec(group_size=2, groups=3, min_kept_between=1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), num_layers=st.integers(6, 32), n=st.integers(1, 3), k=st.integers(1, 3))
+def test_sgp_spaced_groups_always_leave_k_kept_layers_between(seed, num_layers, n, k):
+    profile = random_profile(random.Random(seed), num_layers, max_span=3)
+    config = PruneSpec(group_size=n, groups=2, min_kept_between=k)
+    try:
+        groups = SimilarityGroupPruner().select(profile, config)
+    except SpecError:
+        return
+    (first, second) = groups
+    assert second[0] - first[-1] - 1 >= k
+    # Greedy by distance: the lowest admissible block is always one of the groups.
+    # (Layers 0 and L-1 are protected, so the starts 1..L-n-1 are admissible.)
+    lowest = min(range(1, num_layers - n), key=lambda start: (profile.distances[n][start], start))
+    assert lowest in (first[0], second[0])
+
+
 def test_sgp_respects_protection_switches():
     d1 = [0.0, 0.9, 0.9, 0.9, 0.0]
     profile = profile_from({1: d1}, 5)

@@ -140,6 +140,35 @@ def test_iterative_reprofiles_the_pruned_model(tmp_path):
     assert sub.config.num_hidden_layers == 3
 
 
+@pytest.mark.parametrize("rerank", [0, 3])
+def test_min_kept_between_spaces_the_removed_groups(tmp_path, rerank):
+    # 6 layers, 0 and 5 protected, two single-layer groups: with one kept layer required between
+    # them only {1, 3}, {1, 4} or {2, 4} remain; the choice is the lowest admissible by distance
+    # (or, re-ranked, no trial ever proposes a block next to an accepted group).
+    spec = make_spec(tmp_path, prune=f"group_size = 1\ngroups = 2\nmin_kept_between = 1\nrerank_top_k = {rerank}")
+    workdir = tmp_path / "run"
+    run_stages(spec, workdir, "profile", "prune")
+    groups = json.loads((workdir / "prune" / "layer_map.json").read_text())["removed_groups"]
+    (first,), (second,) = groups
+    assert second - first >= 2
+    manifest = json.loads((workdir / "prune" / "manifest.json").read_text())
+    if rerank:
+        trials = manifest["metrics"]["rerank"]["trials"]
+        accepted = min((t for t in trials if t["group"] == 1), key=lambda t: t["ppl"])["block"][0]
+        assert all(abs(t["block"][0] - accepted) >= 2 for t in trials if t["group"] == 2)
+    else:
+        d1 = read_profile(workdir / "profile").distances[1]
+        pairs = [(a, b) for a in range(1, 5) for b in range(a + 2, 5)]
+        best = min(range(1, 5), key=lambda layer: (d1[layer], layer))
+        assert best in (first, second) and (first, second) in pairs
+
+
+def test_min_kept_between_needs_plain_sgp(tmp_path):
+    for extra in ("iterative = true", 'strategy = "uniform"'):
+        with pytest.raises(SpecError, match="prune.min_kept_between spaces sgp"):
+            make_spec(tmp_path, prune=f"group_size = 1\ngroups = 2\nmin_kept_between = 1\n{extra}")
+
+
 def test_third_party_strategy_from_the_spec(tmp_path):
     plugin = REPO / "plugins" / "sgp_optimal.py"
     spec = make_spec(tmp_path, prune='strategy = "sgp-optimal"\ngroup_size = 1\ngroups = 2', extra=f'plugins = ["{plugin}"]')
