@@ -89,6 +89,15 @@ class RunSummary:
         return None if seed is None else int(seed)
 
     @property
+    def partition(self) -> str | None:
+        """How federate split the task data: "iid", or "dirichlet ALPHA" (None: no spec.json)."""
+        federate = self.spec.get("federate")
+        if not federate:
+            return None
+        kind = federate.get("partition")
+        return f"dirichlet {federate.get('dirichlet_alpha')}" if kind == "dirichlet" else kind
+
+    @property
     def quant_type(self) -> str | None:
         return self.spec.get("quantize", {}).get("quant_type")
 
@@ -263,13 +272,17 @@ def change_vs(run: RunSummary, baseline: RunSummary) -> dict[str, float | None]:
 
 
 def baseline_for(run: RunSummary, runs: list[RunSummary]) -> RunSummary | None:
-    """The first fedpetuning run of the same model and task (None for a baseline run itself)."""
+    """The fedpetuning run a run is compared with (None for a baseline run itself): of the same model
+    and task, and among those the first of the same partition and seed, else of the same partition,
+    else of the same seed, else the first. A 24-run report would otherwise hold every run against one
+    control run, whatever its data split."""
     if run.method == BASELINE:
         return None
-    for other in runs:
-        if other.method == BASELINE and other.model == run.model and other.task == run.task:
-            return other
-    return None
+    candidates = [o for o in runs if o.method == BASELINE and o.model == run.model and o.task == run.task]
+    if not candidates:
+        return None
+    # max keeps the first of equal keys, so among equally good matches the order given wins.
+    return max(candidates, key=lambda o: (o.partition == run.partition, o.seed == run.seed))
 
 
 def write_report(workdirs: list[Path], out_dir: Path) -> list[Path]:
@@ -565,6 +578,11 @@ def render_markdown(runs: list[RunSummary], plots: list[str]) -> str:
     compared = [(r, b) for r in runs if (b := baseline_for(r, runs)) is not None]
     lines += ["", "## Change vs FedPETuning", ""]
     if compared:
+        lines += [
+            "Each run against the `fedpetuning` run of the same model and task, and of the same partition and "
+            "seed where one was given (else the same partition, else the same seed, else the first).",
+            "",
+        ]
         lines.append(
             _table(
                 [

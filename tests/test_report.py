@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 
 from fedsoda_cli import artifacts, pipeline
-from fedsoda_cli.compare import baseline_for, change_vs, label_runs, read_run, seed_groups, step_time_control, write_report
+from fedsoda_cli.compare import (
+    BASELINE,
+    RunSummary,
+    baseline_for,
+    change_vs,
+    label_runs,
+    read_run,
+    seed_groups,
+    step_time_control,
+    write_report,
+)
 from fedsoda_cli.errors import ArtifactError, SpecError
 from fedsoda_cli.federated.accounting import Ledger
 from fedsoda_cli.federated.server import RunResult
@@ -165,9 +175,27 @@ def two_runs(tmp_path):
     return baseline, ours
 
 
+def test_each_run_is_compared_with_the_control_of_its_partition_and_seed(tmp_path):
+    def summary(name, method, seed, partition):
+        spec = {"run": {"seed": seed}, "federate": {"partition": partition, "dirichlet_alpha": 0.5}}
+        return RunSummary(name, tmp_path / name, method, "m", "sst2", spec=spec)
+
+    controls = [summary(f"fp-{p}-{s}", BASELINE, s, p) for p in ("iid", "dirichlet") for s in (0, 1)]
+    ours = {(p, s): summary(f"soda-{p}-{s}", "fedsoda", s, p) for p in ("iid", "dirichlet") for s in (0, 1, 2)}
+    runs = controls + list(ours.values())
+    assert baseline_for(ours["dirichlet", 1], runs).name == "fp-dirichlet-1"
+    assert baseline_for(ours["iid", 0], runs).name == "fp-iid-0"
+    assert baseline_for(ours["dirichlet", 2], runs).name == "fp-dirichlet-0"  # no seed 2: the partition decides
+    assert baseline_for(ours["dirichlet", 0], runs).partition == "dirichlet 0.5"
+    only_iid = [c for c in controls if c.partition == "iid"] + [ours["dirichlet", 1]]
+    assert baseline_for(ours["dirichlet", 1], only_iid).name == "fp-iid-1"  # then the seed
+    other_task = RunSummary("x", tmp_path, "fedsoda", "m", "boolq")
+    assert baseline_for(other_task, runs) is None
+
+
 def test_changes_against_the_fedpetuning_run(two_runs):
     base, ours = read_run(two_runs[0]), read_run(two_runs[1])
-    assert (ours.method, ours.model, ours.task, ours.seed) == ("fedsoda", "tiny-random-llama", "sst2", 0)
+    assert (ours.method, ours.model, ours.task, ours.seed, ours.partition) == ("fedsoda", "tiny-random-llama", "sst2", 0, "iid")
     assert ours.client_storage_bytes == 250 and base.client_storage_bytes == 1000  # quantize/model/ + federate/adapter/
     assert ours.communication_total == 540 and base.communication_total == 1800
     assert baseline_for(ours, [base, ours]) is base and baseline_for(base, [base, ours]) is None
