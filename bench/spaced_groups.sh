@@ -8,6 +8,8 @@
 # partition, paired on the same 872 examples. The first run also scores zero-shot.
 #
 #   bash bench/spaced_groups.sh     about 80 minutes on a quiet 2-core machine (12 runs of 6-7 minutes)
+#   PARTITIONS=dirichlet SEEDS="1 2" bash bench/spaced_groups.sh     a part of it (after the IID seed-0
+#                                   pair has run: that run holds the profile and zero-shot)
 #
 # Order: pairs (spaced, adjacent) per seed, IID first, so a run stopped early leaves paired results.
 # profile is computed once; a variant's prune, align and quantize are shared by its IID and Dirichlet
@@ -19,8 +21,8 @@ source bench/lib.sh
 python=${PYTHON:-.venv/bin/python}
 runs=()
 first=runs/sst2-spaced-iid-seed0
-for partition in iid dirichlet; do
-  for seed in 0 1 2; do
+for partition in ${PARTITIONS:-iid dirichlet}; do
+  for seed in ${SEEDS:-0 1 2}; do
     for variant in spaced adjacent; do
       f="runs/sst2-$variant-$partition-seed$seed"
       [ "$f" = "$first" ] || reuse "$first" "$f" profile
