@@ -49,6 +49,20 @@ def blocked_layers(accepted: list[list[int]], protected: set[int], min_kept_betw
     return blocked
 
 
+def admissible_starts(
+    distances: list[float], n: int, accepted: list[list[int]], protected: set[int], min_kept_between: int
+) -> list[int]:
+    """The starts l of the blocks {l..l+n-1} that sgp may still accept, lowest d_n(l) first (ties to
+    the lower layer): a finite distance, no blocked layer (`blocked_layers`). The greedy choice takes
+    the first; `prune.rerank_top_k` re-ranks the first k."""
+    blocked = blocked_layers(accepted, protected, min_kept_between)
+    return [
+        start
+        for start in sorted(range(len(distances)), key=lambda layer: (distances[layer], layer))
+        if math.isfinite(distances[start]) and not blocked & set(range(start, start + n))
+    ]
+
+
 def removable_budget(num_layers: int, config: PruneSpec) -> int:
     """Most layers a request may remove: every unprotected layer but one stays removable, so at
     least one unprotected layer is always kept."""
@@ -89,14 +103,14 @@ class SimilarityGroupPruner(Pruner):
         distances = profile.distances[n]
         protected = protected_layers(L, config)
         accepted: list[list[int]] = []
-        for start in sorted(range(len(distances)), key=lambda layer: (distances[layer], layer)):
-            block = set(range(start, start + n))
-            if not math.isfinite(distances[start]) or block & blocked_layers(accepted, protected, config.min_kept_between):
-                continue
-            accepted.append(sorted(block))
-            if len(accepted) == p:
-                return sorted(accepted)
-        raise SpecError(too_few_blocks(config, len(accepted), L, sorted(protected)))
+        # Accepting the lowest admissible block p times is the greedy pass over the distance order:
+        # a block refused once stays refused, as the blocked layers only grow.
+        while len(accepted) < p:
+            starts = admissible_starts(distances, n, accepted, protected, config.min_kept_between)
+            if not starts:
+                raise SpecError(too_few_blocks(config, len(accepted), L, sorted(protected)))
+            accepted.append(list(range(starts[0], starts[0] + n)))
+        return sorted(accepted)
 
 
 def too_few_blocks(config: PruneSpec, found: int, num_layers: int, protected: list[int]) -> str:

@@ -523,20 +523,16 @@ class Spec(Section):
 
     @model_validator(mode="after")
     def _storage_budget(self):
-        if self.prune.min_kept_between and (
-            self.prune.strategy != "sgp" or self.prune.iterative or self.prune.storage_budget is not None
+        plain_sgp = self.prune.strategy == "sgp" and not self.prune.iterative and self.prune.storage_budget is None
+        for key, used, what in (
+            ("min_kept_between", self.prune.min_kept_between > 0, "spaces sgp's groups"),
+            ("rerank_top_k", self.prune.rerank_top_k > 1, "re-ranks sgp's blocks by perplexity"),
         ):
-            raise ValueError(
-                'prune.min_kept_between spaces sgp\'s groups: it needs prune.strategy = "sgp", '
-                "prune.iterative = false and no prune.storage_budget; set prune.min_kept_between = 0 otherwise"
-            )
-        if self.prune.rerank_top_k > 1 and (
-            self.prune.strategy != "sgp" or self.prune.iterative or self.prune.storage_budget is not None
-        ):
-            raise ValueError(
-                'prune.rerank_top_k re-ranks sgp\'s blocks by perplexity: it needs prune.strategy = "sgp", '
-                "prune.iterative = false and no prune.storage_budget; set prune.rerank_top_k = 0 otherwise"
-            )
+            if used and not plain_sgp:
+                raise ValueError(
+                    f'prune.{key} {what}: it needs prune.strategy = "sgp", '
+                    f"prune.iterative = false and no prune.storage_budget; set prune.{key} = 0 otherwise"
+                )
         if self.prune.storage_budget is None:
             return self
         if self.prune.strategy != "sgp" or self.prune.iterative:

@@ -22,7 +22,7 @@ from fedsoda_cli.models.layer_map import LAYER_MAP, LayerMap
 from fedsoda_cli.plugins.contracts import LayerProfile, Pruner
 from fedsoda_cli.plugins.pruners import (
     SimilarityGroupPruner,
-    blocked_layers,
+    admissible_starts,
     check_request,
     protected_layers,
     too_few_blocks,
@@ -103,12 +103,7 @@ def _select_reranked(ctx: StageContext, profile: LayerProfile, model, tokenizer)
     with terminal.progress(ctx.console) as bar:
         task = bar.add_task("re-rank", total=p * k, status=f"top {k} blocks by distance, by perplexity")
         for _ in range(p):
-            taken = blocked_layers(accepted, protected, config.min_kept_between)
-            ranked = [
-                layer
-                for layer in sorted(range(len(distances)), key=lambda layer: (distances[layer], layer))
-                if math.isfinite(distances[layer]) and not taken & set(range(layer, layer + n))
-            ][:k]
+            ranked = admissible_starts(distances, n, accepted, protected, config.min_kept_between)[:k]
             if not ranked:
                 raise SpecError(too_few_blocks(config, len(accepted), profile.num_layers, sorted(protected)))
             scored = []
