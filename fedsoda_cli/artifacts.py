@@ -38,6 +38,9 @@ class Manifest:
     stage: str
     spec_hash: str
     inputs: dict[str, str] = field(default_factory=dict)  # input stage -> its manifest digest
+    # spec key -> a short hash of its value, so a stale stage can name the keys that changed; not part
+    # of digest() (spec_hash already is), and empty in manifests older than it
+    spec_keys: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # relpath -> {bytes, sha256}
     metrics: dict[str, Any] = field(default_factory=dict)
     wall_time_s: float = 0.0
@@ -68,14 +71,16 @@ def inside(root: Path, path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def write_stage(workdir: Path, stage: str, spec_hash: str, inputs: dict[str, str]) -> Iterator[StageWriter]:
+def write_stage(
+    workdir: Path, stage: str, spec_hash: str, inputs: dict[str, str], spec_keys: dict[str, str] | None = None
+) -> Iterator[StageWriter]:
     """Yield a writer whose `.path` is a scratch folder; on clean exit it becomes `<workdir>/<stage>`."""
     ensure_workdir(workdir)
     check_replaceable(workdir, stage)
     _remove_abandoned_scratch(workdir, stage)
     scratch = workdir / _SCRATCH / f"{stage}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     scratch.mkdir(parents=True)
-    writer = StageWriter(scratch, Manifest(stage=stage, spec_hash=spec_hash, inputs=inputs))
+    writer = StageWriter(scratch, Manifest(stage=stage, spec_hash=spec_hash, inputs=inputs, spec_keys=dict(spec_keys or {})))
     started = time.perf_counter()
     try:
         yield writer
@@ -284,6 +289,7 @@ _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "stage": (str,),
     "spec_hash": (str,),
     "inputs": (dict,),
+    "spec_keys": (dict,),
     "outputs": (dict,),
     "metrics": (dict,),
     "wall_time_s": (int, float),
@@ -307,6 +313,8 @@ def _manifest_problem(data: Any) -> str | None:
             return f"'{key}' is a JSON {type(value).__name__}"
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.get("inputs", {}).items()):
         return "'inputs' must map stage names to digests"
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.get("spec_keys", {}).items()):
+        return "'spec_keys' must map spec keys to hashes"
     for rel, info in data.get("outputs", {}).items():
         if not (
             isinstance(info, dict)

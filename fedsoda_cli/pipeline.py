@@ -15,7 +15,7 @@ from rich.console import Console
 
 from fedsoda_cli import artifacts
 from fedsoda_cli.errors import ArtifactError, SpecError
-from fedsoda_cli.spec import Spec, sections_hash
+from fedsoda_cli.spec import Spec, key_hashes, sections_hash
 from fedsoda_cli.stages.contract import Stage, StageContext, StageResult
 
 __all__ = [
@@ -158,7 +158,7 @@ def _status_of(spec: Spec, workdir: Path, stage: Stage, earlier: dict[str, Stage
     if manifest is None:
         return StageStatus(stage.name, "missing", "not run yet")
     if manifest.spec_hash != sections_hash(spec, stage.sections):
-        return StageStatus(stage.name, "stale", f"spec sections changed: {', '.join(stage.sections)}")
+        return StageStatus(stage.name, "stale", _spec_change(manifest, spec, stage))
     for name in stage.inputs:
         upstream = artifacts.read_manifest(workdir, name)
         if earlier.get(name) and earlier[name].state != "done":
@@ -166,6 +166,20 @@ def _status_of(spec: Spec, workdir: Path, stage: Stage, earlier: dict[str, Stage
         if upstream is None or manifest.inputs.get(name) != upstream.digest():
             return StageStatus(stage.name, "stale", f"input '{name}' changed since this stage ran")
     return StageStatus(stage.name, "done")
+
+
+_SHOWN_KEYS = 4  # a stale reason names at most this many changed keys
+
+
+def _spec_change(manifest: artifacts.Manifest, spec: Spec, stage: Stage) -> str:
+    """Which spec keys changed since the stage ran, or, for a manifest that predates per-key hashes
+    (or a change no key shows, such as a section a newer fedsoda reads), the sections it reads."""
+    now = key_hashes(spec, stage.sections)
+    changed = sorted(key for key in now.keys() | manifest.spec_keys.keys() if now.get(key) != manifest.spec_keys.get(key))
+    if not manifest.spec_keys or not changed:
+        return f"spec sections changed: one of {', '.join(stage.sections)}"
+    shown = ", ".join(changed[:_SHOWN_KEYS]) + (f" and {len(changed) - _SHOWN_KEYS} more" if len(changed) > _SHOWN_KEYS else "")
+    return f"spec changed since it ran: {shown}"
 
 
 def input_folders(spec: Spec, workdir: Path, stage: Stage) -> tuple[dict[str, Path], dict[str, str]]:
@@ -196,7 +210,9 @@ def execute(spec: Spec, workdir: Path, stage: Stage, console: Console, **options
         inputs, digests = input_folders(spec, workdir, stage)
         seeding.prepare(spec)
         terminal.quiet_third_party()
-        with artifacts.write_stage(workdir, stage.name, sections_hash(spec, stage.sections), digests) as writer:
+        with artifacts.write_stage(
+            workdir, stage.name, sections_hash(spec, stage.sections), digests, key_hashes(spec, stage.sections)
+        ) as writer:
             ctx = StageContext(
                 spec=spec,
                 workdir=workdir,

@@ -129,7 +129,7 @@ def _copy_stage(source: Path, target: Path, stage: str) -> None:
     is the same and the copied stages after it stay done. Its wall time is the copy's, what it cost here."""
     manifest = artifacts.require_manifest(source, stage)
     folder = artifacts.stage_dir(source, stage)
-    with artifacts.write_stage(target, stage, manifest.spec_hash, dict(manifest.inputs)) as writer:
+    with artifacts.write_stage(target, stage, manifest.spec_hash, dict(manifest.inputs), manifest.spec_keys) as writer:
         shutil.copytree(
             folder,
             writer.path,

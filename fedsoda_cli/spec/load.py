@@ -76,6 +76,24 @@ def sections_hash(spec: Spec, sections: Iterable[str]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def key_hashes(spec: Spec, sections: Iterable[str]) -> dict[str, str]:
+    """A short hash per key of the named sections ('federate.lr': ...), so that a stale stage can say
+    which keys changed; `sections_hash` stays the one identity."""
+    hashes: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}", inner)
+            return
+        blob = json.dumps(value, sort_keys=True, default=str).encode()
+        hashes[prefix] = hashlib.sha256(blob).hexdigest()[:12]
+
+    for name in sorted(sections):
+        walk(name, _section_payload(spec, name))
+    return hashes
+
+
 def _section_payload(spec: Spec, name: str) -> Any:
     """A section ('federate') or one key of it ('run.seed')."""
     value: Any = spec

@@ -1,5 +1,7 @@
 """make-like behaviour: done / stale / missing, input checks, and `run` skipping up-to-date stages."""
 
+import json
+
 import pytest
 from rich.console import Console
 
@@ -70,6 +72,30 @@ def test_spec_change_makes_a_stage_and_its_dependents_stale(toy):
     assert states(changed, workdir) == {"first": "stale", "second": "stale"}
     only_second = load_spec(spec_path, ["prune.groups=1"])
     assert states(only_second, workdir) == {"first": "done", "second": "stale"}
+
+
+def test_a_stale_stage_names_the_keys_that_changed(toy):
+    spec_path, workdir = toy
+    run_all(load_spec(spec_path), workdir)
+    reasons = {s.stage: s.reason for s in pipeline.status(load_spec(spec_path, ["prune.groups=1"]), workdir)}
+    assert reasons == {"first": "", "second": "spec changed since it ran: prune.groups"}
+    two = {
+        s.stage: s.reason for s in pipeline.status(load_spec(spec_path, ["profile.max_span=5", "profile.tokens=all"]), workdir)
+    }
+    assert two["first"] == "spec changed since it ran: profile.max_span, profile.tokens"
+    assert two["second"] == "input 'first' is stale"
+
+
+def test_a_manifest_without_key_hashes_names_the_sections(toy):
+    # a workdir written before manifests kept per-key hashes: the stage is still stale, and says where to look
+    spec_path, workdir = toy
+    run_all(load_spec(spec_path), workdir)
+    path = workdir / "second" / "manifest.json"
+    data = json.loads(path.read_text())
+    assert data.pop("spec_keys")["prune.groups"]
+    path.write_text(json.dumps(data))
+    [_, second] = pipeline.status(load_spec(spec_path, ["prune.groups=1"]), workdir)
+    assert (second.state, second.reason) == ("stale", "spec sections changed: one of prune")
 
 
 def test_stale_input_is_refused(toy):
