@@ -311,10 +311,9 @@ def _manifest_problem(data: Any) -> str | None:
             return f"unknown key '{key}'"
         if not isinstance(value, _MANIFEST_TYPES[key]) or isinstance(value, bool):
             return f"'{key}' is a JSON {type(value).__name__}"
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.get("inputs", {}).items()):
-        return "'inputs' must map stage names to digests"
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.get("spec_keys", {}).items()):
-        return "'spec_keys' must map spec keys to hashes"
+    for key, what in (("inputs", "stage names to digests"), ("spec_keys", "spec keys to hashes")):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.get(key, {}).items()):
+            return f"'{key}' must map {what}"
     for rel, info in data.get("outputs", {}).items():
         if not (
             isinstance(info, dict)

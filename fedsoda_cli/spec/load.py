@@ -71,9 +71,7 @@ def _own_folder(workdir: Path, given: str) -> Path:
 
 def sections_hash(spec: Spec, sections: Iterable[str]) -> str:
     """A stable hash of the named sections: a stage is stale when the sections it reads change."""
-    payload = {name: _section_payload(spec, name) for name in sorted(sections)}
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return _hash({name: _section_payload(spec, name) for name in sorted(sections)}, 16)
 
 
 def key_hashes(spec: Spec, sections: Iterable[str]) -> dict[str, str]:
@@ -86,12 +84,16 @@ def key_hashes(spec: Spec, sections: Iterable[str]) -> dict[str, str]:
             for key, inner in value.items():
                 walk(f"{prefix}.{key}", inner)
             return
-        blob = json.dumps(value, sort_keys=True, default=str).encode()
-        hashes[prefix] = hashlib.sha256(blob).hexdigest()[:12]
+        hashes[prefix] = _hash(value, 12)
 
     for name in sorted(sections):
         walk(name, _section_payload(spec, name))
     return hashes
+
+
+def _hash(value: Any, length: int) -> str:
+    """The one serialisation both spec hashes use, so a key's hash and its section's agree on what changed."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def _section_payload(spec: Spec, name: str) -> Any:
